@@ -1,0 +1,22 @@
+"""Where traces come from: `extract.source` picks one, and each writes the canonical trace."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from routecast.params import ExtractParams
+from routecast.traces import write_traces
+
+log = logging.getLogger(__name__)
+
+
+def extract_traces(params: ExtractParams, out: str | Path) -> None:
+    """Produce `out` (the canonical, validated trace) from the configured source."""
+    if params.source == "synthetic":
+        from routecast.synthetic import generate
+
+        traces, _ = generate(params.synthetic)
+        write_traces(out, traces)
+    else:  # the params loader admits only the sources above
+        raise ValueError(f"extract.source: unknown source {params.source!r}")
