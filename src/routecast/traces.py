@@ -295,3 +295,11 @@ def write_traces(path: str | Path, traces: Traces) -> None:
     with TraceWriter(path, traces.meta, traces.token_id is not None, traces.spec_logits is not None) as writer:
         writer.write(traces.seq_id, traces.token_pos, traces.layer, traces.experts, traces.weights,
                      traces.token_id, traces.spec_logits)
+
+
+def read_trace_meta(path: str | Path) -> TraceMeta:
+    """The trace's shape and source from its Parquet metadata, without reading the rows."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run extract_traces first: dvc repro extract_traces)")
+    return TraceMeta.from_metadata(pq.read_schema(path).metadata, str(path))

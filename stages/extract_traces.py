@@ -1,0 +1,16 @@
+"""extract_traces: the `extract` params -> the canonical trace (data/traces.parquet)."""
+
+import argparse
+
+from routecast.params import load_params
+from routecast.sources import extract_traces
+from routecast.stage import stage
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/traces.parquet")
+    args = parser.parse_args()
+    with stage("extract_traces"):
+        params = load_params(args.params)
+        extract_traces(params.extract, args.out)

@@ -1,0 +1,21 @@
+"""split_95_5: samples -> train (validation sequences marked in `is_val`) and test, by sequence."""
+
+import argparse
+
+from routecast.features import read_features, write_features
+from routecast.params import load_params
+from routecast.split import split_features
+from routecast.stage import stage
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("features", help="encoded samples (Parquet)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--train", default="data/train.parquet")
+    parser.add_argument("--test", default="data/test.parquet")
+    args = parser.parse_args()
+    with stage("split_95_5"):
+        params = load_params(args.params)
+        train, test = split_features(read_features(args.features), params.split)
+        write_features(args.train, train)
+        write_features(args.test, test)

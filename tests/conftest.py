@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny params and a temporary copy of the repository for driving real `dvc`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRACES = ROOT.parent / "shared" / "traces"
+
+# Small enough for a whole `dvc repro` in about a minute on 2 cores.
+TINY_PARAMS = {
+    "extract.synthetic.num_sequences": 12,
+    "extract.synthetic.tokens_per_sequence": 48,
+    "extract.synthetic.num_layers": 8,
+    "train.epochs": 3,
+    "tune.n_trials": 3,
+    "tune.epochs": 2,
+    "tune.max_train_samples": 2000,
+}
+
+
+def set_params(path: Path, updates: dict[str, object]) -> None:
+    """Set dotted keys in a params.yaml, keeping its comments (as `dvc exp run -S` would)."""
+    yaml = YAML()
+    doc = yaml.load(path.read_text())
+    for dotted, value in updates.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    with open(path, "w") as fh:
+        yaml.dump(doc, fh)
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's environment (its bin/ first on PATH)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def copy_repo(dest: Path, params: dict[str, object] | None = None) -> Path:
+    """A git repository at `dest` holding the project's files (tracked and new), committed."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for stale in ("dvc.lock", "metrics"):
+        path = dest / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    set_params(dest / "params.yaml", {**TINY_PARAMS, **(params or {})})
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    if not SHARED_TRACES.is_dir():
+        pytest.skip(f"real traces absent: {SHARED_TRACES} does not exist (it sits beside the repository as ../shared)")
+    return SHARED_TRACES
