@@ -23,6 +23,7 @@ TINY_PARAMS = {
     "tune.n_trials": 3,
     "tune.epochs": 2,
     "tune.max_train_samples": 2000,
+    "train.threads": 1,  # tiny models gain nothing from more; and a busy machine makes OpenMP barriers crawl
 }
 
 

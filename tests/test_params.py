@@ -1,0 +1,79 @@
+"""The typed params loader: every bad key stops the stage with one error naming it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, set_params
+from routecast.params import ModelParams, ParamsError, load_params, write_tuned
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    return path
+
+
+def test_repository_params_load(params_file: Path) -> None:
+    params = load_params(params_file)
+    assert params.tuned.architecture and params.baseline.lr == pytest.approx(0.001)
+
+
+def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
+    text = params_file.read_text().replace("lr: 0.000536", "lr: 1e-06")
+    params_file.write_text(text)
+    params = load_params(params_file)
+    assert isinstance(params.tuned.lr, float) and params.tuned.lr == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("updates", "key"),
+    [
+        ({"tuned.dropout": 1.5}, "tuned.dropout"),
+        ({"baseline.architecture": []}, "baseline.architecture"),
+        ({"tuned.lr": "fast"}, "tuned.lr"),
+        ({"train.epochs": 2.5}, "train.epochs"),
+        ({"train.optimizer": "sgd"}, "train.optimizer"),
+        ({"tune.search_space.lr.low": 0.1}, "tune.search_space.lr"),  # low > high
+        ({"tune.search_space.layer_emb.low": 30}, "tune.search_space.layer_emb"),
+        ({"split.by": "token"}, "split.by"),
+        ({"extract.synthetic.top_k": 9}, "extract.synthetic.top_k"),
+    ],
+)
+def test_bad_value_names_the_key(params_file: Path, updates: dict, key: str) -> None:
+    set_params(params_file, updates)
+    with pytest.raises(ParamsError) as info:
+        load_params(params_file)
+    assert info.value.key == key
+    assert key in str(info.value) and str(params_file) in str(info.value)
+
+
+def test_unknown_key_is_named(params_file: Path) -> None:
+    set_params(params_file, {"train.epoch": 3})
+    with pytest.raises(ParamsError, match=r"train\.epoch: unknown key"):
+        load_params(params_file)
+
+
+def test_missing_block_is_named(params_file: Path) -> None:
+    text = params_file.read_text()
+    start = text.index("\nbaseline:")
+    end = text.index("\n\n", start + 1)
+    params_file.write_text(text[:start] + text[end:])
+    with pytest.raises(ParamsError, match=r": baseline: missing"):
+        load_params(params_file)
+
+
+def test_write_tuned_keeps_comments_and_other_blocks(params_file: Path) -> None:
+    before = params_file.read_text()
+    config = ModelParams(lr=0.0021, layer_emb=9, expert_emb=4, architecture=[320, 96, 32], dropout=0.11)
+    write_tuned(config, params_file)
+    after = params_file.read_text()
+    assert load_params(params_file).tuned == config
+    assert "architecture: [320, 96, 32]" in after  # flow style kept
+    comments = [line for line in before.splitlines() if line.lstrip().startswith("#")]
+    assert comments and all(line in after for line in comments)
+    assert load_params(params_file).baseline == ModelParams(0.001, 10, 5, [256, 128, 64], 0.2)
