@@ -4,7 +4,7 @@ import argparse
 import logging
 
 from routecast.artifacts import write_csv, write_json
-from routecast.evaluation import ModelScorer, per_layer_top2, score_metrics
+from routecast.evaluation import ModelScorer, per_layer_top2, ranked, score_metrics
 from routecast.features import read_features
 from routecast.model import load_model
 from routecast.params import load_params
@@ -23,6 +23,11 @@ if __name__ == "__main__":
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
     parser.add_argument("--per-layer", default="metrics/evaluate/per_layer_top2.csv")
+    parser.add_argument("--per-layer-long", default="metrics/evaluate/per_layer_top2_long.csv",
+                        help="the same in long form (layer, predictor, top2), for a plot whatever the predictors")
+    parser.add_argument("--confusion", default="metrics/evaluate/confusion_tuned.csv",
+                        help="one row per test sample (actual, predicted top-1) of the --confusion-model")
+    parser.add_argument("--confusion-model", default="tuned")
     args = parser.parse_args()
     with stage("evaluate"):
         params = load_params(args.params)
@@ -30,11 +35,13 @@ if __name__ == "__main__":
         predictors = [ModelScorer(path.rsplit("/", 1)[-1].removesuffix(".pt"), load_model(path)[0],
                                   params.evaluate.batch_size) for path in args.models]
         predictors += reference_predictors(read_trace_meta(args.traces), train)
-        metrics, per_layer = {}, {}
+        metrics, per_layer, confusion = {}, {}, None
         for predictor in predictors:
             scores = predictor.scores(test)
             metrics[predictor.name] = score_metrics(scores, test)
             per_layer[predictor.name] = per_layer_top2(scores, test)
+            if predictor.name == args.confusion_model:
+                confusion = list(zip(test.target.tolist(), ranked(scores, 1)[:, 0].tolist()))
             log.info("%-16s top-1 %.4f  top-2 %.4f", predictor.name, metrics[predictor.name]["top1"],
                      metrics[predictor.name]["top2"])
         if "oracle" in metrics and "tuned" in metrics:
@@ -43,3 +50,8 @@ if __name__ == "__main__":
         names = list(per_layer)
         layers = sorted(per_layer[names[0]])
         write_csv(args.per_layer, ["layer", *names], [[layer, *(per_layer[n][layer] for n in names)] for layer in layers])
+        write_csv(args.per_layer_long, ["layer", "predictor", "top2"],
+                  [[layer, n, per_layer[n][layer]] for n in names for layer in layers])
+        if confusion is None:
+            raise ValueError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
+        write_csv(args.confusion, ["actual", "predicted"], confusion)

@@ -22,7 +22,8 @@ if __name__ == "__main__":
         fit, val = split_train_val(read_features(args.train))
         result = train_model(params.model(args.name), params.train, fit, val, desc=args.name)
         save_model(args.out or f"data/models/{args.name}.pt", result.model,
-                   {"history": result.history, "best_epoch": result.best_epoch, "best_val_top2": result.best_val_top2})
+                   {"history": result.history, "best_epoch": result.best_epoch, "best_val_top2": result.best_val_top2,
+                    "position_scale": fit.meta.position_scale})
         columns = list(result.history[0])
         write_csv(args.history or f"metrics/train/{args.name}.csv", columns,
                   [[row[c] for c in columns] for row in result.history])

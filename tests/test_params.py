@@ -77,3 +77,17 @@ def test_write_tuned_keeps_comments_and_other_blocks(params_file: Path) -> None:
     comments = [line for line in before.splitlines() if line.lstrip().startswith("#")]
     assert comments and all(line in after for line in comments)
     assert load_params(params_file).baseline == ModelParams(0.001, 10, 5, [256, 128, 64], 0.2)
+
+
+def test_stage_stops_before_any_work_naming_the_key(params_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    set_params(params_file, {"tuned.dropout": 1.5})
+    out = tmp_path / "models" / "tuned.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train_full.py"), "tuned", "--params", str(params_file),
+                           "--train", str(tmp_path / "absent.parquet"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "tuned.dropout: must be in [0, 1), got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

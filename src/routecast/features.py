@@ -92,68 +92,132 @@ class Features:
 # --------------------------------------------------------------------------- encoding
 
 
+def _rank_keys(seq_id: np.ndarray, token_pos: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_inverse=True) for unordered rows. When the (seq_id, token_pos) box is
+    small (a few times the row count, as in every real trace) a presence table and a cumulative
+    sum rank the keys in O(rows) instead of sorting them."""
+    if len(key) == 0:
+        return np.unique(key, return_inverse=True)
+    s_min, p_min = int(seq_id.min()), int(token_pos.min())
+    span = int(token_pos.max()) - p_min + 1
+    box = (int(seq_id.max()) - s_min + 1) * span
+    if box > 4 * len(key) + 1024:
+        return np.unique(key, return_inverse=True)
+    dense = (seq_id - np.int64(s_min)) * span + (token_pos - np.int64(p_min))
+    seen = np.zeros(box, dtype=bool)
+    seen[dense] = True
+    rank = np.cumsum(seen, dtype=np.int64) - 1
+    occupied = np.flatnonzero(seen)
+    tokens = ((occupied // span + s_min) << 32) | (occupied % span + p_min)
+    return tokens, rank[dense]
+
+
 def encode_features(traces: Traces, params: FeaturesParams) -> Features:
-    """Vectorised encoder (numpy only, no per-row Python loop)."""
+    """Vectorised encoder (numpy only, no per-row Python loop).
+
+    Builds dense [token, layer] grids, then takes every sample as a slice of them. A trace
+    already in (seq_id, token_pos, layer) order (every source writes one) skips the sort, and a
+    complete one (every token routed at every layer) skips the scatter into the grids too.
+    """
     start = time.perf_counter()
     meta = traces.meta
     L, k, E, la = meta.num_layers, meta.top_k, meta.num_experts, params.lookahead
     H = params.history_len or L
     if la >= L:
         raise ValueError(f"features.lookahead={la} leaves no sample: the trace has {L} layers")
+    n_rows = len(traces)
+    layer = np.asarray(traces.layer)
 
-    # Dense [token, layer] grids; a token is a (seq_id, token_pos) pair.
+    # A token is a (seq_id, token_pos) pair; number them in sorted key order.
     key = (traces.seq_id.astype(np.int64) << 32) | traces.token_pos.astype(np.int64)
-    tokens, token_idx = np.unique(key, return_inverse=True)
-    n_tokens = len(tokens)
-    cell = token_idx.astype(np.int64) * L + traces.layer
-    counts = np.bincount(cell, minlength=n_tokens * L)
-    if (counts > 1).any():
-        bad = int(np.flatnonzero(counts > 1)[0])
-        t, layer = divmod(bad, L)
-        raise TraceError(f"duplicate rows for seq_id={tokens[t] >> 32}, token_pos={tokens[t] & 0xFFFFFFFF}, layer={layer}")
-    present = (counts == 1).reshape(n_tokens, L)
-    experts = np.full((n_tokens * L, k), -1, dtype=np.int16)
-    experts[cell] = traces.experts
-    experts = experts.reshape(n_tokens, L, k)
-    gates = np.zeros((n_tokens * L, k), dtype=np.float32)
-    gates[cell] = traces.weights
-    gates = gates.reshape(n_tokens, L, k)
+    new_token = np.empty(n_rows, dtype=bool)
+    new_token[:1] = True
+    np.not_equal(key[1:], key[:-1], out=new_token[1:])
+    # Sorted by (token, layer) with no repeated layer: no sort, no duplicate check needed.
+    in_order = n_rows > 0 and bool((key[1:] >= key[:-1]).all()) and bool(
+        (new_token[1:] | (layer[1:] > layer[:-1])).all())
+    if in_order:
+        tokens = key[new_token]
+        n_tokens = len(tokens)
+        complete = n_rows == n_tokens * L and bool((layer.reshape(n_tokens, L) == np.arange(L)).all())
+    else:
+        tokens, token_idx = _rank_keys(traces.seq_id, traces.token_pos, key)
+        n_tokens, complete = len(tokens), False
+        cell = token_idx.astype(np.int64) * L + layer
+        counts = np.bincount(cell, minlength=n_tokens * L)
+        if (counts > 1).any():
+            bad = int(np.flatnonzero(counts > 1)[0])
+            t, bad_layer = divmod(bad, L)
+            raise TraceError(f"duplicate rows for seq_id={tokens[t] >> 32}, token_pos={tokens[t] & 0xFFFFFFFF}, "
+                             f"layer={bad_layer}")
+    if not complete and in_order:
+        cell = (np.cumsum(new_token, dtype=np.int64) - 1) * L + layer
+
+    def grid(values: np.ndarray, fill: float, dtype: type) -> np.ndarray:
+        """values [rows, w] as a dense [n_tokens, L, w] grid (`fill` where a row is missing)."""
+        width = values.shape[1]
+        if complete:
+            return np.asarray(values, dtype=dtype).reshape(n_tokens, L, width)
+        out = np.full((n_tokens * L, width), fill, dtype=dtype)
+        out[cell] = values
+        return out.reshape(n_tokens, L, width)
+
+    if complete:
+        present = np.ones((n_tokens, L), dtype=bool)
+    else:
+        present = np.zeros(n_tokens * L, dtype=bool)
+        present[cell] = True
+        present = present.reshape(n_tokens, L)
+    experts = grid(traces.experts, -1, np.int16)
+    gates = grid(traces.weights, 0.0, np.float32)
 
     # Sample grid: (token, layer l) for l < L - la, kept where layer l and l + la are both routed.
-    have_layer = present[:, : L - la]
+    n_src = L - la
+    have_layer = present[:, :n_src]
     have_target = present[:, la:]
-    keep = have_layer & have_target
-    t_idx, l_idx = np.nonzero(keep)  # row-major: token order, then layer
+    keep = (have_layer & have_target).ravel()
+    keep_all = bool(keep.all())
 
-    hist_full = np.where(present, experts[:, :, 0] + 1, 0).astype(np.int16)[:, :H]
-    if H > L:
-        hist_full = np.pad(hist_full, ((0, 0), (0, H - L)))
-    history = hist_full[t_idx] * (np.arange(H)[None, :] <= l_idx[:, None])
+    def samples(block: np.ndarray, fresh: bool = False) -> np.ndarray:
+        """A [n_tokens, n_src, ...] block as [samples, ...] (row-major: token, then layer), in its own
+        memory (never a view of the trace's arrays); `fresh`: block is already a private array."""
+        flat = block.reshape(n_tokens * n_src, *block.shape[2:])
+        if not keep_all:
+            return flat[keep]
+        return flat if fresh or not np.may_share_memory(flat, block) else flat.copy()
 
-    seq_id = (tokens[t_idx] >> 32).astype(np.int32)
-    token_pos = (tokens[t_idx] & 0xFFFFFFFF).astype(np.int32)
+    # History: entry j = primary at layer j (+1), only for j <= l. One broadcast write of
+    # [n_tokens, n_src, H] (no [samples, H] gather followed by a masked copy).
+    hist_token = np.zeros((n_tokens, H), dtype=np.int16)
+    hw = min(H, L)
+    np.add(experts[:, :hw, 0], 1, out=hist_token[:, :hw], where=present[:, :hw])
+    visible = np.arange(H)[None, :] <= np.arange(n_src)[:, None]  # [n_src, H]
+    history = samples(hist_token[:, None, :] * visible[None].astype(np.int16), fresh=True)
+
+    token_of_sample = np.repeat(tokens, n_src) if keep_all else np.repeat(tokens, n_src)[keep]
+    seq_id = (token_of_sample >> 32).astype(np.int32)
+    token_pos = (token_of_sample & 0xFFFFFFFF).astype(np.int32)
+    layers = np.broadcast_to(np.arange(n_src, dtype=np.int16), (n_tokens, n_src))
     spec = None
     if traces.spec_logits is not None:
-        spec_grid = np.zeros((n_tokens * L, E), dtype=np.float32)
-        spec_grid[cell] = traces.spec_logits
-        spec = spec_grid.reshape(n_tokens, L, E)[t_idx, l_idx]
+        spec = samples(grid(traces.spec_logits, 0.0, np.float32)[:, :n_src])
 
     feats = Features(
         meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source),
         seq_id=seq_id,
         token_pos=token_pos,
-        layer=l_idx.astype(np.int16),
-        secondary=(experts[t_idx, l_idx, 1] if k > 1 else np.full(len(t_idx), -1)).astype(np.int16),
-        gating=gates[t_idx, l_idx],
-        history=history.astype(np.int16),
+        layer=samples(layers),
+        secondary=samples(experts[:, :n_src, 1]) if k > 1 else np.full(len(seq_id), -1, dtype=np.int16),
+        gating=samples(gates[:, :n_src]),
+        history=history,
         position=np.minimum(token_pos / params.position_scale, 1.0).astype(np.float32),
-        target=experts[t_idx, l_idx + la, 0],
-        target_set=experts[t_idx, l_idx + la],
+        target=samples(experts[:, la:, 0]),
+        target_set=samples(experts[:, la:]),
         spec_logits=spec,
     )
-    candidates = n_tokens * (L - la)
+    candidates = n_tokens * n_src
     feats.report = {
-        "trace_rows": len(traces),
+        "trace_rows": n_rows,
         "tokens": n_tokens,
         "candidate_samples": candidates,
         "samples": len(feats),
@@ -162,7 +226,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         "history_entries_missing": int((~present[:, : L - 1]).sum()),
     }
     log.info("encoded %d samples from %d trace rows (%d tokens) in %.2fs; dropped %d (layer row missing) "
-             "and %d (target row missing)", len(feats), len(traces), n_tokens, time.perf_counter() - start,
+             "and %d (target row missing)", len(feats), n_rows, n_tokens, time.perf_counter() - start,
              feats.report["dropped_missing_layer"], feats.report["dropped_missing_target"])
     return feats
 

@@ -68,9 +68,11 @@ class SyntheticParams:
     num_layers: int = 32
     num_experts: int = 8
     top_k: int = 2
-    num_types: int = 32
-    shared_weight: float = 0.3
-    type_concentration: float = 0.05
+    num_types: int = 28  # latent token types, hidden from every predictor
+    shared_weight: float = 0.3  # weight of the per-layer tables shared by all types
+    shared_concentration: float = 0.3  # Dirichlet concentration of the shared tables (small = sharp)
+    type_concentration: float = 0.05  # Dirichlet concentration of the per-type tables (small = sharp)
+    position_effect: float = 1.0  # spread of the types' position slopes (0: the type prior ignores position)
     spec_noise: float | None = None
     seed: int = 0
 
@@ -84,17 +86,95 @@ class SyntheticParams:
         _check(0.0 <= self.shared_weight <= 1.0, f"{key}.shared_weight", f"must be in [0, 1], got {self.shared_weight}")
         _check(self.type_concentration > 0, f"{key}.type_concentration",
                f"must be > 0, got {self.type_concentration}")
+        _check(self.shared_concentration > 0, f"{key}.shared_concentration",
+               f"must be > 0, got {self.shared_concentration}")
+        _check(self.position_effect >= 0, f"{key}.position_effect", f"must be >= 0, got {self.position_effect}")
         _check(self.spec_noise is None or self.spec_noise >= 0, f"{key}.spec_noise",
                f"must be >= 0 or null, got {self.spec_noise}")
 
 
 @dataclass(frozen=True)
+class LogFields:
+    """Field names of a JSON-lines routing log (null `sequence`: one sequence; null `weights`: uniform 1/k)."""
+
+    sequence: str | None = "problem_id"
+    token: str = "token_idx"
+    layer: str = "layer"
+    experts: str = "experts"
+    weights: str | None = "gating_probs"
+
+    def validate(self, key: str) -> None:
+        names = [v for v in (self.sequence, self.token, self.layer, self.experts, self.weights) if v is not None]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(value is None or value != "", f"{key}.{f.name}", "must not be empty")
+        _check(len(set(names)) == len(names), key, f"field names must differ, got {names}")
+
+
+@dataclass(frozen=True)
+class LogsParams:
+    """Existing routing logs to import (`extract.source: import`, see `routecast.importers`)."""
+
+    format: Literal["jsonl", "flame_csv", "vllm_npy", "parquet"] = "jsonl"
+    path: str | None = None  # a file, a directory or a glob (relative to the project root)
+    fields: LogFields = field(default_factory=LogFields)  # jsonl only
+    num_experts: int | None = None  # null: infer (largest expert id + 1)
+    renormalize: bool = False  # rescale each row's weights to sum to 1 (else they must already)
+    tokens_per_sequence: int | None = None  # flame_csv: rows per sequence (null: one sequence)
+    model: str | None = None  # the model that produced the logs, recorded in the trace metadata
+
+    def validate(self, key: str) -> None:
+        _check(self.path is None or self.path != "", f"{key}.path", "must not be empty")
+        self.fields.validate(f"{key}.fields")
+        _check(self.num_experts is None or self.num_experts >= 1, f"{key}.num_experts",
+               f"must be >= 1 or null, got {self.num_experts}")
+        _check(self.tokens_per_sequence is None or self.tokens_per_sequence >= 1, f"{key}.tokens_per_sequence",
+               f"must be >= 1 or null, got {self.tokens_per_sequence}")
+
+
+@dataclass(frozen=True)
+class HFParams:
+    """A Hugging Face transformers MoE model run over a corpus (`extract.source: hf`, see `routecast.hf_extract`)."""
+
+    model: str | None = None  # a local directory holding config.json, weights and tokenizer
+    corpus: str | None = None  # .txt (one document per line), .jsonl or .parquet
+    text_column: str = "text"  # .jsonl / .parquet: the field holding the text
+    max_tokens: int | None = 100_000  # stop after this many tokens; null: the whole corpus
+    max_length: int = 512  # truncate each document to this many tokens
+    batch_size: int = 8  # documents per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    spec_logits: bool = True  # also record the next layer's router on this layer's router input
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        for name in ("model", "corpus"):
+            _check(getattr(self, name) is None or getattr(self, name) != "", f"{key}.{name}", "must not be empty")
+        _check(bool(self.text_column), f"{key}.text_column", "must not be empty")
+        _check(self.max_tokens is None or self.max_tokens >= 1, f"{key}.max_tokens",
+               f"must be >= 1 or null, got {self.max_tokens}")
+        _check(self.max_length >= 1, f"{key}.max_length", f"must be >= 1, got {self.max_length}")
+        _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), f"{key}.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class ExtractParams:
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "import", "hf"] = "synthetic"
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    logs: LogsParams = field(default_factory=LogsParams)
+    hf: HFParams = field(default_factory=HFParams)
 
     def validate(self, key: str) -> None:
         self.synthetic.validate(f"{key}.synthetic")
+        self.logs.validate(f"{key}.logs")
+        self.hf.validate(f"{key}.hf")
+        if self.source == "import":
+            _check(self.logs.path is not None, f"{key}.logs.path", "must be set when extract.source is import")
+        if self.source == "hf":
+            for name in ("model", "corpus"):
+                _check(getattr(self.hf, name) is not None, f"{key}.hf.{name}", "must be set when extract.source is hf")
 
 
 @dataclass(frozen=True)
@@ -204,10 +284,12 @@ class TuneParams:
     n_trials: int = 20
     epochs: int = 10
     timeout: float | None = None  # seconds; None: no limit
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median"] = "median"
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
     max_train_samples: int | None = None  # subsample train per trial; None: all
     study_name: str = "routecast"
+    # A journal file, or a database URL (postgresql://user@host/db) whose password comes from
+    # the environment (ROUTECAST_DB_PASSWORD or PGPASSWORD), never from this file.
     storage: str = "data/tune/journal.log"
     seed: int = 0
 
@@ -218,6 +300,16 @@ class TuneParams:
         _check(self.max_train_samples is None or self.max_train_samples >= 2, f"{key}.max_train_samples",
                f"must be >= 2 or null, got {self.max_train_samples}")
         _check(bool(self.study_name), f"{key}.study_name", "must not be empty")
+        _check(bool(self.storage), f"{key}.storage", "must not be empty")
+        if "://" in self.storage:
+            from urllib.parse import urlsplit
+
+            try:
+                password = urlsplit(self.storage).password
+            except ValueError as exc:
+                raise ParamsError(f"{key}.storage", f"not a valid database URL: {exc}") from None
+            _check(password is None, f"{key}.storage",
+                   "must not hold a password (it would land in dvc.lock); set ROUTECAST_DB_PASSWORD or PGPASSWORD")
         self.search_space.validate(f"{key}.search_space")
 
 
@@ -339,6 +431,9 @@ def _plain(node: Any) -> Any:
 def _yaml() -> YAML:
     yaml = YAML()  # round-trip, YAML 1.2: `1e-06` is a float
     yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap a long line (a flow mapping with its comment) on write
+    # write None as `null` (ruamel's default is an empty value), as the file spells it
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     return yaml
 
 

@@ -18,5 +18,13 @@ def extract_traces(params: ExtractParams, out: str | Path) -> None:
 
         traces, _ = generate(params.synthetic)
         write_traces(out, traces)
+    elif params.source == "import":
+        from routecast.importers import import_logs
+
+        import_logs(params.logs, out)
+    elif params.source == "hf":
+        from routecast.hf_extract import extract_hf  # imports transformers: the optional extra [hf]
+
+        extract_hf(params.hf, out)
     else:  # the params loader admits only the sources above
         raise ValueError(f"extract.source: unknown source {params.source!r}")

@@ -1,30 +1,66 @@
 """Bayesian search (Optuna) over the seed's search space, objective = validation top-2.
 
-The study is stored in a journal file (`tune.storage`, persisted by DVC), named after a
-fingerprint of everything that changes a trial's value (the train split, the search space, the
-per-trial budget), so a re-run with a larger `n_trials` continues the same study while a change
-of data starts a new one.
+The study is named after a fingerprint of everything that changes a trial's value (the train
+split, the search space, the per-trial budget), so a re-run with a larger `n_trials` continues
+the same study while a change of data starts a new one. It lives in `tune.storage`:
+
+- a journal file (default `data/tune/journal.log`, persisted by DVC), for one machine;
+- a database URL (`postgresql://user@host/db`), for many workers on many machines. The
+  password never sits in the URL: it comes from `ROUTECAST_DB_PASSWORD` (or libpq's own
+  `PGPASSWORD` / `~/.pgpass`), so it reaches neither params.yaml, dvc.lock, logs nor metrics.
+
+Each trial reports validation top-2 after every epoch, so the pruner (Hyperband by default) can
+stop a hopeless configuration early. A process that dies mid-trial leaves a RUNNING trial: on a
+database Optuna's heartbeat fails it after `GRACE_PERIOD`; on either storage a trial whose
+recorded worker process (host, boot, pid, start time) is gone is failed at once by the next
+process that looks. Either way the failed configuration is retried once as a new trial, so
+completed trials are kept and trial numbers (assigned by the storage) never repeat.
+
+Every process (the `tune` stage and any `--worker`) starts a trial only while the study holds
+fewer than `n_trials` finished (complete or pruned) plus running trials; the stage then waits
+for the other workers' trials, so the study ends with `n_trials` finished trials (one more per
+worker that raced for the last slot at the same instant).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
+import math
+import os
+import socket
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from routecast.features import Features
-from routecast.params import ModelParams, Params, SearchSpace
+from routecast.params import ModelParams, Params, SearchSpace, TuneParams
 from routecast.training import split_train_val, train_model
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_top2"
+PASSWORD_ENV = "ROUTECAST_DB_PASSWORD"
+HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats on a database
+GRACE_PERIOD = 60  # a database trial with no heartbeat for this long is failed
+UNOWNED_GRACE = 120  # file store: a RUNNING trial that never recorded its worker is failed after this
+POLL_SECONDS = 2.0  # how often the stage checks on other workers' trials
+WORKER_ATTR = "worker"  # user attr: the process running the trial
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# The seed's best configuration: with `baseline`, the first two trials of every new study.
+SEED_BEST = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
+
+
+# --------------------------------------------------------------------------- search space
 
 
 def suggest_config(trial: optuna.Trial, space: SearchSpace) -> ModelParams:
@@ -52,7 +88,7 @@ def trial_params(config: ModelParams) -> dict[str, Any]:
     return params
 
 
-def config_from_trial(trial: optuna.trial.FrozenTrial) -> ModelParams:
+def config_from_trial(trial: FrozenTrial) -> ModelParams:
     p = trial.params
     return ModelParams(lr=float(p["lr"]), layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]),
                        architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))],
@@ -67,6 +103,10 @@ def study_fingerprint(params: Params, train_digest: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def study_name(params: Params, train_digest: str) -> str:
+    return f"{params.tune.study_name}-{study_fingerprint(params, train_digest)}"
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -75,48 +115,210 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- storage, sampler, pruner
+
+
+def is_database_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def redact(storage: str) -> str:
+    """`storage` fit for logs and metrics: a URL loses any password it carries."""
+    if not is_database_url(storage):
+        return storage
+    parts = urlsplit(storage)
+    if parts.password is None:
+        return storage
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def driver_url(storage: str) -> str:
+    """`postgresql://` with the driver installed: SQLAlchemy 2.1 defaults to psycopg 3, the
+    project pins psycopg2-binary; an explicit `postgresql+driver://` is kept as written."""
+    scheme, rest = storage.split("://", 1)
+    if scheme == "postgresql":
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+    return storage
+
+
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    """A journal file for a path, an `RDBStorage` with heartbeats for a database URL."""
+    if not is_database_url(storage):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    path = Path(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+        path = Path(storage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+
+    import sqlalchemy.exc
+
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    password = os.environ.get(PASSWORD_ENV)
+    if password and urlsplit(storage).scheme.startswith("postgresql"):
+        # Passed to psycopg2 beside the URL, so the URL Optuna and SQLAlchemy log stays password-free.
+        engine_kwargs["connect_args"] = {"password": password}
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    driver_url(storage), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=retry_callback())
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers starting together on an empty database race to create Optuna's tables.
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise ValueError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
+    raise AssertionError("unreachable")
 
 
-def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
-    if params.tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=params.tune.seed)
-    return optuna.samplers.TPESampler(seed=params.tune.seed, n_startup_trials=min(5, params.tune.n_trials))
+def retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A trial whose worker died is re-run once (as a new trial with the same parameters)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
-def make_pruner(params: Params) -> optuna.pruners.BasePruner:
-    if params.tune.pruner == "median":
+def derived_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def make_sampler(tune: TuneParams, seed: int) -> optuna.samplers.BaseSampler:
+    n_startup = min(5, tune.n_trials)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if tune.sampler == "gp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Deeper layers' widths are conditional; the GP models the shared parameters, the
+            # independent (random) sampler draws the rest.
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+
+
+def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.epochs)
+    if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return optuna.pruners.NopPruner()
 
 
-@dataclass
-class TuneResult:
-    best: ModelParams
-    best_value: float
-    summary: dict[str, Any]
-    trials: list[optuna.trial.FrozenTrial]
+# --------------------------------------------------------------------------- dead workers
 
 
-def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
-    start = time.perf_counter()
-    fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
-    name = f"{params.tune.study_name}-{study_fingerprint(params, train_digest)}"
-    study = optuna.create_study(storage=make_storage(params.tune.storage), study_name=name, direction="maximize",
-                                sampler=make_sampler(params), pruner=make_pruner(params), load_if_exists=True)
-    if not study.trials:
-        # The seed's two known configurations go first: the baseline and the seed's best.
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def worker_record(trial_number: int) -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid),
+            "trial": trial_number}
+
+
+def worker_alive(record: dict[str, Any]) -> bool | None:
+    """True / False for a process on this machine; None (unknown) for one elsewhere."""
+    if record.get("host") != socket.gethostname() or record.get("boot") != _boot_id():
+        return None
+    pid = int(record["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    start = _process_start(pid)
+    return start is None or record.get("start") is None or start == record["start"]
+
+
+def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Fail RUNNING trials whose worker is gone, retry each once; return the failed trial numbers.
+
+    The file store has no heartbeat, so this is how a killed `tune` is cleaned up on restart. A
+    retried trial carries its predecessor's user attrs; the `trial` field of the worker record
+    tells them apart, so a retry never looks dead before its own worker records itself.
+    """
+    failed = []
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record = trial.user_attrs.get(WORKER_ATTR)
+        if isinstance(record, dict) and record.get("trial") == trial.number:
+            if worker_alive(record) is not False:
+                continue
+        elif is_database_url_storage(storage) or trial.datetime_start is None or \
+                (now - trial.datetime_start).total_seconds() < UNOWNED_GRACE:
+            continue  # still starting up (or a database: its heartbeat decides)
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        log.warning("trial %d: its worker %s is gone; marked FAIL, retrying its parameters once", trial.number,
+                    _describe(record))
+        failed.append(trial.number)
+        retry_callback()(study, storage.get_trial(trial._trial_id))
+    return failed
+
+
+def is_database_url_storage(storage: optuna.storages.BaseStorage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage)
+
+
+def _describe(record: Any) -> str:
+    if not isinstance(record, dict):
+        return "(never recorded)"
+    return f"{record.get('host')}:{record.get('pid')}"
+
+
+# --------------------------------------------------------------------------- running trials
+
+
+def open_study(params: Params, train_digest: str, seed: int | None = None) -> tuple[optuna.Study, Any]:
+    """Create or load the study; the sampler's seed also depends on how many trials it holds, so a
+    resumed study does not redraw the configurations of its first run.
+
+    Whichever process creates the study (the stage or a worker: the storage lets only one
+    succeed) enqueues the seed's two known configurations, so they run first exactly once.
+    """
+    storage = make_storage(params.tune.storage)
+    name = study_name(params, train_digest)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                    pruner=make_pruner(params.tune))
         study.enqueue_trial(trial_params(params.baseline), user_attrs={"origin": "baseline"})
-        study.enqueue_trial(trial_params(ModelParams(lr=0.000536, layer_emb=5, expert_emb=7,
-                                                     architecture=[512, 512], dropout=0.18)),
-                            user_attrs={"origin": "seed_best"})
+        study.enqueue_trial(trial_params(SEED_BEST), user_attrs={"origin": "seed_best"})
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(params.tune))
+    n_existing = len(study.get_trials(deepcopy=False))
+    if seed is None:
+        seed = params.tune.seed if n_existing == 0 else derived_seed(params.tune.seed, n_existing)
+    study.sampler = make_sampler(params.tune, seed)
+    return study, storage
 
+
+def make_objective(params: Params, fit: Features, val: Features) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
         config = suggest_config(trial, params.tune.search_space)
 
         def report(epoch: int, row: dict[str, float]) -> None:
@@ -128,39 +330,150 @@ def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
                              desc=f"trial {trial.number}")
         return result.best_val_top2
 
-    done = sum(t.state.is_finished() for t in study.trials)
-    remaining = max(params.tune.n_trials - done, 0)
-    log.info("study %s: %d trials finished, running %d more on %d train / %d validation samples", name, done,
-             remaining, len(fit), len(val))
-    if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=params.tune.timeout, gc_after_trial=False)
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return objective
+
+
+def run_trials(study: optuna.Study, storage: Any, objective: Callable[[optuna.Trial], float], tune: TuneParams,
+               wait_for_others: bool) -> int:
+    """Run trials until the study holds `tune.n_trials` finished ones or `tune.timeout` passes.
+
+    A trial starts only while finished + running < n_trials, so N workers do not overshoot.
+    With `wait_for_others`, return only once no trial of any worker is still running.
+    Return the number of trials this process ran.
+    """
+    start, ran, waiting_logged = time.monotonic(), 0, False
+    while True:
+        fail_dead_trials(study, storage)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        timed_out = tune.timeout is not None and time.monotonic() - start >= tune.timeout
+        if timed_out:
+            log.info("timeout %.0fs reached: %d of %d trials finished", tune.timeout, finished, tune.n_trials)
+            return ran
+        if finished >= tune.n_trials and (running == 0 or not wait_for_others):
+            return ran
+        if finished + running < tune.n_trials:
+            study.optimize(objective, n_trials=1, gc_after_trial=False)
+            ran += 1
+            waiting_logged = False
+        else:
+            if not waiting_logged:
+                log.info("%d trials finished, waiting for %d running on other workers", finished, running)
+                waiting_logged = True
+            time.sleep(POLL_SECONDS)
+
+
+@dataclass
+class TuneResult:
+    best: ModelParams
+    best_value: float
+    summary: dict[str, Any]
+    trials: list[FrozenTrial]
+    importances: dict[str, float]
+
+
+def _quiet_optuna() -> None:
+    # Optuna logs every trial at INFO through its own handler; ours already says what matters.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
+    """The `tune` stage: run (and wait for) trials until the study is done, then summarise it."""
+    start = time.perf_counter()
+    _quiet_optuna()
+    fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
+    study, storage = open_study(params, train_digest)
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    log.info("study %s on %s: %d of %d trials finished; %s sampler, %s pruner, %d train / %d validation samples",
+             study.study_name, redact(params.tune.storage), finished, params.tune.n_trials, params.tune.sampler,
+             params.tune.pruner, len(fit), len(val))
+    ran = run_trials(study, storage, make_objective(params, fit, val), params.tune, wait_for_others=True)
+    trials = study.get_trials(deepcopy=True)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        raise RuntimeError(f"study {name}: no trial completed; see the log above")
+        raise RuntimeError(f"study {study.study_name}: no trial completed; see the log above")
     best = study.best_trial
+    importances = param_importances(study, params.tune.seed)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     summary = {
         "best_value": best.value,
         "best_trial": best.number,
         "best_params": asdict(config_from_trial(best)),
-        "study": name,
-        "n_trials": len(study.trials),
-        "n_complete": len(complete),
-        "n_pruned": len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))),
-        "n_failed": len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))),
+        "study": study.study_name,
+        "storage": redact(params.tune.storage),
+        "sampler": params.tune.sampler,
+        "pruner": params.tune.pruner,
+        "n_trials": len(trials),
+        "n_complete": counts[TrialState.COMPLETE],
+        "n_pruned": counts[TrialState.PRUNED],
+        "n_failed": counts[TrialState.FAIL],
+        "epochs_trained": sum(len(t.intermediate_values) for t in trials),
+        "importances": importances,
         "train_samples": len(fit),
         "val_samples": len(val),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    return TuneResult(config_from_trial(best), best.value, summary, study.trials)
+    log.info("study %s: best trial %d, val top-2 %.4f (%d complete, %d pruned, %d failed; %d run here)",
+             study.study_name, best.number, best.value, summary["n_complete"], summary["n_pruned"],
+             summary["n_failed"], ran)
+    return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
 
 
-def history_rows(trials: list[optuna.trial.FrozenTrial]) -> list[list[Any]]:
+def tune_worker(params: Params, train: Features, train_digest: str) -> int:
+    """Join the study from another process or machine; return how many trials this worker ran.
+
+    The worker's sampler seed comes from its host and pid, so workers do not propose the same
+    configurations in lockstep.
+    """
+    _quiet_optuna()
+    fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
+    seed = derived_seed(params.tune.seed, socket.gethostname(), os.getpid())
+    study, storage = open_study(params, train_digest, seed=seed)
+    log.info("worker %s:%d joins study %s on %s", socket.gethostname(), os.getpid(), study.study_name,
+             redact(params.tune.storage))
+    ran = run_trials(study, storage, make_objective(params, fit, val), params.tune, wait_for_others=False)
+    log.info("worker %s:%d ran %d trials; the study holds %d finished", socket.gethostname(), os.getpid(), ran,
+             sum(t.state in FINISHED for t in study.get_trials(deepcopy=False)))
+    return ran
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def param_importances(study: optuna.Study, seed: int) -> dict[str, float]:
+    """fANOVA importances over the complete trials; {} when fewer than two (or all equal)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or len({t.value for t in complete}) < 2:
+        log.info("parameter importances need two complete trials with different values; skipped")
+        return {}
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        raw = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError) as exc:
+        log.warning("parameter importances failed: %s", exc)
+        return {}
+    return {name: round(float(v), 6) for name, v in raw.items() if math.isfinite(v)}
+
+
+def history_rows(trials: list[FrozenTrial]) -> list[list[Any]]:
     """trial, state, value, best so far, seconds: for the optimization-history plot."""
     rows, best = [], float("-inf")
     for t in sorted(trials, key=lambda t: t.number):
-        value = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
+        value = t.value if t.state == TrialState.COMPLETE else None
         if value is not None:
             best = max(best, value)
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         rows.append([t.number, t.state.name, value, best if best > float("-inf") else None, seconds])
     return rows
+
+
+def importance_rows(importances: dict[str, float]) -> list[list[Any]]:
+    return [[name, value] for name, value in sorted(importances.items(), key=lambda kv: -kv[1])]
+
+
+def intermediate_rows(trials: list[FrozenTrial]) -> list[list[Any]]:
+    """trial, epoch, val top-2, final state: every value a trial reported (what the pruner saw)."""
+    return [[t.number, epoch, value, t.state.name]
+            for t in sorted(trials, key=lambda t: t.number)
+            for epoch, value in sorted(t.intermediate_values.items())]

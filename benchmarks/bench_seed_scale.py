@@ -1,0 +1,172 @@
+"""The seed's scale end to end: `dvc exp run` of the whole pipeline at ~1.35M samples in a copy
+of the repository, recording wall time and peak memory into benchmarks/results/seed_scale.json.
+
+    .venv/bin/python benchmarks/bench_seed_scale.py             # run it (about 30-45 min; quiet machine)
+    .venv/bin/python benchmarks/bench_seed_scale.py --estimate  # no run: estimate from results/train_threads2.json
+
+Peak memory is reported twice: the largest single process (getrusage RUSAGE_CHILDREN ru_maxrss;
+DVC runs stages one at a time, so this is the heaviest stage) and the largest sum of RSS over the
+whole process tree, sampled every 0.2 s (dvc itself plus the stage running under it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+try:
+    import psutil  # installed with the project's dependencies; only the process-tree figure needs it
+except ImportError:  # pragma: no cover
+    psutil = None
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SEED_PARAMS = {
+    "extract.synthetic.num_sequences": 170,
+    "extract.synthetic.tokens_per_sequence": 256,
+    "extract.synthetic.num_layers": 32,
+    "train.epochs": 30,
+    "tune.n_trials": 20,
+    "tune.epochs": 10,
+    "tune.max_train_samples": 100000,  # per trial; 150k (the default) leaves too little margin at ~36k samples/s
+}
+
+SAMPLES = 170 * 256 * 31  # tokens x (layers - lookahead)
+TEST, VAL = 0.05, 0.1  # split.test_fraction, split.val_fraction
+
+
+def estimate(params: dict[str, object], train_json: Path) -> dict[str, object]:
+    """Seconds from the measured per-sample training rates (bench_train): every trial runs all its
+    epochs (no pruning: an upper bound), trials train at the tuned model's rate, each epoch also
+    scores the validation split (forward only, ~1/3 of a training sample's FLOPs)."""
+    rates = json.loads(train_json.read_text())
+    tuned, baseline = rates["samples_per_second"], rates["baseline_samples_per_second"]
+    train = SAMPLES * (1 - TEST)
+    fit, val = train * (1 - VAL), train * VAL
+    trial_fit = min(fit, float(params["tune.max_train_samples"] or fit))
+    epoch = lambda n, rate: n / rate + val / (3 * rate)  # noqa: E731
+    tune_s = int(params["tune.n_trials"]) * int(params["tune.epochs"]) * epoch(trial_fit, tuned)
+    tuned_s = int(params["train.epochs"]) * epoch(fit, tuned)
+    baseline_s = int(params["train.epochs"]) * epoch(fit, baseline)
+    other_s = 120.0  # extract, encode, split, evaluate, dvc itself: about two minutes at this scale
+    total = tune_s + tuned_s + baseline_s + other_s
+    # Peak memory: the training stage holds fit + val as int64 tensors (history dominates,
+    # 32 x 8 bytes a sample) plus one shuffled copy of fit per epoch, on top of the features.
+    peak = train * (32 * 2 + 40) + 2 * fit * (32 * 8 + 40) + 400e6
+    return {
+        "formula": "tune: n_trials x tune.epochs x (min(fit, max_train_samples) + val/3) / tuned_rate; "
+                   "train_full: train.epochs x (fit + val/3) / rate, for tuned and baseline; + 120 s for the rest",
+        "rates_samples_per_second": {"tuned": tuned, "baseline": baseline, "from": str(train_json.relative_to(ROOT))},
+        "fit_samples": fit, "val_samples": val,
+        "seconds": {"tune": tune_s, "train_full_tuned": tuned_s, "train_full_baseline": baseline_s, "other": other_s},
+        "total_minutes": total / 60,
+        "peak_rss_gib_estimate": peak / 2**30,
+    }
+
+
+class TreeMemory(threading.Thread):
+    """Peak of the summed RSS of a process and its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        if psutil is None:
+            return
+        while not self.stop.wait(0.2):
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:  # type: ignore[union-attr]
+                return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--estimate", action="store_true", help="only estimate from bench_train's results")
+    parser.add_argument("--workdir", help="where to copy the repository (default: a temporary folder)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more -S overrides")
+    parser.add_argument("--rates", default=str(HERE / "results" / "train_threads2.json"),
+                        help="bench_train's results to estimate from")
+    args = parser.parse_args()
+    params = dict(SEED_PARAMS)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        params[key] = value
+    train_json = Path(args.rates).resolve()
+    est = estimate(params, train_json) if train_json.exists() else None
+    if args.estimate:
+        out = HERE / "results" / f"seed_scale_estimate_{train_json.stem}.json"
+        out.write_text(json.dumps({"params": params, "estimate": est,
+                                   "command": "python benchmarks/bench_seed_scale.py " + " ".join(sys.argv[1:])},
+                                  indent=2) + "\n")
+        print(json.dumps(est, indent=2))
+        return
+
+    from conftest import copy_repo  # the tests' copy: tracked + new files, committed, fresh git
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="routecast-seed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    copy_repo(work)
+    cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run"]
+    for key, value in params.items():
+        cmd += ["-S", f"{key}={value}"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = TreeMemory(proc.pid)
+    watcher.start()
+    log_lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log_lines.append(line)
+        print(f"[{time.perf_counter() - start:7.0f}s] {line}", end="", flush=True)
+    rc = proc.wait()
+    wall = time.perf_counter() - start
+    watcher.stop.set()
+    max_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    metrics = work / "metrics" / "evaluate.json"
+    result = {
+        "what": "dvc exp run of the whole pipeline at the seed's scale, in a copy of the repository",
+        "command": "python benchmarks/bench_seed_scale.py " + " ".join(sys.argv[1:]),
+        "dvc_command": " ".join(cmd[1:]),
+        "params": params,
+        "returncode": rc,
+        "wall_minutes": wall / 60,
+        "target_wall_minutes": 45,
+        "peak_rss_gib_largest_process": max_child / 2**30,
+        "peak_rss_gib_process_tree": watcher.peak / 2**30,
+        "target_peak_gib": 4,
+        "evaluate": json.loads(metrics.read_text()) if metrics.exists() else None,
+        "estimate_before_run": est,
+        "load_after": os.getloadavg()[0],
+        "workdir": str(work),
+        "log_tail": "".join(log_lines[-40:]),
+    }
+    out = HERE / "results" / "seed_scale.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=2))
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Training throughput of the tuned [512, 512] model (emb 5/7, 32 layers, batch 512) and the FLOP
+rate it implies, as a share of this machine's dense fp32 matmul rate measured in the same run on
+the model's own layer shapes.
+
+FLOPs per training sample = 3 x forward, forward = 2 x sum(in_i x out_i) over the Linear layers
+(239x512, 512x512, 512x8 for the tuned model: 777,216 forward, 2,331,648 per trained sample;
+the backward pass is two matmuls per layer, grad-input and grad-weight). Embeddings, BatchNorm,
+activations, dropout and the optimizer count zero: the ratio is the share of time spent in
+useful matmul work. The matmul reference is torch.mm of [512 x in] @ [in x out] for each layer
+shape, FLOP-weighted. Also timed, same data and threads: the seed's loop (nn.Dropout, out-of-place
+LeakyReLU, unfused AdamW) and the baseline [256, 128, 64] model (for the seed-scale estimate).
+Rounds interleave all measurements; each figure is the best round (least disturbed by load).
+
+    .venv/bin/python benchmarks/bench_train.py             # writes benchmarks/results/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_result  # noqa: E402
+
+from routecast.features import encode_features
+from routecast.model import ModelConfig, RoutePredictor, SeededDropout, to_inputs
+from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
+from routecast.split import split_features
+from routecast.synthetic import generate
+from routecast.training import split_train_val, train_model
+
+TUNED = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
+BASELINE = ModelParams(lr=0.001, layer_emb=10, expert_emb=5, architecture=[256, 128, 64], dropout=0.2)
+
+
+def layer_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    widths = [config.input_width, *config.architecture, config.num_experts]
+    return list(zip(widths[:-1], widths[1:]))
+
+
+def forward_flops(config: ModelConfig) -> int:
+    return 2 * sum(i * o for i, o in layer_shapes(config))
+
+
+def matmul_rate(shapes: list[tuple[int, int]], batch: int, seconds: float = 1.0) -> dict[str, float]:
+    """FLOP-weighted dense fp32 torch.mm rate over the layer shapes ([batch x in] @ [in x out])."""
+    per_shape, total_flops, total_time = {}, 0.0, 0.0
+    for i, o in shapes:
+        a, b = torch.randn(batch, i), torch.randn(i, o)
+        for _ in range(5):
+            torch.mm(a, b)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds * i * o / max(x * y for x, y in shapes):
+            torch.mm(a, b)
+            reps += 1
+        elapsed = time.perf_counter() - start
+        flops = 2.0 * batch * i * o * max(reps, 1)
+        per_shape[f"{batch}x{i}@{i}x{o}"] = flops / elapsed / 1e9
+        total_flops += flops
+        total_time += elapsed
+    return {"gflops": total_flops / total_time / 1e9, "per_shape_gflops": per_shape}
+
+
+def seed_loop_rate(params: ModelParams, fit, batch: int, seed: int, steps: int) -> float:
+    """samples/s of the seed's inner loop (torch dropout, out-of-place LeakyReLU, unfused AdamW)."""
+    torch.manual_seed(seed)
+    model = RoutePredictor(ModelConfig.build(fit.meta, params))
+    for i, m in enumerate(model.mlp):
+        if isinstance(m, SeededDropout):
+            model.mlp[i] = nn.Dropout(m.p)
+        elif isinstance(m, nn.LeakyReLU):
+            m.inplace = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = to_inputs(fit, False), torch.from_numpy(fit.target.astype(np.int64))
+    model.train()
+    steps = min(steps, len(y) // batch)
+    start = time.perf_counter()
+    for s in range(steps):
+        logits = model(*x.index(slice(s * batch, (s + 1) * batch)))
+        loss = loss_fn(logits, y[s * batch: (s + 1) * batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-sequences", type=int, default=16, help="synthetic sequences of 256 tokens")
+    parser.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    info = machine()
+    torch.set_num_threads(args.threads)
+    traces, _ = generate(SyntheticParams(num_sequences=args.num_sequences, tokens_per_sequence=256))
+    train, _ = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.05))
+    fit, val = split_train_val(train)
+    val = val.take(np.arange(min(len(val), 4096)))  # validation is not timed; keep it short
+    train_params = TrainParams(epochs=1, batch_size=args.batch_size, threads=args.threads)
+    config = ModelConfig.build(fit.meta, TUNED)
+    flops_per_sample = 3 * forward_flops(config)
+    shapes = layer_shapes(config)
+
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        row = {"matmul_gflops": matmul_rate(shapes, args.batch_size)["gflops"]}
+        row["tuned_samples_per_second"] = train_model(TUNED, train_params, fit, val, desc="bench").samples_per_second
+        row["seed_loop_samples_per_second"] = seed_loop_rate(TUNED, fit, args.batch_size, 0, steps=150)
+        row["baseline_samples_per_second"] = train_model(BASELINE, train_params, fit, val,
+                                                         desc="bench").samples_per_second
+        row["matmul_gflops_after"] = matmul_rate(shapes, args.batch_size)["gflops"]
+        rounds.append(row)
+        print(row, flush=True)
+    best = {key: max(r[key] for r in rounds) for key in rounds[0]}
+    matmul = max(best["matmul_gflops"], best["matmul_gflops_after"])
+    train_gflops = best["tuned_samples_per_second"] * flops_per_sample / 1e9
+    write_result(f"train_threads{args.threads}", {
+        "what": "train_model, tuned [512, 512] (emb 5/7, 32 layers, batch 512), one epoch per round, fp32",
+        "threads": args.threads,
+        "fit_samples": len(fit),
+        "layer_shapes": shapes,
+        "flops_formula": "3 x 2 x sum(in x out) per sample (forward + grad-input + grad-weight matmuls)",
+        "flops_per_sample": flops_per_sample,
+        "samples_per_second": best["tuned_samples_per_second"],
+        "train_gflops": train_gflops,
+        "matmul_gflops": matmul,
+        "matmul_per_shape_gflops": matmul_rate(shapes, args.batch_size)["per_shape_gflops"],
+        "flop_ratio": train_gflops / matmul,
+        "target_flop_ratio": 0.5,
+        "seed_loop_samples_per_second": best["seed_loop_samples_per_second"],
+        "speedup_vs_seed_loop": best["tuned_samples_per_second"] / best["seed_loop_samples_per_second"],
+        "baseline_samples_per_second": best["baseline_samples_per_second"],
+        "rounds": rounds,
+        "machine": info,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""`extract.source: import`: the shared real logs, every format, and malformed input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecast.features import encode_features
+from routecast.importers import import_logs
+from routecast.params import ExtractParams, FeaturesParams, LogFields, LogsParams, ParamsError, SyntheticParams
+from routecast.sources import extract_traces
+from routecast.synthetic import generate
+from routecast.traces import TraceError, read_traces, write_traces
+
+SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+MIXTRAL_LOG = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
+FLAME_DIR = SHARED_TRACES / "flame-moe-290m" / "prefill-32seqs-2048tokens"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real traces absent: {path} does not exist (shared/ sits beside the repository)")
+    return path
+
+
+# --------------------------------------------------------------------------- the shared real logs
+
+
+def test_mixtral_jsonl_counts_match_the_file(tmp_path: Path) -> None:
+    log = need(MIXTRAL_LOG)
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    cells = {(r["problem_id"], r["token_idx"], r["layer"]) for r in rows}
+    tokens = {(s, t) for s, t, _ in cells}
+    samples = sum((s, t, l) in cells and (s, t, l + 1) in cells for s, t in tokens for l in range(31))
+
+    report = import_logs(LogsParams(path=str(log), model="Mixtral-8x7B-Instruct-v0.1"), tmp_path / "t.parquet")
+    traces = read_traces(tmp_path / "t.parquet")
+    m = traces.meta
+    assert (m.num_layers, m.num_experts, m.top_k) == (32, 8, 2)
+    assert len(traces) == report["rows"] == len(rows) == 10_779
+    assert report["tokens"] == len(tokens)
+    assert report["missing_token_layer_rows"] == len(tokens) * 32 - len(rows) > 0  # the dropped [0.5, 0.5] rows
+    assert m.source == "Mixtral-8x7B-Instruct-v0.1"
+    feats = encode_features(traces, FeaturesParams())
+    assert len(feats) == samples
+    assert feats.report["candidate_samples"] - len(feats) == (feats.report["dropped_missing_layer"]
+                                                             + feats.report["dropped_missing_target"]) > 0
+    # one row checked against its line
+    first = rows[0]
+    i = np.flatnonzero((traces.seq_id == first["problem_id"]) & (traces.token_pos == first["token_idx"])
+                       & (traces.layer == first["layer"]))[0]
+    assert traces.experts[i].tolist() == first["experts"]
+    np.testing.assert_allclose(traces.weights[i], first["gating_probs"], rtol=1e-6)
+
+
+def test_flame_csv_counts_and_rows_match_the_files(tmp_path: Path) -> None:
+    folder = need(FLAME_DIR)
+    files = sorted(folder.glob("layer_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+    data_lines = [sum(1 for _ in open(f)) - 1 for f in files]  # minus the header
+    layers = [int(f.stem.split("_")[1]) for f in files]
+
+    report = import_logs(LogsParams(format="flame_csv", path=str(folder), tokens_per_sequence=64),
+                         tmp_path / "t.parquet")
+    traces = read_traces(tmp_path / "t.parquet")
+    m = traces.meta
+    assert (m.num_layers, m.num_experts, m.top_k) == (len(files), 64, 6) == (25, 64, 6)
+    assert m.source_params["original_layers"] == layers == list(range(2, 27))
+    assert len(traces) == report["rows"] == sum(data_lines) == 25 * 2048
+    assert report["tokens"] == 2048 and report["sequences"] == 32
+    assert traces.seq_id.max() == 31 and traces.token_pos.max() == 63
+    feats = encode_features(traces, FeaturesParams())
+    assert len(feats) == 2048 * 24
+
+    # row 5 of the third file (original layer 4): experts sorted by score, weights = scores / their sum
+    header, *lines = files[2].read_text().splitlines()
+    scores = np.array(lines[5].split(",")[2:], dtype=float)
+    chosen = np.argsort(-scores, kind="stable")[:6]
+    i = np.flatnonzero((traces.layer == 2) & (traces.seq_id == 0) & (traces.token_pos == 5))[0]
+    assert traces.experts[i].tolist() == chosen.tolist()
+    np.testing.assert_allclose(traces.weights[i], scores[chosen] / scores[chosen].sum(), rtol=1e-5)
+
+
+def test_import_source_through_extract_traces(tmp_path: Path) -> None:
+    log = need(MIXTRAL_LOG)
+    extract_traces(ExtractParams(source="import", logs=LogsParams(path=str(log))), tmp_path / "t.parquet")
+    assert len(read_traces(tmp_path / "t.parquet")) == 10_779
+
+
+# --------------------------------------------------------------------------- formats on small files
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def grid(n_seq: int = 2, n_tok: int = 3, n_layers: int = 3) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(n_seq):
+        for t in range(n_tok):
+            for layer in range(n_layers):
+                e = rng.choice(8, size=2, replace=False).tolist()
+                w = sorted(rng.dirichlet([1, 1]).tolist(), reverse=True)
+                rows.append({"problem_id": s, "token_idx": t, "layer": layer, "experts": e, "gating_probs": w})
+    return rows
+
+
+def test_jsonl_field_mapping_sorting_and_renormalising(tmp_path: Path) -> None:
+    rows = [{"seq": "a", "pos": t, "lyr": layer, "ids": [1, 4], "w": [1.0, 3.0]}  # unsorted, sums to 4
+            for t in range(2) for layer in range(2)]
+    path = write_jsonl(tmp_path / "log.jsonl", rows)
+    fields = LogFields(sequence="seq", token="pos", layer="lyr", experts="ids", weights="w")
+    with pytest.raises(TraceError, match=r"log\.jsonl: line 1: .*sum to 4"):
+        import_logs(LogsParams(path=str(path), fields=fields), tmp_path / "t.parquet")
+    report = import_logs(LogsParams(path=str(path), fields=fields, renormalize=True, num_experts=6),
+                         tmp_path / "t.parquet")
+    traces = read_traces(tmp_path / "t.parquet")
+    assert traces.meta.num_experts == 6 and report["rows_resorted_by_weight"] == 4
+    assert traces.experts.tolist() == [[4, 1]] * 4
+    np.testing.assert_allclose(traces.weights, [[0.75, 0.25]] * 4)
+
+
+def test_vllm_npy_directory_and_npz(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = [np.stack([rng.permutation(16)[:4] for _ in range(T * 5)]).reshape(T, 5, 4) for T in (7, 3, 9)]
+    folder = tmp_path / "routed"
+    folder.mkdir()
+    for i, a in enumerate(arrays):
+        np.save(folder / f"seq_{i:03d}.npy", a)
+    np.savez(tmp_path / "routed.npz", **{f"req{i}": a for i, a in enumerate(arrays)})
+    for path in (folder, tmp_path / "routed.npz"):
+        report = import_logs(LogsParams(format="vllm_npy", path=str(path), num_experts=16), tmp_path / "t.parquet")
+        traces = read_traces(tmp_path / "t.parquet")
+        assert (traces.meta.num_layers, traces.meta.num_experts, traces.meta.top_k) == (5, 16, 4)
+        assert len(traces) == report["rows"] == 19 * 5
+        np.testing.assert_allclose(traces.weights, 0.25)
+        sel = traces.seq_id == 2
+        assert traces.experts[sel].reshape(9, 5, 4).tolist() == arrays[2].tolist()
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    traces, _ = generate(SyntheticParams(num_sequences=3, tokens_per_sequence=5, num_layers=4, num_experts=6,
+                                         top_k=3, spec_noise=0.5))
+    write_traces(tmp_path / "in.parquet", traces)
+    import_logs(LogsParams(format="parquet", path=str(tmp_path / "in.parquet")), tmp_path / "out.parquet")
+    again = read_traces(tmp_path / "out.parquet")
+    for name in ("seq_id", "token_pos", "layer", "experts", "weights", "spec_logits"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(traces, name))
+    assert again.meta.source_params["imported_from"] == str(tmp_path / "in.parquet")
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("bad JSON", lambda rows: rows.__setitem__(4, '{"problem_id": 0, "layer": '), r"line 5: not valid JSON"),
+    ("missing field", lambda rows: rows[6].pop("experts"), r"line 7: missing field\(s\) \['experts'\]"),
+    ("expert out of range", lambda rows: rows[2].update(experts=[8, 1]), r"line 3: expert id in \[8, 1\] out of range"),
+    ("NaN weights", lambda rows: rows[9].update(gating_probs=[math.nan, 0.5]), r"line 10: weights .* not finite"),
+    ("k changes", lambda rows: rows[3].update(experts=[1, 2, 3], gating_probs=[.5, .3, .2]), r"line 4: 3 experts"),
+    ("duplicate row", lambda rows: rows.__setitem__(8, rows[0]), r"line 9 repeats line 1"),
+    ("layer gap", lambda rows: [r.update(layer=3) for r in rows if r["layer"] == 2], r"layer gap: no rows for layer\(s\) \[2\]"),
+])
+def test_malformed_jsonl_names_file_and_line_and_writes_nothing(tmp_path: Path, name, edit, message) -> None:
+    rows = grid()
+    edit(rows)
+    path = write_jsonl(tmp_path / "routing.jsonl", rows)
+    out = tmp_path / "traces.parquet"
+    with pytest.raises(TraceError, match=r"routing\.jsonl: " + message):
+        import_logs(LogsParams(path=str(path), num_experts=8), out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind either
+
+
+def test_empty_file_errors_and_keeps_an_existing_output(tmp_path: Path) -> None:
+    path = tmp_path / "routing.jsonl"
+    path.write_text("\n\n")
+    out = tmp_path / "traces.parquet"
+    out.write_bytes(b"the previous trace")
+    with pytest.raises(TraceError, match=r"routing\.jsonl: empty file"):
+        import_logs(LogsParams(path=str(path)), out)
+    assert out.read_bytes() == b"the previous trace"
+
+
+def flame_files(folder: Path, layers=(2, 3, 4), n_rows: int = 8, k: int = 3, E: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for layer in layers:
+        lines = ["layer_id,token_id," + ",".join(f"expert_{e}" for e in range(E))]
+        for r in range(n_rows):
+            scores = np.zeros(E)
+            scores[rng.choice(E, size=k, replace=False)] = rng.uniform(0.05, 0.4, size=k)
+            lines.append(f"0,{r}," + ",".join(f"{s:.6f}" for s in scores))
+        (folder / f"layer_{layer}.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_flame_csv_small_and_malformed(tmp_path: Path) -> None:
+    folder = flame_files(tmp_path / "flame")
+    out = tmp_path / "t.parquet"
+    report = import_logs(LogsParams(format="flame_csv", path=str(folder), tokens_per_sequence=4), out)
+    assert report["rows"] == 24 and report["sequences"] == 2
+    assert read_traces(out).meta.source_params["original_layers"] == [2, 3, 4]
+    out.unlink()
+
+    lines = (folder / "layer_3.csv").read_text().splitlines()
+    lines[4] = lines[4].replace("0.000000", "0.5", 1)  # a 4th non-zero score on line 5
+    (folder / "layer_3.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=r"layer_3\.csv: line 5: 4 non-zero expert scores, expected top_k=3"):
+        import_logs(LogsParams(format="flame_csv", path=str(folder)), out)
+    (folder / "layer_3.csv").unlink()
+    with pytest.raises(TraceError, match=r"layer gap: .* none for \[3\]"):
+        import_logs(LogsParams(format="flame_csv", path=str(folder)), out)
+    (folder / "layer_4.csv").write_text("")
+    with pytest.raises(TraceError, match=r"layer_4\.csv"):
+        import_logs(LogsParams(format="flame_csv", path=str(folder / "layer_4.csv")), out)
+    assert not out.exists()
+
+
+def test_vllm_npy_out_of_range_names_file_token_and_layer(tmp_path: Path) -> None:
+    a = np.tile(np.array([0, 1]), (4, 3, 1))
+    a[2, 1] = [1, 9]
+    np.save(tmp_path / "seq.npy", a)
+    with pytest.raises(TraceError, match=r"seq\.npy: token 2, layer 1: expert id in \[1, 9\] out of range"):
+        import_logs(LogsParams(format="vllm_npy", path=str(tmp_path / "seq.npy"), num_experts=8), tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_params_require_the_logs_path() -> None:
+    params = ExtractParams(source="import")
+    with pytest.raises(ParamsError, match=r"extract\.logs\.path: must be set"):
+        params.validate("extract")
+    with pytest.raises(ParamsError, match=r"extract\.hf\.model: must be set"):
+        ExtractParams(source="hf").validate("extract")

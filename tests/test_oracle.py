@@ -1,0 +1,195 @@
+"""The exact Bayes-optimal predictor: its analytic accuracy matches the measured one, and no
+predictor trained on the same features beats it beyond sampling error."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from routecast.features import Features, encode_features
+from routecast.oracle import OraclePredictor, _complete_rows, _forward_rows, _Tables, expected_topk_accuracy, \
+    posterior_next_expert
+from routecast.params import FeaturesParams, SyntheticParams, load_params
+from routecast.reference import BoostedTreesPredictor, lookup_ladder
+from routecast.synthetic import generate
+from routecast.traces import TraceMeta, Traces, read_trace_meta, write_traces
+from conftest import ROOT
+
+Z_SIGMA = 4.0  # how many standard errors count as "within sampling error"
+
+
+def topk_hits(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (top == target[:, None].astype(np.int64)).any(axis=1)
+
+
+def clustered_mean_and_se(values: np.ndarray, feats: Features) -> tuple[float, float]:
+    """Mean of per-sample `values` and its standard error, clustered by token (a token's samples
+    share its hidden type, so they are not independent)."""
+    token = (feats.seq_id.astype(np.int64) << 32) | feats.token_pos.astype(np.int64)
+    _, cluster = np.unique(token, return_inverse=True)
+    n = len(values)
+    mean = values.mean()
+    sums = np.bincount(cluster, weights=values - mean)
+    return float(mean), float(np.sqrt((sums ** 2).sum()) / n)
+
+
+@pytest.fixture(scope="module")
+def large_sample():
+    """The default generator at the seed's scale (170 sequences); 150 train, 20 test sequences."""
+    params = dataclasses.replace(load_params(ROOT / "params.yaml").extract.synthetic, num_sequences=170)
+    traces, router = generate(params)
+    feats = encode_features(traces, FeaturesParams())
+    test_seqs = np.random.default_rng(0).permutation(params.num_sequences)[:20]
+    held = np.isin(feats.seq_id, test_seqs)
+    test = feats.take(held)
+    oracle = OraclePredictor.from_trace_meta(traces.meta).fit(feats.take(~held))
+    start = time.perf_counter()
+    probs = oracle.scores(test)
+    oracle_s = time.perf_counter() - start
+    return feats.take(~held), test, probs, oracle_s
+
+
+def test_oracle_analytic_accuracy_matches_measured(large_sample):
+    _, test, probs, oracle_s = large_sample
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    for k in (1, 2):
+        analytic = expected_topk_accuracy(probs, k)
+        measured, se = clustered_mean_and_se(topk_hits(probs, test.target, k) - np.sort(probs, axis=1)[:, -k:].sum(1),
+                                             test)
+        assert abs(measured) < Z_SIGMA * se, f"top-{k}: measured - analytic = {measured:.4f}, se {se:.4f}"
+    # Calibrated generator: a ceiling well above the ladder (about 59 / 79).
+    assert 0.70 < expected_topk_accuracy(probs, 2) < 0.88
+    assert oracle_s < 30, f"oracle took {oracle_s:.1f}s on {len(test)} samples"
+
+
+def small_mlp_scores(train: Features, test: Features, seconds: float = 6.0) -> np.ndarray:
+    """A small MLP on the seed's features (one-hot ids, gating, position), trained for a few seconds."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model on a busy 2-core machine: one thread is the fastest
+    L, E = train.meta.num_layers, train.meta.num_experts
+
+    def inputs(f: Features) -> torch.Tensor:
+        n, H = f.history.shape
+        ids = np.column_stack([f.layer, f.secondary.astype(np.int64) + 1 + L, f.history.astype(np.int64)
+                               + L + (E + 1) * np.arange(1, H + 1)])  # each id in its own one-hot block
+        x = np.zeros((n, L + (E + 1) * (H + 1) + f.gating.shape[1] + 1), dtype=np.float32)
+        x[np.arange(n)[:, None], ids] = 1.0
+        x[:, -f.gating.shape[1] - 1:-1] = f.gating
+        x[:, -1] = f.position
+        return torch.from_numpy(x)
+
+    train = train.take(np.random.default_rng(0).permutation(len(train))[:200_000])  # one-hot inputs are wide
+    X, y = inputs(train), torch.from_numpy(train.target.astype(np.int64))
+    model = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, E))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    start, step = time.perf_counter(), 0
+    order = torch.randperm(len(y))
+    while time.perf_counter() - start < seconds:
+        idx = order[(step * 1024) % len(y):][:1024]
+        loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+    with torch.no_grad():
+        scores = model(inputs(test)).numpy()
+    torch.set_num_threads(threads)
+    return scores
+
+
+def test_nothing_beats_the_oracle(large_sample):
+    """Paired per sample: predictor hit minus oracle hit, mean below Z_SIGMA clustered standard errors."""
+    train, test, probs, _ = large_sample
+    oracle_hits = topk_hits(probs, test.target, 2).astype(float)
+    contenders, seconds = {}, {}
+    for name, fit_and_score in [
+        *((p.name, lambda p=p: p.fit(train).scores(test)) for p in lookup_ladder(3)),
+        ("boosted_trees", lambda: BoostedTreesPredictor(max_iter=25).fit(train).scores(test)),
+        ("mlp", lambda: small_mlp_scores(train, test)),
+    ]:
+        start = time.perf_counter()
+        contenders[name] = fit_and_score()
+        seconds[name] = time.perf_counter() - start
+    print("fit+score seconds:", {n: round(s, 1) for n, s in seconds.items()})
+    for name, scores in contenders.items():
+        gain, se = clustered_mean_and_se(topk_hits(scores, test.target, 2) - oracle_hits, test)
+        assert gain < Z_SIGMA * se, f"{name} beats the oracle by {gain:.4f} (se {se:.4f})"
+        assert gain < -0.05, f"{name} comes within 5 points of the oracle ({gain:.4f}): is the ceiling real?"
+
+
+def small_features(params: SyntheticParams, features: FeaturesParams, drop: float = 0.0) -> tuple[Features, object]:
+    traces, router = generate(params)
+    if drop:  # real logs miss rows: drop some, as the Mixtral recorder did
+        keep = np.random.default_rng(1).random(len(traces)) >= drop
+        traces = Traces(traces.meta, traces.seq_id[keep], traces.token_pos[keep], traces.layer[keep],
+                        traces.experts[keep], traces.weights[keep])
+    return encode_features(traces, features), router
+
+
+def test_forward_algorithm_equals_closed_form():
+    feats, router = small_features(SyntheticParams(num_sequences=4, tokens_per_sequence=64, num_layers=10),
+                                   FeaturesParams())
+    order = np.argsort(-feats.layer.astype(np.int64), kind="stable")
+    f = feats.take(order)
+    args = (f.layer.astype(np.int64), f.history.astype(np.int64), f.secondary.astype(np.int64),
+            f.position.astype(np.float64), router)
+    tables = _Tables(router, 1)
+    np.testing.assert_allclose(_forward_rows(tables, *args), _complete_rows(tables, *args), atol=1e-12)
+
+
+@pytest.mark.parametrize("features, drop", [
+    (FeaturesParams(lookahead=2), 0.0),
+    (FeaturesParams(history_len=5), 0.0),
+    (FeaturesParams(), 0.1),
+])
+def test_oracle_exact_for_lookahead_truncated_and_missing_history(features, drop):
+    params = SyntheticParams(num_sequences=60, tokens_per_sequence=64, num_layers=8)
+    feats, router = small_features(params, features, drop)
+    probs = posterior_next_expert(router, feats)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    residual, se = clustered_mean_and_se(topk_hits(probs, feats.target, 2) - np.sort(probs, axis=1)[:, -2:].sum(1),
+                                         feats)
+    assert abs(residual) < Z_SIGMA * se, (residual, se)
+
+
+def test_oracle_uses_position_like_the_generator():
+    """A different position_scale in the features must not change the oracle (it converts back),
+    and with a strong position effect the position matters."""
+    params = SyntheticParams(num_sequences=4, tokens_per_sequence=512, num_layers=6, position_effect=20.0)
+    traces, router = generate(params)
+    a = posterior_next_expert(router, encode_features(traces, FeaturesParams(position_scale=2048)))
+    b = posterior_next_expert(router, encode_features(traces, FeaturesParams(position_scale=1024)))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    feats = encode_features(traces, FeaturesParams())
+    blind = posterior_next_expert(router, dataclasses.replace(feats, position=np.zeros_like(feats.position)))
+    assert np.abs(blind - a).max() > 0.05
+
+
+def test_oracle_is_stable_on_long_sharp_chains():
+    params = SyntheticParams(num_sequences=2, tokens_per_sequence=32, num_layers=96, num_types=64,
+                             type_concentration=0.005, shared_weight=0.01)
+    feats, router = small_features(params, FeaturesParams())
+    probs = posterior_next_expert(router, feats)
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_oracle_from_trace_metadata(tmp_path):
+    params = SyntheticParams(num_sequences=3, tokens_per_sequence=16, num_layers=5, seed=7)
+    traces, router = generate(params)
+    write_traces(tmp_path / "traces.parquet", traces)
+    meta = read_trace_meta(tmp_path / "traces.parquet")
+    feats = encode_features(traces, FeaturesParams())
+    oracle = OraclePredictor.from_trace_meta(meta)
+    assert oracle.name == "oracle"
+    np.testing.assert_array_equal(oracle.scores(feats), posterior_next_expert(router, feats))
+    with pytest.raises(ValueError, match="synthetic"):
+        OraclePredictor.from_trace_meta(TraceMeta(5, 8, 2, source="import"))

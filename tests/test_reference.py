@@ -1,0 +1,120 @@
+"""Reference predictors: the lookup ladder's backoff, boosted trees, the speculative gate, and
+`reference_predictors`, the set the evaluate stage scores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from routecast.features import FeatureMeta, Features, encode_features
+from routecast.params import FeaturesParams, SyntheticParams
+from routecast.reference import BoostedTreesPredictor, FrequencyPredictor, LookupPredictor, \
+    SpeculativeGatePredictor, lookup_ladder, reference_predictors
+from routecast.synthetic import generate
+from routecast.traces import TraceMeta
+
+
+def hand_features(layer, history, target, num_layers=4, num_experts=4) -> Features:
+    """Samples written out by hand: history rows are primaries +1 (0 = padding), entry j = layer j."""
+    history = np.array(history, dtype=np.int16)
+    n = len(layer)
+    return Features(
+        meta=FeatureMeta(num_layers, num_experts, 2, history.shape[1], 1, 2048.0, "test"),
+        seq_id=np.arange(n, dtype=np.int32), token_pos=np.zeros(n, dtype=np.int32),
+        layer=np.array(layer, dtype=np.int16), secondary=np.zeros(n, dtype=np.int16),
+        gating=np.full((n, 2), 0.5, dtype=np.float32), history=history,
+        position=np.zeros(n, dtype=np.float32), target=np.array(target, dtype=np.int16),
+        target_set=np.stack([np.array(target), (np.array(target) + 1) % num_experts], axis=1).astype(np.int16),
+    )
+
+
+def test_lookup_ladder_backs_off_to_shorter_contexts():
+    # Layer 2 with history (e0, e1, e2): the full context (1, 2, 3) always went to expert 0,
+    # while (layer 2, e1=2, e2=3) in general went to expert 3, and (layer 2, e2=3) to expert 1.
+    train = hand_features(
+        layer=[2, 2, 2, 2, 2, 2, 2, 2, 2],
+        history=[[1, 2, 3, 0]] * 2 + [[4, 2, 3, 0]] * 3 + [[4, 1, 3, 0]] * 4,
+        target=[0, 0, 3, 3, 3, 1, 1, 1, 1],
+    )
+    test = hand_features(
+        layer=[2, 2, 2, 2],
+        history=[[1, 2, 3, 0], [2, 2, 3, 0], [2, 4, 3, 0], [2, 4, 4, 0]],
+        target=[0, 0, 0, 0],
+    )
+    best = {p.name: np.argmax(p.fit(train).scores(test), axis=1).tolist() for p in lookup_ladder(3)}
+    assert best["lookup_3"] == [0, 3, 1, 1]  # seen; backs off to (e1, e2); to (e2); to the layer's frequency
+    assert best["lookup_2"] == [3, 3, 1, 1]
+    assert best["lookup_1"] == [1, 1, 1, 1]
+    scores = LookupPredictor(3).fit(train).scores(test)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0)
+    # An unseen key gets exactly the backoff's distribution.
+    np.testing.assert_allclose(scores[3], FrequencyPredictor().fit(train).scores(test)[3])
+    # Ties among the longest context's counts are broken by the shorter context.
+    assert np.argsort(-scores[0])[:2].tolist() == [0, 3]
+
+
+def test_lookup_names_and_order_validation():
+    assert [p.name for p in lookup_ladder(3)] == ["lookup_1", "lookup_2", "lookup_3"]
+    with pytest.raises(ValueError):
+        LookupPredictor(0)
+
+
+def test_lookup_at_layer_zero_and_truncated_history():
+    feats = encode_features(generate(SyntheticParams(num_sequences=4, tokens_per_sequence=32, num_layers=6))[0],
+                            FeaturesParams(history_len=3))
+    for predictor in [FrequencyPredictor(), *lookup_ladder(3)]:
+        scores = predictor.fit(feats).scores(feats)
+        assert scores.shape == (len(feats), 8) and np.isfinite(scores).all()
+
+
+@pytest.fixture(scope="module")
+def synthetic_split():
+    params = SyntheticParams(num_sequences=24, tokens_per_sequence=64, num_layers=8, spec_noise=1.0)
+    traces, _ = generate(params)
+    feats = encode_features(traces, FeaturesParams())
+    held = feats.seq_id < 4
+    return traces.meta, feats.take(~held), feats.take(held)
+
+
+def top2(scores: np.ndarray, target: np.ndarray) -> float:
+    return float((np.argsort(-scores, axis=1)[:, :2] == target[:, None].astype(np.int64)).any(axis=1).mean())
+
+
+def test_reference_predictors_for_a_synthetic_trace(synthetic_split):
+    meta, train, test = synthetic_split
+    predictors = reference_predictors(meta, train)
+    names = [p.name for p in predictors]
+    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle", "speculative_gate"]
+    acc = {}
+    for p in predictors:
+        scores = p.scores(test)
+        assert scores.shape == (len(test), meta.num_experts) and np.isfinite(scores).all(), p.name
+        acc[p.name] = top2(scores, test.target)
+    assert acc["boosted_trees"] > acc["frequency"]
+    assert acc["oracle"] > max(acc[n] for n in ("frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees"))
+    # The speculative gate sees (noisy) logits from the true next layer.
+    np.testing.assert_array_equal(SpeculativeGatePredictor().scores(test), test.spec_logits)
+    assert acc["speculative_gate"] > acc["frequency"]
+
+
+def test_reference_predictors_without_oracle_or_spec_logits(synthetic_split):
+    meta, train, test = synthetic_split
+    imported = TraceMeta(meta.num_layers, meta.num_experts, meta.top_k, source="import")
+    train = dataclasses.replace(train, spec_logits=None)
+    names = [p.name for p in reference_predictors(imported, train)]
+    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees"]
+    with pytest.raises(ValueError, match="spec_logits"):
+        SpeculativeGatePredictor().scores(dataclasses.replace(test, spec_logits=None))
+
+
+def test_boosted_trees_is_seeded_and_handles_tiny_splits(synthetic_split):
+    _, train, test = synthetic_split
+    a = BoostedTreesPredictor(max_iter=5).fit(train).scores(test)
+    b = BoostedTreesPredictor(max_iter=5).fit(train).scores(test)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)
+    one_class = dataclasses.replace(train.take(np.arange(50)), target=np.full(50, 3, dtype=np.int16))
+    scores = BoostedTreesPredictor().fit(one_class).scores(test)
+    assert (scores.argmax(axis=1) == 3).all()

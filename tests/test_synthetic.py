@@ -1,0 +1,143 @@
+"""The synthetic generator: valid, seeded, fast, consistent tables, and calibrated to Mixtral."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from routecast.features import encode_features
+from routecast.params import FeaturesParams, SyntheticParams, load_params
+from routecast.reference import FrequencyPredictor, lookup_ladder
+from routecast.synthetic import build_router, generate
+from routecast.traces import validate_batch
+from conftest import ROOT
+
+# Published Mixtral-8x7B lookup ladder (shared/traces/README.md): test (top-1, top-2), held-out problems.
+PUBLISHED = {"lookup_1": (0.258, 0.445), "lookup_2": (0.334, 0.528), "lookup_3": (0.390, 0.582)}
+TOLERANCE = 0.03  # the contract: within 3 points
+
+
+def default_params(**changes) -> SyntheticParams:
+    """extract.synthetic exactly as params.yaml sets it, with `changes`."""
+    return dataclasses.replace(load_params(ROOT / "params.yaml").extract.synthetic, **changes)
+
+
+def topk_hits(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (top == target[:, None].astype(np.int64)).any(axis=1)
+
+
+def ladder_accuracy(params: SyntheticParams, test_seqs_per_fold: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Ladder test top-1/top-2, pooled over folds that each hold out whole sequences."""
+    feats = encode_features(generate(params)[0], FeaturesParams())
+    hits: dict[str, list[np.ndarray]] = {}
+    for test_seqs in test_seqs_per_fold:
+        held = np.isin(feats.seq_id, test_seqs)
+        train, test = feats.take(~held), feats.take(held)
+        for predictor in [FrequencyPredictor(), *lookup_ladder(3)]:
+            scores = predictor.fit(train).scores(test)
+            hits.setdefault(predictor.name, []).append(
+                np.stack([topk_hits(scores, test.target, 1), topk_hits(scores, test.target, 2)]))
+    return {name: tuple(np.concatenate(h, axis=1).mean(axis=1)) for name, h in hits.items()}
+
+
+def test_generate_is_valid_seeded_and_complete():
+    params = SyntheticParams(num_sequences=3, tokens_per_sequence=20, num_layers=6, num_experts=8, top_k=3,
+                             spec_noise=0.5)
+    traces, router = generate(params)
+    validate_batch(traces.meta, traces.seq_id, traces.token_pos, traces.layer, traces.experts, traces.weights,
+                   spec_logits=traces.spec_logits)
+    assert len(traces) == 3 * 20 * 6
+    assert traces.meta.source == "synthetic" and traces.meta.source_params == dataclasses.asdict(params)
+    again, _ = generate(params)
+    np.testing.assert_array_equal(traces.experts, again.experts)
+    np.testing.assert_array_equal(traces.weights, again.weights)
+    other, _ = generate(dataclasses.replace(params, seed=1))
+    assert not np.array_equal(traces.experts, other.experts)
+    # The router can be rebuilt from the trace's own metadata (the oracle relies on it).
+    rebuilt = build_router(SyntheticParams(**traces.meta.source_params))
+    np.testing.assert_array_equal(rebuilt.trans, router.trans)
+
+
+def test_router_tables_are_consistent():
+    params = SyntheticParams(num_layers=5, num_types=6)
+    router = build_router(params)
+    Z, L, E = 6, 5, params.num_experts
+    assert router.init.shape == (Z, E) and router.trans.shape == (Z, L - 1, E, E)
+    assert router.second.shape == (Z, L, E, E)
+    for table in (router.init, router.trans, router.second):
+        np.testing.assert_allclose(table.sum(axis=-1), 1.0)
+        assert (table >= 0).all()
+    # The secondary is never the primary, and it depends on the type.
+    assert (router.second[..., np.arange(E), np.arange(E)] == 0).all()
+    assert np.abs(router.second[0] - router.second[1]).max() > 0.1
+    # The type prior depends on position, unless position_effect is 0.
+    pos = np.array([0.0, 1.0])
+    assert np.abs(np.diff(router.type_prior(pos), axis=0)).max() > 1e-3
+    flat = build_router(dataclasses.replace(params, position_effect=0.0))
+    np.testing.assert_allclose(flat.type_prior(pos)[0], flat.type_prior(pos)[1])
+
+
+def test_gate_weights_are_sorted_and_type_independent():
+    traces, _ = generate(SyntheticParams(num_sequences=32, tokens_per_sequence=64, num_layers=4))
+    w = traces.weights
+    assert (np.diff(w, axis=1) <= 0).all()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
+    # Independent of the primary (hence of the type): the top weight's mean barely moves with it.
+    primary = traces.experts[:, 0]
+    means = [w[primary == e, 0].mean() for e in np.unique(primary) if (primary == e).sum() > 200]
+    assert max(means) - min(means) < 0.03
+
+
+def test_generation_is_fast():
+    start = time.perf_counter()
+    generate(default_params())
+    default_s = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(default_params(num_sequences=170))  # the seed's scale
+    seed_s = time.perf_counter() - start
+    # ~0.5 s and ~1.5 s on an idle 2-core machine; generous for a busy one.
+    assert default_s < 5 and seed_s < 15, (default_s, seed_s)
+
+
+def test_calibrated_to_published_mixtral_ladder():
+    """The lookup ladder lands within 3 points of the published Mixtral-8x7B figures.
+
+    Checked on a large sample, the seed's 170 sequences (about the size of the published 1.37M
+    samples): train on 150 sequences, test on 20 held-out ones (160k samples, standard error
+    about 0.3 points). The deepest table gains with data, so this is the harder end: measured
+    with 4 such folds, 26.3/44.7, 32.0/52.7, 39.2/60.0 here against 26.3/44.8, 31.8/52.3,
+    38.1/58.4 at the default 48 sequences (20 folds of ~2 held-out sequences). Top-1 is held to
+    the same 3 points.
+    """
+    params = default_params(num_sequences=170)
+    order = np.random.default_rng(0).permutation(params.num_sequences)
+    measured = ladder_accuracy(params, [order[:20]])
+    for name, (top1, top2) in PUBLISHED.items():
+        got1, got2 = measured[name]
+        assert abs(got2 - top2) <= TOLERANCE, f"{name}: top-2 {got2:.3f} vs published {top2}"
+        assert abs(got1 - top1) <= TOLERANCE, f"{name}: top-1 {got1:.3f} vs published {top1}"
+    # The ladder climbs, and each level beats the per-layer frequency.
+    top2 = [measured[n][1] for n in ("frequency", "lookup_1", "lookup_2", "lookup_3")]
+    assert top2 == sorted(top2)
+
+
+def test_calibration_holds_at_the_default_size():
+    """The default size (48 sequences), as the pipeline sees it: ~45 train sequences per fold.
+    Three folds of 3 held-out sequences (~24k samples each): noisier, so a looser check of top-2 only."""
+    params = default_params()
+    order = np.random.default_rng(0).permutation(params.num_sequences)
+    measured = ladder_accuracy(params, [order[i:i + 3] for i in (0, 3, 6)])
+    for name, (_, top2) in PUBLISHED.items():
+        assert abs(measured[name][1] - top2) <= TOLERANCE, f"{name}: top-2 {measured[name][1]:.3f} vs {top2}"
+
+
+@pytest.mark.parametrize("spec_noise", [None, 0.5])
+def test_spec_logits_only_when_asked(spec_noise):
+    traces, _ = generate(SyntheticParams(num_sequences=2, tokens_per_sequence=16, num_layers=4, spec_noise=spec_noise))
+    assert (traces.spec_logits is None) == (spec_noise is None)
+    if spec_noise is not None:
+        assert traces.spec_logits.shape == (len(traces), traces.meta.num_experts)
