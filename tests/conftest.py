@@ -73,6 +73,23 @@ def copy_repo(dest: Path, params: dict[str, object] | None = None) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny `dvc repro` per test session, shared read-only (its output in ../repro.log);
+    a test that changes the repository works on `clone_pipeline(...)` instead."""
+    base = tmp_path_factory.mktemp("pipeline")
+    (base / "repo").mkdir()
+    repo = copy_repo(base / "repo")
+    (base / "repro.log").write_text(run(["dvc", "repro"], repo).stdout)
+    return repo
+
+
+def clone_pipeline(pipeline_repo: Path, dest: Path) -> Path:
+    """A private copy of the reproduced tiny pipeline (git history, DVC cache and outputs)."""
+    shutil.copytree(pipeline_repo, dest, symlinks=True)
+    return dest
+
+
 @pytest.fixture
 def shared_traces() -> Path:
     if not SHARED_TRACES.is_dir():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_repo, run
+from conftest import clone_pipeline, copy_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +19,14 @@ def stages_run(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    out = run(["dvc", "repro"], repo).stdout
+def repro_repo(pipeline_repo: Path) -> Path:
+    return pipeline_repo
+
+
+def test_repro_runs_every_stage_in_order(repro_repo: Path) -> None:
+    out = (repro_repo.parent / "repro.log").read_text()
     assert stages_run(out) == ["extract_traces", "encode_features", "split_95_5", "tune", "train_full@baseline",
                                "train_full@tuned", "evaluate"]
-    return repo
 
 
 def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path) -> None:
@@ -53,7 +55,8 @@ def test_same_params_and_seed_give_identical_metrics(repro_repo: Path, tmp_path:
         assert first == second, name
 
 
-def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(repro_repo: Path) -> None:
+def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_repo: Path, tmp_path: Path) -> None:
+    repro_repo = clone_pipeline(pipeline_repo, tmp_path / "repo")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)

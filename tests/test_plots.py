@@ -9,25 +9,10 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from conftest import ROOT, copy_repo, run
+from conftest import ROOT, run
 
 VIEWS = ["Training loss per epoch", "Validation accuracy per epoch", "Test top-2 per layer",
          "Confusion matrix of the tuned model", "Tune history"]
-_TINY: dict[str, Path] = {}
-
-
-def tiny_pipeline_repo(factory: pytest.TempPathFactory) -> Path:
-    """One tiny `dvc repro` per test session, shared by this file and test_report.py (read only)."""
-    if "repo" not in _TINY:
-        repo = copy_repo(factory.mktemp("tiny_pipeline"))
-        run(["dvc", "repro"], repo)
-        _TINY["repo"] = repo
-    return _TINY["repo"]
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_pipeline_repo(tmp_path_factory)
 
 
 def plots_json(repo: Path, *args: str) -> dict:
@@ -45,19 +30,19 @@ def test_dvc_yaml_declares_every_view_with_title_and_axis_labels() -> None:
 
 
 @pytest.mark.slow
-def test_plots_show_renders_every_view(tiny_pipeline: Path, tmp_path: Path) -> None:
-    shown = plots_json(tiny_pipeline, "show")
+def test_plots_show_renders_every_view(pipeline_repo: Path, tmp_path: Path) -> None:
+    shown = plots_json(pipeline_repo, "show")
     assert not shown.get("errors"), shown["errors"]
     for name in VIEWS:
         (rendered,) = shown["data"][name]
         assert rendered["type"] == "vega"
         assert rendered["content"]["data"]["values"], f"{name}: no data"
     per_layer = shown["data"]["Test top-2 per layer"][0]["content"]["data"]["values"]
-    evaluate = json.loads((tiny_pipeline / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((pipeline_repo / "metrics" / "evaluate.json").read_text())
     assert {row["predictor"] for row in per_layer} == set(evaluate)  # every predictor that ran, oracle included
 
     out = tmp_path / "html"
-    run(["dvc", "plots", "show", "--out", str(out)], tiny_pipeline)
+    run(["dvc", "plots", "show", "--out", str(out)], pipeline_repo)
     html = (out / "index.html").read_text()
     for title in ("Training loss per epoch", "Validation top-1 and top-2 accuracy per epoch",
                   "Test top-2 accuracy per source layer", "Tuned model on the test split", "Tune history"):
@@ -66,9 +51,9 @@ def test_plots_show_renders_every_view(tiny_pipeline: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_plots_diff_against_a_revision_renders(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_plots_diff_against_a_revision_renders(pipeline_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "diff"
-    run(["dvc", "plots", "diff", "HEAD", "--out", str(out)], tiny_pipeline)
+    run(["dvc", "plots", "diff", "HEAD", "--out", str(out)], pipeline_repo)
     assert "Test top-2 accuracy per source layer" in (out / "index.html").read_text()
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run, set_params
-from test_plots import tiny_pipeline  # noqa: F401  (the one tiny `dvc repro` this file and test_plots share)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -137,12 +136,12 @@ def test_report_on_an_unknown_revision_fails_clearly(two_commit_repo: Path, tmp_
 
 
 @pytest.mark.slow
-def test_report_on_a_real_tiny_run(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_report_on_a_real_tiny_run(pipeline_repo: Path, tmp_path: Path) -> None:
     """The tiny pipeline's results against its first commit (which has no results yet)."""
     out = tmp_path / "report.md"
-    run(["routecast", "report", "--rev", "HEAD", "--out", str(out)], tiny_pipeline)
+    run(["routecast", "report", "--rev", "HEAD", "--out", str(out)], pipeline_repo)
     md = out.read_text()
-    evaluate = json.loads((tiny_pipeline / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((pipeline_repo / "metrics" / "evaluate.json").read_text())
     for name, metrics in evaluate.items():
         cells = table_row(md, f"**{name}**" if name in ("baseline", "tuned") else name)
         assert cells[2] == f"— → **{metrics['top2']:.4f}**", cells

@@ -99,7 +99,9 @@ def study_fingerprint(params: Params, train_digest: str) -> str:
     """Everything that changes a trial's value; not n_trials or timeout, so a study can grow."""
     tune = params.tune
     key = {"train": train_digest, "space": asdict(tune.search_space), "epochs": tune.epochs,
-           "max_train_samples": tune.max_train_samples, "seed": tune.seed, "train_params": asdict(params.train)}
+           "max_train_samples": tune.max_train_samples, "seed": tune.seed,
+           # train.epochs is full training's budget, not a trial's (tune.epochs is).
+           "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
