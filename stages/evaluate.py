@@ -35,6 +35,9 @@ if __name__ == "__main__":
         predictors = [ModelScorer(path.rsplit("/", 1)[-1].removesuffix(".pt"), load_model(path)[0],
                                   params.evaluate.batch_size) for path in args.models]
         predictors += reference_predictors(read_trace_meta(args.traces), train)
+        names = [p.name for p in predictors]
+        if args.confusion_model not in names:
+            raise ValueError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
         metrics, per_layer, confusion = {}, {}, None
         for predictor in predictors:
             scores = predictor.scores(test)
@@ -47,11 +50,8 @@ if __name__ == "__main__":
         if "oracle" in metrics and "tuned" in metrics:
             metrics["tuned"]["top2_vs_oracle"] = metrics["tuned"]["top2"] / metrics["oracle"]["top2"]
         write_json(args.metrics, metrics)
-        names = list(per_layer)
         layers = sorted(per_layer[names[0]])
         write_csv(args.per_layer, ["layer", *names], [[layer, *(per_layer[n][layer] for n in names)] for layer in layers])
         write_csv(args.per_layer_long, ["layer", "predictor", "top2"],
                   [[layer, n, per_layer[n][layer]] for n in names for layer in layers])
-        if confusion is None:
-            raise ValueError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
         write_csv(args.confusion, ["actual", "predicted"], confusion)
