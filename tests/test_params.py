@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def test_repository_params_load(params_file: Path) -> None:
 
 
 def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
-    text = params_file.read_text().replace("lr: 0.000536", "lr: 1e-06")
+    # What `dvc exp run -S tuned.lr=1e-6` writes: the plain scalar 1e-06.
+    text = re.sub(r"(\ntuned:\n  lr: )\S+", r"\g<1>1e-06", params_file.read_text())
+    assert "\ntuned:\n  lr: 1e-06\n" in text
     params_file.write_text(text)
     params = load_params(params_file)
     assert isinstance(params.tuned.lr, float) and params.tuned.lr == 1e-6

@@ -71,6 +71,7 @@ def two_commit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["dvc", "init", "-q"], repo)
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    set_params(repo / "params.yaml", {"tuned.lr": 0.000536})
     write_results(repo, BEFORE, 0.0, seed=0)
     run([*GIT, "add", "-A"], repo)
     run([*GIT, "commit", "-qm", "results"], repo)
