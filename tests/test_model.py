@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from routecast.features import FeatureMeta, encode_features
-from routecast.model import ModelConfig, RoutePredictor, load_model, save_model
+from routecast.model import ModelConfig, RoutePredictor, SeededDropout, load_model, save_model
 from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.reference import FrequencyPredictor
 from routecast.split import split_features
@@ -34,6 +34,26 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
          torch.full((4, 2), 0.5), torch.zeros(4), torch.zeros(4, 0))
     model.eval()
     assert torch.equal(model(*x), loaded(*x))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.0739, 0.4])
+def test_seeded_dropout_rate_scale_and_stream(p: float) -> None:
+    drop = SeededDropout(p)
+    drop.reseed(11)
+    x = torch.ones(613, 517, requires_grad=True)  # an odd element count: the last 64-bit word is cut
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5  # binomial: within 4 sigma
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))  # kept units scaled by 1 / (1 - p)
+    y.sum().backward()  # the gradient is the mask itself
+    assert torch.equal(x.grad, y.detach())
+    again = SeededDropout(p)
+    again.reseed(11)
+    assert torch.equal(again(torch.ones(613, 517)), y.detach())  # same seed, same masks
+    assert not torch.equal(drop(torch.ones(613, 517)), y.detach())  # the stream moves on
+    drop.eval()
+    z = torch.randn(8, 3)
+    assert drop(z) is z  # eval mode: the identity
 
 
 @pytest.fixture(scope="module")
