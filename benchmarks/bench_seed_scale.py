@@ -100,6 +100,12 @@ class TreeMemory(threading.Thread):
                 return
 
 
+def _block(params_yaml: Path, key: str) -> dict[str, object]:
+    from ruamel.yaml import YAML
+
+    return dict(YAML(typ="safe").load(params_yaml.read_text())[key])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--estimate", action="store_true", help="only estimate from bench_train's results")
@@ -126,7 +132,7 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="routecast-seed-"))
     work.mkdir(parents=True, exist_ok=True)
-    copy_repo(work)
+    copy_repo(work, tiny=False)  # the repository's own params.yaml (train.threads: null = every core)
     cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run"]
     for key, value in params.items():
         cmd += ["-S", f"{key}={value}"]
@@ -150,6 +156,7 @@ def main() -> None:
         "command": "python benchmarks/bench_seed_scale.py " + " ".join(sys.argv[1:]),
         "dvc_command": " ".join(cmd[1:]),
         "params": params,
+        "effective_train_params": _block(work / "params.yaml", "train"),
         "returncode": rc,
         "wall_minutes": wall / 60,
         "target_wall_minutes": 45,

@@ -51,8 +51,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-def copy_repo(dest: Path, params: dict[str, object] | None = None) -> Path:
-    """A git repository at `dest` holding the project's files (tracked and new), committed."""
+def copy_repo(dest: Path, params: dict[str, object] | None = None, tiny: bool = True) -> Path:
+    """A git repository at `dest` holding the project's files (tracked and new), committed; its
+    params.yaml gets TINY_PARAMS (unless `tiny=False`), then `params`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for name in filter(None, files):
@@ -66,7 +67,9 @@ def copy_repo(dest: Path, params: dict[str, object] | None = None) -> Path:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    set_params(dest / "params.yaml", {**TINY_PARAMS, **(params or {})})
+    updates = {**(TINY_PARAMS if tiny else {}), **(params or {})}
+    if updates:
+        set_params(dest / "params.yaml", updates)
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dest)
