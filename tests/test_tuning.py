@@ -21,6 +21,7 @@ from routecast.features import encode_features, read_features, write_features
 from routecast.params import ParamsError, load_params
 from routecast.split import split_features
 from routecast.synthetic import generate
+from routecast import tuning
 from routecast.tuning import (fail_dead_trials, file_digest, make_storage, redact, study_name, tune,
                               worker_alive, worker_record)
 
@@ -78,6 +79,22 @@ def test_hyperband_prunes_absurd_learning_rates(project: Path, tmp_path: Path) -
     assert result.summary["n_pruned"] == states.count(TrialState.PRUNED)
     assert result.importances and set(result.importances) <= set(result.best.__dataclass_fields__) | {"n_layers", "units_0"}
     assert result.summary["storage"] == "data/tune/journal.log"
+
+
+def test_a_change_to_the_trial_code_starts_a_fresh_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = load_params(ROOT / "params.yaml")
+    package, copy = Path(tuning.__file__).parent, tmp_path / "routecast"
+    copy.mkdir()
+    for name in tuning.TRIAL_CODE:
+        (copy / name).write_bytes((package / name).read_bytes())
+    digest = tuning.trial_code_digest
+    assert digest(copy) == digest()
+    before = study_name(params, "train-digest")
+    monkeypatch.setattr(tuning, "trial_code_digest", lambda: digest(copy))
+    assert study_name(params, "train-digest") == before  # same code, same study
+    with open(copy / "training.py", "a") as fh:
+        fh.write("# a changed training loop\n")
+    assert study_name(params, "train-digest") != before  # the old trials' values are not this code's
 
 
 @pytest.mark.parametrize("sampler", ["gp", "random"])

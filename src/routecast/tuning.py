@@ -95,13 +95,26 @@ def config_from_trial(trial: FrozenTrial) -> ModelParams:
                        dropout=float(p["dropout"]))
 
 
+# The code that computes a trial's value (the tune stage's code deps in dvc.yaml): a change to it
+# starts a fresh study instead of reusing values the new code would not give.
+TRIAL_CODE = ("model.py", "training.py", "tuning.py")
+
+
+def trial_code_digest(package: Path = Path(__file__).parent) -> str:
+    h = hashlib.sha256()
+    for name in TRIAL_CODE:
+        h.update((package / name).read_bytes())
+    return h.hexdigest()
+
+
 def study_fingerprint(params: Params, train_digest: str) -> str:
     """Everything that changes a trial's value; not n_trials or timeout, so a study can grow."""
     tune = params.tune
     key = {"train": train_digest, "space": asdict(tune.search_space), "epochs": tune.epochs,
            "max_train_samples": tune.max_train_samples, "seed": tune.seed,
            # train.epochs is full training's budget, not a trial's (tune.epochs is).
-           "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"}}
+           "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"},
+           "code": trial_code_digest()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
