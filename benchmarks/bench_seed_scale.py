@@ -39,7 +39,7 @@ SEED_PARAMS = {
     "train.epochs": 30,
     "tune.n_trials": 20,
     "tune.epochs": 10,
-    "tune.max_train_samples": 50000,  # per trial (the issue allows subsampling tune, not full training)
+    "tune.max_train_samples": 50000,  # per trial: tune may subsample train; full training uses all of it
 }
 
 SAMPLES = 170 * 256 * 31  # tokens x (layers - lookahead)
