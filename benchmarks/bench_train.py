@@ -11,7 +11,8 @@ shape, FLOP-weighted. Also timed, same data and threads: the seed's loop (nn.Dro
 LeakyReLU, unfused AdamW) and the baseline [256, 128, 64] model (for the seed-scale estimate).
 Rounds interleave all measurements; each figure is the best round (least disturbed by load).
 
-    .venv/bin/python benchmarks/bench_train.py             # writes benchmarks/results/train.json
+    .venv/bin/python benchmarks/bench_train.py             # writes benchmarks/results/train_threads<N>.json
+    .venv/bin/python benchmarks/bench_train.py --profile   # torch.profiler table of 30 steps
 """
 
 from __future__ import annotations
@@ -91,12 +92,38 @@ def seed_loop_rate(params: ModelParams, fit, batch: int, seed: int, steps: int) 
     return steps * batch / (time.perf_counter() - start)
 
 
+def profile_steps(config: ModelConfig, fit, batch: int, steps: int = 30) -> None:
+    """torch.profiler over `steps` training steps (NumPy's dropout draws run outside torch ops)."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = RoutePredictor(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TUNED.lr, weight_decay=0.01, fused=True)
+    x, y = to_inputs(fit, False), torch.from_numpy(fit.target.astype(np.int64))
+
+    def step(s: int) -> None:
+        i = (s * batch) % (len(y) - batch)
+        loss = nn.functional.cross_entropy(model(*x.index(slice(i, i + batch))), y[i: i + batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for s in range(5):
+        step(s)
+    with profile() as prof:
+        for s in range(steps):
+            step(s)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-sequences", type=int, default=16, help="synthetic sequences of 256 tokens")
     parser.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table (self CPU) of 30 training steps of the tuned model; no timing")
     args = parser.parse_args()
     info = machine()
     torch.set_num_threads(args.threads)
@@ -108,6 +135,10 @@ def main() -> None:
     config = ModelConfig.build(fit.meta, TUNED)
     flops_per_sample = 3 * forward_flops(config)
     shapes = layer_shapes(config)
+
+    if args.profile:
+        profile_steps(config, fit, args.batch_size)
+        return
 
     rounds: list[dict[str, float]] = []
     for _ in range(args.rounds):
