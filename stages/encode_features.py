@@ -3,10 +3,9 @@
 import argparse
 
 from routecast.artifacts import write_json
-from routecast.features import encode_features, write_features
+from routecast.features import encode_features_file
 from routecast.params import load_params
 from routecast.stage import stage
-from routecast.traces import read_traces
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -17,6 +16,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     with stage("encode_features"):
         params = load_params(args.params)
-        feats = encode_features(read_traces(args.traces), params.features)
-        write_features(args.out, feats)
-        write_json(args.report, feats.report)
+        report = encode_features_file(args.traces, params.features, args.out)  # in bounded memory
+        write_json(args.report, report)

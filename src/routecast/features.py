@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
 from routecast.params import FeaturesParams
-from routecast.traces import TraceError, Traces
+from routecast.traces import TraceError, Traces, read_trace_sequences
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,61 @@ def features_to_table(feats: Features) -> pa.Table:
 def write_features(path: str | Path, feats: Features) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(features_to_table(feats), tmp, compression="zstd")
+
+
+# pq.write_table's default row-group length: encode_features_file writes row groups of exactly this
+# many rows, so its file equals write_features(encode_features(...)) byte for byte.
+FEATURE_ROW_GROUP = 1024 * 1024
+ENCODE_GROUP_ROWS = 2_000_000  # trace rows encoded at a time by encode_features_file
+
+
+def encode_features_file(trace_path: str | Path, params: FeaturesParams, out_path: str | Path,
+                         max_rows: int = ENCODE_GROUP_ROWS) -> dict[str, int]:
+    """`write_features(out_path, encode_features(read_traces(trace_path), params))` for a trace of
+    any size, in bounded memory; returns the same report. The same file, byte for byte.
+
+    Samples are independent across sequences and ordered by (sequence, token, layer), so the
+    trace is encoded in groups of whole sequences of about `max_rows` rows, in increasing seq_id
+    order (`read_trace_sequences`: a trace not sorted by seq_id is read once per group, logged),
+    and the samples are written as they come in row groups of FEATURE_ROW_GROUP rows.
+    """
+    from tqdm import tqdm
+
+    report: dict[str, int] = {}
+    pending: list[pa.Table] = []
+    with atomic_path(out_path) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for traces in tqdm(read_trace_sequences(trace_path, max_rows), desc="encode_features", unit="group"):
+                feats = encode_features(traces, params)
+                for key, value in feats.report.items():
+                    report[key] = report.get(key, 0) + value
+                table = features_to_table(feats)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                pending.append(table)
+                pending = _write_row_groups(writer, pending, final=False)
+            assert writer is not None  # read_trace_sequences yields at least one group
+            _write_row_groups(writer, pending, final=True)
+        finally:
+            if writer is not None:
+                writer.close()
+    log.info("encode_features_file: %s -> %s: %d samples from %d trace rows", trace_path, out_path,
+             report.get("samples", 0), report.get("trace_rows", 0))
+    return report
+
+
+def _write_row_groups(writer: pq.ParquetWriter, pending: list[pa.Table], final: bool) -> list[pa.Table]:
+    """Write full row groups of FEATURE_ROW_GROUP rows from `pending` (all of it if `final`, as
+    pq.write_table would, an empty table included); return what is left."""
+    rows = sum(t.num_rows for t in pending)
+    if rows < FEATURE_ROW_GROUP and not final:
+        return pending
+    table = pa.concat_tables(pending).combine_chunks()
+    full = rows if final else rows - rows % FEATURE_ROW_GROUP
+    if full or (final and rows == 0):
+        writer.write_table(table.slice(0, full), row_group_size=FEATURE_ROW_GROUP)
+    return [table.slice(full)] if full < rows else []
 
 
 def read_features(path: str | Path) -> Features:
