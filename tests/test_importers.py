@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from routecast import importers
 from routecast.features import encode_features
 from routecast.importers import import_logs
 from routecast.params import ExtractParams, FeaturesParams, LogFields, LogsParams, ParamsError, SyntheticParams
 from routecast.sources import extract_traces
 from routecast.synthetic import generate
-from routecast.traces import TraceError, read_traces, write_traces
+from routecast.traces import TraceError, TraceWriter, read_traces, write_traces
 
 SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MIXTRAL_LOG = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
@@ -237,3 +242,214 @@ def test_params_require_the_logs_path() -> None:
         params.validate("extract")
     with pytest.raises(ParamsError, match=r"extract\.hf\.model: must be set"):
         ExtractParams(source="hf").validate("extract")
+
+
+# --------------------------------------------------------------------------- issue 14: silent corruption, unnamed errors, streaming
+
+
+def lines_of(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("token_idx", 3_000_000_000, r"line 5: field 'token_idx': 3000000000 does not fit int32 \(at most 2147483647\)"),
+    ("token_idx", 10**30, r"line 5: field 'token_idx': 1000000000000000000000000000000 does not fit int32"),
+    ("token_idx", -10**30, r"line 5: field 'token_idx': -1000000000000000000000000000000 is negative"),
+    ("token_idx", 1e30, r"line 5: field 'token_idx': 1000000000000000019884624838656 does not fit int32"),
+    ("problem_id", 2**31, r"line 5: field 'problem_id': 2147483648 does not fit int32"),
+    ("layer", 40_000, r"line 5: field 'layer': 40000 does not fit int16 \(at most 32767\)"),
+    ("experts", [40_000, 1], r"line 5: field 'experts': \[40000, 1\]: id 40000 does not fit int16"),
+])
+def test_values_that_do_not_fit_the_trace_are_refused(tmp_path: Path, field, value, message) -> None:
+    """They were checked as int64 and written as int32/int16: the import exited 0 with wrapped
+    numbers (and 10**30 crashed with an OverflowError traceback)."""
+    rows = grid()
+    rows[4][field] = value
+    path = write_jsonl(tmp_path / "routing.jsonl", rows)
+    out = tmp_path / "traces.parquet"
+    out.write_bytes(b"the previous trace")
+    with pytest.raises(TraceError, match=r"routing\.jsonl: " + message):
+        import_logs(LogsParams(path=str(path)), out)
+    assert out.read_bytes() == b"the previous trace"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routing.jsonl", "traces.parquet"]
+
+
+def test_duplicate_check_does_not_collide(tmp_path: Path) -> None:
+    """The old key (seq << 40 | token << 16 | layer) made sequence 1 / token 0 equal to sequence 0 /
+    token 2**24, and two distinct rows were reported as duplicates."""
+    rows = [{"problem_id": 1, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]},
+            {"problem_id": 0, "token_idx": 2**24, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}]
+    path = write_jsonl(tmp_path / "log.jsonl", rows)
+    report = import_logs(LogsParams(path=str(path)), tmp_path / "t.parquet")
+    traces = read_traces(tmp_path / "t.parquet")
+    assert report["rows"] == report["tokens"] == report["sequences"] == 2
+    assert list(zip(traces.seq_id.tolist(), traces.token_pos.tolist())) == [(1, 0), (0, 2**24)]
+
+
+def test_random_bytes_and_other_compression_name_the_file(tmp_path: Path) -> None:
+    """A bare UnicodeDecodeError traceback before."""
+    path = tmp_path / "routing.jsonl"
+    path.write_bytes(write_jsonl(tmp_path / "ok.jsonl", grid()).read_bytes()[:300] + bytes(range(128, 256)) + b"\n")
+    with pytest.raises(TraceError, match=r"routing\.jsonl: line 3: not UTF-8 text \(byte 0x80 at column \d+\)"):
+        import_logs(LogsParams(path=str(path)), tmp_path / "t.parquet")
+    path.write_bytes(b"\xfd7zXZ\x00" + bytes(100))
+    with pytest.raises(TraceError, match=r"routing\.jsonl: xz-compressed, which is not read \(gzip is read"):
+        import_logs(LogsParams(path=str(path)), tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_gzip_logs_are_read_as_they_are(tmp_path: Path) -> None:
+    """A gzip file was a UnicodeDecodeError; now it is read transparently (by its magic number)."""
+    plain = write_jsonl(tmp_path / "routing.jsonl", grid())
+    import_logs(LogsParams(path=str(plain)), tmp_path / "plain.parquet")
+    packed = tmp_path / "routing.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    report = import_logs(LogsParams(path=str(packed)), tmp_path / "gz.parquet")
+    assert report["rows"] == 18
+    assert pq.read_table(tmp_path / "gz.parquet").equals(pq.read_table(tmp_path / "plain.parquet"))
+    packed.write_bytes(gzip.compress(plain.read_bytes())[:-30])  # truncated
+    with pytest.raises(TraceError, match=r"routing\.jsonl\.gz: cannot read it to the end \(corrupt or truncated gzip"):
+        import_logs(LogsParams(path=str(packed)), tmp_path / "gz.parquet")
+
+
+def test_blocks_keep_exact_line_numbers_and_find_repeats_across_them(tmp_path: Path, monkeypatch) -> None:
+    """Streamed in blocks of a few lines: blank, whitespace-only and CRLF lines, string sequence
+    ids, weights as integers and floats as token indices give the trace of one big block; an
+    error names its exact line, and a repeat is found across blocks."""
+    rows = grid(n_seq=3, n_tok=4)
+    for r in rows:
+        r["problem_id"] = f"p{r['problem_id']}"
+    rows[7]["token_idx"] = float(rows[7]["token_idx"])
+    rows[9]["gating_probs"] = [1, 0]
+    lines = [json.dumps(r) for r in rows]
+    lines[3:3] = ["", "  \t", ""]  # blank lines, one of them whitespace only
+    lines[8], lines[12] = "   " + lines[8], lines[12] + "\r"  # leading whitespace, CRLF
+    lines.insert(20, "")
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "log.jsonl"
+    path.write_text(text)
+    import_logs(LogsParams(path=str(path)), tmp_path / "whole.parquet")
+    monkeypatch.setattr(importers, "JSON_BLOCK_BYTES", 150)  # one or two lines a block
+    report = import_logs(LogsParams(path=str(path)), tmp_path / "blocks.parquet")
+    assert pq.read_table(tmp_path / "blocks.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+    assert report["rows"] == 36 and report["blank_lines_skipped"] == 4 and report["sequences"] == 3
+    assert report["lines_read"] == len(lines) == 40
+    bad = 33  # line 34
+    lines[bad] = lines[bad].replace('"layer": ', '"layer": -')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=rf"log\.jsonl: line {bad + 1}: field 'layer': -\d+ is negative"):
+        import_logs(LogsParams(path=str(path)), tmp_path / "t.parquet")
+    path.write_text(lines_of(rows + [rows[2]]))
+    with pytest.raises(TraceError, match=r"log\.jsonl: line 37 repeats line 3: sequence 0, token 0, layer 2"):
+        import_logs(LogsParams(path=str(path)), tmp_path / "t.parquet")
+
+
+def test_flame_csv_non_numeric_cell_names_file_line_and_column(tmp_path: Path, monkeypatch) -> None:
+    """pyarrow's conversion error named no line, and a string column ended in a bare ValueError."""
+    folder = flame_files(tmp_path / "flame", n_rows=40)
+    lines = (folder / "layer_3.csv").read_text().splitlines()
+    cells = lines[30].split(",")
+    cells[5] = "0.1x"
+    lines[30] = ",".join(cells)
+    (folder / "layer_3.csv").write_text("\n".join(lines) + "\n")
+    for block in (1 << 20, 200):  # the bad line in the first block, and well after it
+        monkeypatch.setattr(importers, "CSV_BLOCK_BYTES", block)
+        with pytest.raises(TraceError, match=r"layer_3\.csv: line 31, column expert_3: '0\.1x' is not a number"):
+            import_logs(LogsParams(format="flame_csv", path=str(folder)), tmp_path / "t.parquet")
+    lines[30] = ",".join(cells[:4])
+    (folder / "layer_3.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=r"layer_3\.csv: line 31: 4 columns, the header has 8"):
+        import_logs(LogsParams(format="flame_csv", path=str(folder)), tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_npz_file_is_closed_after_an_error(tmp_path: Path) -> None:
+    """The .npz reader opened the archive once per array and left it to the garbage collector: an
+    error kept it open as long as the exception lived."""
+    good = np.zeros((3, 2, 2), dtype=np.int64)
+    good[..., 1] = 1
+    np.savez(tmp_path / "routed.npz", a=good, b=np.array([{"pickled": 1}], dtype=object))
+
+    def open_handles() -> list[str]:
+        fds = Path("/proc/self/fd")
+        return [str(p) for p in fds.iterdir() if p.is_symlink() and "routed.npz" in os.readlink(p)] \
+            if fds.exists() else []
+
+    with pytest.raises(TraceError, match=r"routed\.npz\['b'\]: cannot read: .*never done") as caught:
+        import_logs(LogsParams(format="vllm_npy", path=str(tmp_path / "routed.npz")), tmp_path / "t.parquet")
+    assert "allow_pickle" not in str(caught.value)  # numpy's advice to load unsafely is not passed on
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("no /proc/self/fd to list open files")
+    assert open_handles() == [], "the .npz is still open while the error is alive"
+
+
+@pytest.mark.parametrize("dtype, value, message", [
+    (np.int64, 40_000, r"seq\.npy: token 2, layer 1: experts \[40000, 1\]: id 40000 does not fit int16"),
+    (np.uint64, 2**64 - 1, r"seq\.npy: token 2, layer 1: experts \[18446744073709551615, 1\]: id 18446744073709551615"),
+])
+def test_vllm_ids_that_do_not_fit_are_refused(tmp_path: Path, dtype, value, message) -> None:
+    """An id of 40,000 made num_experts 40,001 and was written as int16: -25,536."""
+    a = np.zeros((4, 3, 2), dtype=dtype)
+    a[..., 1] = 1
+    a[2, 1, 0] = value
+    np.save(tmp_path / "seq.npy", a)
+    with pytest.raises(TraceError, match=message):
+        import_logs(LogsParams(format="vllm_npy", path=str(tmp_path / "seq.npy")), tmp_path / "t.parquet")
+
+
+def test_parquet_import_refuses_values_too_wide_for_the_trace(tmp_path: Path) -> None:
+    """A trace from another tool with an int64 seq_id of 3e9 was narrowed with astype: wrapped."""
+    traces, _ = generate(SyntheticParams(num_sequences=2, tokens_per_sequence=3, num_layers=2, num_experts=4))
+    table = pq.read_table(write_and_return(tmp_path / "in.parquet", traces))
+    seq = table.column("seq_id").to_numpy().astype(np.int64)
+    seq[5] = 3_000_000_000
+    table = table.set_column(0, pa.field("seq_id", pa.int64()), pa.array(seq))
+    pq.write_table(table, tmp_path / "in.parquet")
+    with pytest.raises(TraceError, match=r"in\.parquet: row 5: seq_id 3000000000 does not fit int32"):
+        import_logs(LogsParams(format="parquet", path=str(tmp_path / "in.parquet")), tmp_path / "t.parquet")
+
+
+def write_and_return(path: Path, traces) -> Path:
+    write_traces(path, traces)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "flame_csv", "vllm_npy", "parquet"])
+def test_every_format_streams(tmp_path: Path, monkeypatch, fmt: str) -> None:
+    """Rows are written while the input is read: a bad row near the end of a log is found after
+    earlier rows were checked and written (to the temporary file, discarded), not before any
+    write as when the whole input was read first. The earlier trace stays."""
+    for name, value in (("JSON_BLOCK_BYTES", 2000), ("CSV_BLOCK_BYTES", 1000), ("CHUNK_ROWS", 30)):
+        monkeypatch.setattr(importers, name, value, raising=False)  # raising=False: runs on the old reader too
+    if fmt == "jsonl":
+        rows: list = grid(n_seq=4, n_tok=10)
+        rows[-1] = '{"problem_id": 3, "layer": '
+        path = write_jsonl(tmp_path / "log.jsonl", rows)
+        params, message = LogsParams(path=str(path)), r"line 120: not valid JSON"
+    elif fmt == "flame_csv":
+        path = flame_files(tmp_path / "flame", layers=(0,), n_rows=200)
+        text = (path / "layer_0.csv").read_text().rstrip("\n")
+        (path / "layer_0.csv").write_text(text[: text.rfind(",")] + ",-1\n")
+        params, message = LogsParams(format="flame_csv", path=str(path)), r"layer_0\.csv: line 201: negative score"
+    elif fmt == "vllm_npy":
+        a = np.tile(np.array([0, 1]), (100, 3, 1))
+        a[99, 2] = [1, 1]
+        np.save(tmp_path / "seq.npy", a)
+        params, message = LogsParams(format="vllm_npy", path=str(tmp_path / "seq.npy")), r"token 99, layer 2: experts"
+    else:
+        traces, _ = generate(SyntheticParams(num_sequences=4, tokens_per_sequence=10, num_layers=3, num_experts=4))
+        table = pq.read_table(write_and_return(tmp_path / "in.parquet", traces))
+        flat = table.column("weights").combine_chunks().values.to_numpy().copy()
+        flat[-2:] = [0.25, 0.75]  # the last row's weights in the wrong order
+        table = table.set_column(4, table.schema.field("weights"), pa.FixedSizeListArray.from_arrays(pa.array(flat), 2))
+        pq.write_table(table, tmp_path / "in.parquet")
+        params, message = LogsParams(format="parquet", path=str(tmp_path / "in.parquet")), r"row 119: experts must be sorted"
+    out = tmp_path / "t.parquet"
+    out.write_bytes(b"the previous trace")
+    written = []
+    real_write = TraceWriter.write
+    monkeypatch.setattr(TraceWriter, "write", lambda self, *a, **k: (real_write(self, *a, **k), written.append(self.rows)))
+    with pytest.raises(TraceError, match=message):
+        import_logs(params, out)
+    assert len(written) > 1 and written[-1] > 0  # several batches were checked and written before the bad one
+    assert out.read_bytes() == b"the previous trace"

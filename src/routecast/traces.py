@@ -187,6 +187,7 @@ def to_column_type(values: Any, column: str, where: str = "trace", origin: Any =
     if row is None:
         return arr.astype(dtype)
     value = rows[row][bad[row]][0]
+    value = value.item() if isinstance(value, np.generic) else value
     if _whole(value):
         reason = int_error(column, int(value))
     else:
