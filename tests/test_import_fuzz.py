@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from routecast.importers import import_logs
-from routecast.params import LogsParams
+from routecast.params import LogsParams, SyntheticParams
 from routecast.synthetic import generate
-from routecast.params import SyntheticParams
 from routecast.traces import TraceError, TraceMeta, Traces, read_traces, write_traces
 
 # derandomize: the same examples on every run (deterministic CI); no example database written.

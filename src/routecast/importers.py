@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
-import io
 import itertools
 import json
 import logging
@@ -299,7 +298,8 @@ def _parse_block(view: memoryview, first_line: int, spec: _JsonlSpec) -> _Block:
     if not spec.settled and lines.rows:
         i = 0 if lines.kept is None else int(np.argmax(lines.kept))
         spec.settle(view[lines.starts[i]:lines.ends[i]].tobytes())
-    return _parse_fast(view, data, first_line, lines, spec) or _parse_slow(view.tobytes(), first_line, lines.count, spec)
+    fast = _parse_fast(view, data, first_line, lines, spec)
+    return fast if fast is not None else _parse_slow(view.tobytes(), first_line, lines.count, spec)
 
 
 def _parse_fast(view: memoryview, data: np.ndarray, first_line: int, lines: _Lines, spec: _JsonlSpec) -> _Block | None:
@@ -441,7 +441,8 @@ def _parse_slow(data: bytes, first_line: int, n_lines: int, spec: _JsonlSpec) ->
     rows = len(numbers)
     width = k or 1
     return _Block(seq=seq if spec.seq_is_str else np.asarray(seq, dtype=np.int64).reshape(rows),
-                  tok=np.asarray(tok, dtype=np.int64).reshape(rows), layer=np.asarray(lay, dtype=np.int64).reshape(rows),
+                  tok=np.asarray(tok, dtype=np.int64).reshape(rows),
+                  layer=np.asarray(lay, dtype=np.int64).reshape(rows),
                   experts=np.asarray(exps, dtype=np.int64).reshape(rows, width),
                   weights=np.asarray(wts, dtype=np.float64).reshape(rows, width) if f.weights is not None else None,
                   origin=RowNames("line", numbers=np.asarray(numbers, dtype=np.int64)), blank=blank,

@@ -254,7 +254,8 @@ def validate_batch(
     fail(layer >= meta.num_layers, lambda r: f"layer {layer[r]} out of range [0, num_layers={meta.num_layers})")
     unfit = (experts < 0) | (experts >= SHAPE_LIMIT)
     fail(unfit, lambda r: f"experts {experts[r].tolist()}: id {int_error('experts', int(experts[r][unfit[r]][0]))}")
-    fail(experts >= num_experts, lambda r: f"expert id in {experts[r].tolist()} out of range [0, num_experts={num_experts})")
+    fail(experts >= num_experts,
+         lambda r: f"expert id in {experts[r].tolist()} out of range [0, num_experts={num_experts})")
     if k == 2:
         fail(experts[:, 0] == experts[:, 1], lambda r: f"experts {experts[r].tolist()} repeat an id")
     elif k > 2:
@@ -269,7 +270,8 @@ def validate_batch(
              lambda r: f"experts must be sorted by weight, highest first; weights are {weights[r].tolist()}")
     if spec_logits is not None:
         if spec_logits.shape != (n, num_experts):
-            raise TraceError(f"{where}: spec_logits must be [{n}, num_experts={num_experts}], got {list(spec_logits.shape)}")
+            raise TraceError(f"{where}: spec_logits must be [{n}, num_experts={num_experts}], "
+                             f"got {list(spec_logits.shape)}")
         fail(~np.isfinite(spec_logits), "spec_logits are not finite")
 
 
@@ -451,7 +453,8 @@ class TraceWriter:
               where: str | None = None, origin: Any = None) -> None:
         """Check and write one batch. `origin[i]` names row i in errors (an array of strings or a
         `RowNames`); by default rows are named by their row number in the written trace."""
-        assert self._writer is not None and self._stats is None, "use TraceWriter as a context manager; write before finish()"
+        assert self._writer is not None, "use TraceWriter as a context manager"
+        assert self._stats is None, "no write after finish()"
         where = where or self.where
         origin = RowNames("row", self.rows) if origin is None else origin
         names = self.schema.names
