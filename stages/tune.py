@@ -12,8 +12,9 @@ from routecast.artifacts import write_csv, write_json
 from routecast.features import read_features
 from routecast.params import load_params, write_tuned
 from routecast.stage import stage
-from routecast.tuning import (file_digest, history_rows, importance_rows, intermediate_rows, redact, study_name,
-                              tune, tune_worker)
+from routecast.study_storage import redact
+from routecast.tuning import (file_digest, history_rows, importance_rows, intermediate_rows, study_name, tune,
+                              tune_worker)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

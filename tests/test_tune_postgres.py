@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from conftest import ROOT
 from routecast.params import load_params
-from routecast.tuning import PASSWORD_ENV, config_from_trial, driver_url, make_storage
+from routecast.study_storage import PASSWORD_ENV, driver_url, make_storage
+from routecast.tuning import config_from_trial
 from test_tuning import tiny_project
 
 DEFAULT_URL = "postgresql://routecast@localhost:5432/routecast_test"
