@@ -288,8 +288,9 @@ class TuneParams:
     pruner: Literal["hyperband", "median", "none"] = "hyperband"
     max_train_samples: int | None = None  # subsample train per trial; None: all
     study_name: str = "routecast"
-    # A journal file, or a database URL (postgresql://user@host/db) whose password comes from
-    # the environment (ROUTECAST_DB_PASSWORD or PGPASSWORD), never from this file.
+    # A journal file, or a database URL (postgresql://user@host/db, postgresql:///?service=NAME)
+    # whose password comes from ROUTECAST_DB_PASSWORD, PGPASSWORD, ~/.pgpass or a service file,
+    # never from this file.
     storage: str = "data/tune/journal.log"
     seed: int = 0
 
@@ -301,15 +302,10 @@ class TuneParams:
                f"must be >= 2 or null, got {self.max_train_samples}")
         _check(bool(self.study_name), f"{key}.study_name", "must not be empty")
         _check(bool(self.storage), f"{key}.storage", "must not be empty")
-        if "://" in self.storage:
-            from urllib.parse import urlsplit
+        from routecast.study_storage import storage_problem  # here: only tune needs optuna at import
 
-            try:
-                password = urlsplit(self.storage).password
-            except ValueError as exc:
-                raise ParamsError(f"{key}.storage", f"not a valid database URL: {exc}") from None
-            _check(password is None, f"{key}.storage",
-                   "must not hold a password (it would land in dvc.lock); set ROUTECAST_DB_PASSWORD or PGPASSWORD")
+        problem = storage_problem(self.storage)
+        _check(problem is None, f"{key}.storage", str(problem))
         self.search_space.validate(f"{key}.search_space")
 
 

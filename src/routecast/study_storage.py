@@ -2,9 +2,10 @@
 failing (then one retry) of trials whose worker process died.
 
 - A journal file (default `data/tune/journal.log`, persisted by DVC), for one machine.
-- A database URL (`postgresql://user@host/db`), for many workers on many machines. The
-  password never sits in the URL: it comes from `ROUTECAST_DB_PASSWORD` (or libpq's own
-  `PGPASSWORD` / `~/.pgpass`), so it reaches neither params.yaml, dvc.lock, logs nor metrics.
+- A database URL (`postgresql://user@host/db`, `postgresql:///?service=NAME`), for many
+  workers on many machines. The password never sits in the URL (`storage_problem` refuses one
+  anywhere in it): it comes from `ROUTECAST_DB_PASSWORD`, or libpq's own `PGPASSWORD`,
+  `~/.pgpass` or service file, so it reaches neither params.yaml, dvc.lock, logs nor metrics.
 
 A process that dies mid-trial leaves a RUNNING trial: on a database Optuna's heartbeat fails it
 after `GRACE_PERIOD`; on either storage a trial whose recorded worker process (host, boot, pid,
@@ -18,13 +19,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -45,15 +47,84 @@ def is_database_url(storage: str) -> bool:
     return "://" in storage
 
 
+REDACTED = "***"
+# A connection parameter that carries a secret: libpq's password, sslpassword and
+# oauth_client_secret, MySQL's passwd, ODBC's pwd. Not passfile (a path: a safe way).
+_SECRET_KEY = re.compile(r"pass(word|wd)|^pwd$|secret", re.IGNORECASE)
+# The same inside a value (a libpq connection string as the database name, `options`, ...).
+_SECRET_SETTING = re.compile(r"(pass(word|wd)|\bpwd|secret)\w*\s*=|://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
+# A libpq connection string (`service=name`, `host=h dbname=d`) where a URL or a path belongs.
+_CONNINFO = re.compile(r"^\s*\w+\s*=")
+
+
+def url_secrets(url: str) -> list[str]:
+    """Where the database URL `url` carries a secret, in words that never repeat it; [] if nowhere.
+
+    Values equal to `REDACTED` do not count, so `url_secrets(redact(url)) == []`.
+    """
+    parts = urlsplit(url)
+    found = []
+    if parts.password not in (None, REDACTED):
+        found.append("a password after the user name (user:PASSWORD@host)")
+    rest = [parts.path, parts.fragment]
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if _SECRET_KEY.search(key):
+            if value != REDACTED:
+                found.append(f"the query parameter {key}=")
+        else:
+            rest.append(value)
+    if any(_SECRET_SETTING.search(unquote(text)) for text in rest):
+        found.append("a password setting inside the database name or a query parameter's value")
+    return found
+
+
+def storage_problem(storage: str) -> str | None:
+    """Why `storage` (tune.storage) is refused, in words that never repeat a secret; None if fine."""
+    if not is_database_url(storage):
+        if _CONNINFO.match(storage):
+            return ("looks like a libpq connection string, which would be taken for a journal file name; "
+                    "write it as a URL, e.g. postgresql:///?service=NAME")
+        return None
+    try:
+        found = url_secrets(storage)
+    except ValueError:
+        return "not a valid database URL (scheme://user@host:port/database?parameter=value)"
+    if not found:
+        return None
+    return (f"must not hold a password ({'; '.join(found)}): it would reach dvc.lock, logs and metrics. "
+            "If `dvc exp run -S` set it, DVC has already written it into params.yaml (and with --queue or "
+            "--temp into a git ref): take it out of params.yaml (e.g. `git checkout params.yaml`), drop queued "
+            "experiments (`dvc queue remove --all`), and change the password, since it has been on disk. "
+            f"Give it through {PASSWORD_ENV}, ~/.pgpass or a service file (postgresql:///?service=NAME): "
+            "see docs/tuning.md")
+
+
 def redact(storage: str) -> str:
-    """`storage` fit for logs and metrics: a URL loses any password it carries."""
+    """`storage` fit for logs, errors and metrics: every secret in a URL becomes `REDACTED`.
+
+    The user-info password and secret query parameters are cut out one by one; a secret found
+    anywhere else (inside the database name, say) takes the whole path and query with it.
+    """
     if not is_database_url(storage):
         return storage
-    parts = urlsplit(storage)
-    if parts.password is None:
-        return storage
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    try:
+        if not url_secrets(storage):
+            return storage
+        parts = urlsplit(storage)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, host = netloc.rsplit("@", 1)
+            netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+        query = "&".join(f"{pair.split('=', 1)[0]}={REDACTED}" if _SECRET_KEY.search(unquote(pair.split("=", 1)[0]))
+                         else pair for pair in parts.query.split("&"))
+        # Built by hand: urlunsplit drops the `//` of an empty host (postgresql:///?service=x).
+        redacted = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + \
+            (f"#{parts.fragment}" if parts.fragment else "")
+        if not url_secrets(redacted):
+            return redacted
+        return f"{parts.scheme}://{netloc}/{REDACTED}"
+    except ValueError:
+        return f"{storage.split('://', 1)[0]}://{REDACTED}"
 
 
 def driver_url(storage: str) -> str:
@@ -70,6 +141,9 @@ def driver_url(storage: str) -> str:
 
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
     """A journal file for a path, an `RDBStorage` with heartbeats for a database URL."""
+    problem = storage_problem(storage)
+    if problem:
+        raise ValueError(f"tune.storage {redact(storage)}: {problem}")
     if not is_database_url(storage):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -98,6 +172,8 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
             time.sleep(1.0 + attempt)
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if password:
+                reason = reason.replace(password, REDACTED)
             raise ValueError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
     raise AssertionError("unreachable")
 
