@@ -21,9 +21,10 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from routecast.artifacts import atomic_write_text
+from routecast.errors import InputError
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
     def __init__(self, key: str, message: str, source: str = "params.yaml") -> None:

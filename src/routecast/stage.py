@@ -1,4 +1,8 @@
-"""What every stage script shares: logging, timing, and one clear line for a known error."""
+"""What every stage script shares: logging, timing, and one clear line for bad input.
+
+Bad input (`InputError`, which `ParamsError` is; `TraceError`; a missing input file) is told
+in one line and exits 1. Any other exception is a bug and propagates with its full traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from routecast.params import ParamsError
+from routecast.errors import InputError
 from routecast.traces import TraceError
 
 log = logging.getLogger("routecast")
@@ -22,7 +26,7 @@ def stage(name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    except (ParamsError, TraceError, FileNotFoundError, ValueError) as exc:
+    except (InputError, TraceError, FileNotFoundError) as exc:
         log.error("%s failed: %s", name, exc)
         sys.exit(1)
     log.info("%s done in %.1fs", name, time.perf_counter() - start)

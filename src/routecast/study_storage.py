@@ -31,6 +31,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from routecast.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "ROUTECAST_DB_PASSWORD"
@@ -143,7 +145,7 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
     """A journal file for a path, an `RDBStorage` with heartbeats for a database URL."""
     problem = storage_problem(storage)
     if problem:
-        raise ValueError(f"tune.storage {redact(storage)}: {problem}")
+        raise InputError(f"tune.storage {redact(storage)}: {problem}")
     if not is_database_url(storage):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -174,7 +176,7 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             if password:
                 reason = reason.replace(password, REDACTED)
-            raise ValueError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
+            raise InputError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
     raise AssertionError("unreachable")
 
 
