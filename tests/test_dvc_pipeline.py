@@ -25,8 +25,8 @@ def repro_repo(pipeline_repo: Path) -> Path:
 
 def test_repro_runs_every_stage_in_order(repro_repo: Path) -> None:
     out = (repro_repo.parent / "repro.log").read_text()
-    assert stages_run(out) == ["extract_traces", "encode_features", "split_95_5", "tune", "train_full@baseline",
-                               "train_full@tuned", "evaluate"]
+    assert stages_run(out) == ["check_params", "extract_traces", "encode_features", "split_95_5", "tune",
+                               "check_params_after_tune", "train_full@baseline", "train_full@tuned", "evaluate"]
 
 
 def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path) -> None:
@@ -61,7 +61,7 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)
     out = run(["dvc", "exp", "run", "-S", "tuned.lr=1e-6"], repro_repo).stdout
-    assert stages_run(out) == ["train_full@tuned", "evaluate"], out
+    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
     first_epoch_lr = checkpoint["history"][0]["lr"]
@@ -69,3 +69,47 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     diff = run(["dvc", "metrics", "diff", "--md"], repro_repo).stdout
     assert re.search(r"tuned\.top2\s*\|", diff), diff
     assert "baseline.top2" not in diff  # unchanged metrics are not listed
+
+
+def committed_clone(pipeline_repo: Path, dest: Path) -> Path:
+    """A private copy of the reproduced tiny pipeline with its results committed."""
+    repo = clone_pipeline(pipeline_repo, dest)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run([*git, "add", "-A"], repo)
+    run([*git, "commit", "-qm", "pipeline results"], repo)
+    return repo
+
+
+def outputs(repo: Path) -> dict[str, bytes]:
+    """Every pipeline output (data/ and metrics/) but the params checks' markers, by path."""
+    return {str(p.relative_to(repo)): p.read_bytes() for top in ("data", "metrics") for p in sorted((repo / top).rglob("*"))
+            if p.is_file() and not p.name.endswith(".checked")}
+
+
+@pytest.mark.parametrize("override, check, message", [
+    ("+trian.epochs=3", "check_params_after_tune", "trian: unknown key"),  # no stage tracks a new section
+    ("train.epochs=abc", "check_params", "train.epochs: expected an integer, got 'abc'"),
+    ("tuned.lr=abc", "check_params_after_tune", "tuned.lr: expected a number, got 'abc'"),
+    ("train.weight_decay=inf", "check_params", "train.weight_decay: must be a finite number"),
+    ("tune.storage=postgresql://me:pw-L3AK@db.example/rc", "check_params", "tune.storage: must not hold a password"),
+])
+def test_bad_params_stop_before_any_output_is_touched(pipeline_repo: Path, tmp_path: Path, override: str, check: str,
+                                                      message: str) -> None:
+    """DVC empties a stage's outputs before running it: the checks run first, so a bad value
+    leaves every model, split and metric of the last good run byte-identical."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", override], repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out
+    assert stages_run(out) == [check], out
+    assert "Traceback" not in out
+    assert outputs(repo) == before
+    assert "pw-L3AK" not in out and "pw-L3AK" not in (repo / "dvc.lock").read_text()
+    # Undo the override: the next run only redoes the check (its marker is unchanged, so nothing after it runs).
+    run(["git", "checkout", "params.yaml"], repo)
+    again = run(["dvc", "repro"], repo).stdout
+    redone = stages_run(again) + re.findall(r"Stage '([^']+)' is cached - skipping run", again)  # or from run-cache
+    assert redone == [check], again
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert outputs(repo) == before

@@ -94,11 +94,10 @@ def storage_problem(storage: str) -> str | None:
     if not found:
         return None
     return (f"must not hold a password ({'; '.join(found)}): it would reach dvc.lock, logs and metrics. "
-            "If `dvc exp run -S` set it, DVC has already written it into params.yaml (and with --queue or "
-            "--temp into a git ref): take it out of params.yaml (e.g. `git checkout params.yaml`), drop queued "
-            "experiments (`dvc queue remove --all`), and change the password, since it has been on disk. "
-            f"Give it through {PASSWORD_ENV}, ~/.pgpass or a service file (postgresql:///?service=NAME): "
-            "see docs/tuning.md")
+            "If `dvc exp run -S` set it, DVC has already written it into params.yaml: take it out "
+            "(`git checkout params.yaml`) and change the password, since it has been on disk (after --queue or "
+            "--temp, also purge DVC's and Git's copies: docs/tuning.md, \"Passwords\"). "
+            f"Give it through {PASSWORD_ENV}, ~/.pgpass or a service file (postgresql:///?service=NAME)")
 
 
 def redact(storage: str) -> str:
