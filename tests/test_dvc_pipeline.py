@@ -18,6 +18,11 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
+def redone(output: str) -> list[str]:
+    """Stages run, or restored from DVC's run-cache (as good as run), in order."""
+    return [a or b for a, b in re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached - skipping run", output)]
+
+
 @pytest.fixture(scope="module")
 def repro_repo(pipeline_repo: Path) -> Path:
     return pipeline_repo
@@ -109,7 +114,45 @@ def test_bad_params_stop_before_any_output_is_touched(pipeline_repo: Path, tmp_p
     # Undo the override: the next run only redoes the check (its marker is unchanged, so nothing after it runs).
     run(["git", "checkout", "params.yaml"], repo)
     again = run(["dvc", "repro"], repo).stdout
-    redone = stages_run(again) + re.findall(r"Stage '([^']+)' is cached - skipping run", again)  # or from run-cache
-    assert redone == [check], again
+    assert redone(again) == [check], again
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert outputs(repo) == before
+
+
+def test_a_bad_log_keeps_the_last_good_trace(pipeline_repo: Path, tmp_path: Path) -> None:
+    """Bad input found only while extract_traces runs: its output is `persist: true` and written
+    atomically, so under `dvc exp run` the last good trace (and all else) stays byte-identical."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    (repo / "bad.jsonl").write_text('{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}\nnot json\n')
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", "extract.source=import", "-S", "extract.logs.path=bad.jsonl"], repo,
+               check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "bad.jsonl: line 2: not valid JSON" in out, out
+    assert stages_run(out) == ["check_params", "extract_traces"], out
+    assert "Traceback" not in out and "DVC removed" not in out  # nothing was removed
+    assert outputs(repo) == before
+
+
+def test_a_failure_mid_stage_says_how_to_restore_what_dvc_removed(pipeline_repo: Path, tmp_path: Path) -> None:
+    """A value only the data can refute (a lookahead past the trace's last layer) fails inside
+    encode_features, after DVC removed its outputs; the error names them and the commands that
+    bring back the locked versions, and following it restores every output byte for byte."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", "features.lookahead=100"], repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and stages_run(out) == ["check_params", "encode_features"], out
+    removed = "data/features.parquet, metrics/features.json"
+    assert f"DVC removed {removed} before running encode_features" in out, out
+    assert "`dvc checkout encode_features`" in out and "`git checkout -- FILE`" in out
+    assert not (repo / "data" / "features.parquet").exists()  # what DVC does to a stage's outputs
+    run(["git", "checkout", "params.yaml"], repo)
+    run(["dvc", "checkout", "encode_features"], repo)
+    run(["git", "checkout", "--", "metrics/features.json"], repo)
+    assert outputs(repo) == before
+    # check_params passed (and locked) the bad value: the next run redoes only that check.
+    again = run(["dvc", "repro"], repo).stdout
+    assert redone(again) == ["check_params"], again
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert outputs(repo) == before

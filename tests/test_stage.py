@@ -17,8 +17,8 @@ from routecast.split import split_features
 from routecast.traces import TraceError
 
 
-def run_stage(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run `body` inside `with stage("demo"):` in a fresh interpreter."""
+def run_stage(body: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `body` inside `with stage("demo"):` in a fresh interpreter (not under DVC unless `env` says so)."""
     code = ("from routecast.stage import stage\n"
             "from routecast.errors import InputError\n"
             "from routecast.traces import TraceError\n"
@@ -26,8 +26,9 @@ def run_stage(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
             f"    {body}\n"
             "with stage('demo'):\n"
             "    helper()\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          env={**base, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
 
 
 @pytest.mark.parametrize("body, message", [
@@ -66,3 +67,24 @@ def test_too_few_sequences_to_split_is_bad_input() -> None:
 
     with pytest.raises(InputError, match="needs at least 3 sequences"):
         split_features(Two(), SplitParams())  # type: ignore[arg-type]
+
+
+def test_under_dvc_the_error_names_removed_outputs_and_how_to_restore_them(tmp_path: Path) -> None:
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train_full@tuned:\n    cmd: x\n    outs:\n"
+                                       "    - path: data/models/tuned.pt\n      md5: a\n"
+                                       "    - path: metrics/train/tuned.csv\n      md5: b\n")
+    (tmp_path / "metrics" / "train").mkdir(parents=True)
+    (tmp_path / "metrics" / "train" / "tuned.csv").write_text("kept\n")
+    env = {"DVC_STAGE": "train_full@tuned", "DVC_ROOT": str(tmp_path)}
+    hint = ("DVC removed data/models/tuned.pt before running train_full@tuned; the last locked versions come back "
+            "with `dvc checkout train_full@tuned`")
+    bad_input = run_stage("raise InputError('bad')", tmp_path, env)
+    assert bad_input.returncode == 1 and f"demo failed: bad. {hint}" in bad_input.stderr, bad_input.stderr
+    bug = run_stage("raise KeyError('x')", tmp_path, env)
+    assert hint in bug.stderr and "Traceback" in bug.stderr, bug.stderr
+    # Nothing gone, or not run by DVC: no hint.
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "tuned.pt").write_bytes(b"")
+    assert "DVC removed" not in run_stage("raise InputError('bad')", tmp_path, env).stderr
+    (tmp_path / "data" / "models" / "tuned.pt").unlink()
+    assert "DVC removed" not in run_stage("raise InputError('bad')", tmp_path, {}).stderr
