@@ -27,7 +27,8 @@ if __name__ == "__main__":
     parser.add_argument("--importances", default="metrics/tune/importances.csv")
     parser.add_argument("--intermediate", default="metrics/tune/intermediate.csv")
     args = parser.parse_args()
-    with stage("tune-worker" if args.worker else "tune"):
+    # A worker writes nothing here, and several may share the workspace with the running stage.
+    with stage("tune-worker" if args.worker else "tune", exclusive=not args.worker):
         params = load_params(args.params)
         train, digest = read_features(args.train), file_digest(args.train)
         if args.worker:

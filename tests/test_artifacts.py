@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,3 +82,41 @@ def test_umask_is_read_without_changing_it(mask: int, monkeypatch: pytest.Monkey
     monkeypatch.setattr(Path, "read_text", no_proc)
     assert artifacts.umask() == mask  # the fallback restores it
     assert os.umask(mask) == mask
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    dead, live = dead_pid(), os.getpid()
+    stale = tmp_path / f".out.json.{dead}.abcd1234.tmp"
+    kept = [tmp_path / f".out.json.{live}.abcd1234.tmp",  # a live writer's (maybe concurrent)
+            tmp_path / ".out.json.abcd1234.tmp",  # no pid: not ours to judge
+            tmp_path / f".other.json.{dead}.abcd1234.tmp"]  # another file's
+    for path in [stale, *kept]:
+        path.write_text("partial")
+    write_json(out, {"a": 1})
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_a_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path: Path) -> None:
+    out = tmp_path / "data" / "traces.bin"
+    code = ("import sys, time\nfrom routecast.artifacts import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('half')\n    print(tmp, flush=True)\n"
+            "    time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    tmp = Path(writer.stdout.readline().strip())
+    assert tmp.parent == out.parent and f".traces.bin.{writer.pid}." in tmp.name
+    write_json(out, {"b": 2})  # a concurrent write leaves the live writer's temporary alone
+    assert tmp.exists()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert tmp.exists()  # what a SIGKILL leaves behind
+    write_json(out, {"c": 3})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["traces.bin"]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import clone_pipeline, copy_repo, run
+from conftest import clone_pipeline, copy_repo, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +161,37 @@ def test_a_failure_mid_stage_says_how_to_restore_what_dvc_removed(pipeline_repo:
     assert redone(again) == ["check_params"], again
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert outputs(repo) == before
+
+
+def dvc_env() -> dict[str, str]:
+    """This interpreter's environment with its bin/ first on PATH, as `conftest.run` uses."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_a_second_run_stops_while_a_first_holds_the_workspace(pipeline_repo: Path, tmp_path: Path) -> None:
+    """DVC's own locks let `dvc repro -s` of another stage, or a stage script by hand, rewrite a
+    running pipeline's inputs; the workspace claim stops them, and a killed run's claim lapses."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    set_params(repo / "params.yaml", {"tune.n_trials": 400})  # a long tune to overlap with
+    traces = (repo / "data" / "traces.parquet").read_bytes()
+    first = subprocess.Popen(["dvc", "repro"], cwd=repo, env=dvc_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        claim, deadline = repo / ".dvc" / "tmp" / "routecast-run.json", time.monotonic() + 120
+        while not (claim.exists() and '"stage": "tune"' in claim.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never reached tune"
+            time.sleep(0.2)
+        second = run(["dvc", "repro", "-s", "-f", "extract_traces"], repo, check=False)
+        by_hand = run([sys.executable, "stages/encode_features.py", "data/traces.parquet", "--out",
+                       "data/features.parquet", "--report", "metrics/features.json"], repo, check=False)
+        assert first.poll() is None  # the two overlapped
+        for proc in (second, by_hand):
+            out = proc.stdout + proc.stderr
+            assert proc.returncode != 0, out
+            assert "another run is using this workspace" in out and f"(pid {first.pid}) is at stage tune" in out, out
+        assert (repo / "data" / "traces.parquet").read_bytes() == traces
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    again = run(["dvc", "repro", "-s", "-f", "extract_traces"], repo).stdout  # the killed run blocks nothing
+    assert stages_run(again) == ["extract_traces"], again

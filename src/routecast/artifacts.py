@@ -1,12 +1,18 @@
 """Artifact I/O: every file is written under a temporary name and renamed into place, so a
-killed stage never leaves a file that looks valid."""
+killed stage never leaves a file that looks valid.
+
+The temporary name carries the writer's pid (`.<name>.<pid>.<random>.tmp`), so the next write
+of the same file removes the temporaries a killed writer left, and never a live writer's."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
+import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -15,6 +21,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from routecast import procs
+
+log = logging.getLogger(__name__)
 
 
 def umask() -> int:
@@ -41,7 +51,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -54,6 +65,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` whose writer process is gone; return them.
+
+    A live pid keeps its file, even if the pid was reused: a leftover kept a while longer does
+    no harm, a live writer's file removed would.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not procs.is_running(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d temporary file(s) of %s left by killed writers", len(removed), path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 Bad input (`InputError`, which `ParamsError` is; `TraceError`; a missing input file) is told
 in one line and exits 1. Any other exception is a bug and propagates with its full traceback.
+A stage first claims the workspace (`routecast.workspace`), so two runs never interleave.
 Run by DVC, a failing stage also says which outputs DVC removed before running it and how to
 get the last locked versions back.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from routecast.errors import InputError
 from routecast.traces import TraceError
+from routecast.workspace import claim
 
 log = logging.getLogger("routecast")
 
@@ -44,12 +46,17 @@ def recovery_hint() -> str:
 
 
 @contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Run a stage body: log its time; on bad params or input, print the error and exit 1."""
+def stage(name: str, exclusive: bool = True) -> Iterator[None]:
+    """Run a stage body: log its time; on bad params or input, print the error and exit 1.
+
+    `exclusive`: claim the workspace first (every stage that writes into it does).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
     start = time.perf_counter()
     try:
+        if exclusive:
+            claim(name)
         yield
     except (InputError, TraceError, FileNotFoundError) as exc:
         hint = recovery_hint()

@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from routecast import procs
 from routecast.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -189,41 +190,17 @@ def retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
 # --------------------------------------------------------------------------- dead workers
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def worker_record(trial_number: int) -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid),
+    return {"host": socket.gethostname(), "boot": procs.boot_id(), "pid": pid, "start": procs.start_ticks(pid),
             "trial": trial_number}
 
 
 def worker_alive(record: dict[str, Any]) -> bool | None:
     """True / False for a process on this machine; None (unknown) for one elsewhere."""
-    if record.get("host") != socket.gethostname() or record.get("boot") != _boot_id():
+    if record.get("host") != socket.gethostname() or record.get("boot") != procs.boot_id():
         return None
-    pid = int(record["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    start = _process_start(pid)
-    return start is None or record.get("start") is None or start == record["start"]
+    return procs.is_running(int(record["pid"]), record.get("start"))
 
 
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
