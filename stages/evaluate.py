@@ -4,6 +4,7 @@ import argparse
 import logging
 
 from routecast.artifacts import write_csv, write_json
+from routecast.errors import InputError
 from routecast.evaluation import ModelScorer, per_layer_top2, ranked, score_metrics
 from routecast.features import read_features
 from routecast.model import load_model
@@ -37,7 +38,7 @@ if __name__ == "__main__":
         predictors += reference_predictors(read_trace_meta(args.traces), train)
         names = [p.name for p in predictors]
         if args.confusion_model not in names:
-            raise ValueError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
+            raise InputError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
         metrics, per_layer, confusion = {}, {}, None
         for predictor in predictors:
             scores = predictor.scores(test)

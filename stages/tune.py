@@ -12,8 +12,9 @@ from routecast.artifacts import write_csv, write_json
 from routecast.features import read_features
 from routecast.params import load_params, write_tuned
 from routecast.stage import stage
-from routecast.tuning import (file_digest, history_rows, importance_rows, intermediate_rows, redact, study_name,
-                              tune, tune_worker)
+from routecast.study_storage import redact
+from routecast.tuning import (file_digest, history_rows, importance_rows, intermediate_rows, study_name, tune,
+                              tune_worker)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +27,8 @@ if __name__ == "__main__":
     parser.add_argument("--importances", default="metrics/tune/importances.csv")
     parser.add_argument("--intermediate", default="metrics/tune/intermediate.csv")
     args = parser.parse_args()
-    with stage("tune-worker" if args.worker else "tune"):
+    # A worker writes nothing here, and several may share the workspace with the running stage.
+    with stage("tune-worker" if args.worker else "tune", exclusive=not args.worker):
         params = load_params(args.params)
         train, digest = read_features(args.train), file_digest(args.train)
         if args.worker:

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import clone_pipeline, copy_repo, run
+from conftest import clone_pipeline, copy_repo, run, set_params
 
 pytestmark = pytest.mark.slow
 
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def redone(output: str) -> list[str]:
+    """Stages run, or restored from DVC's run-cache (as good as run), in order."""
+    return [a or b for a, b in re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached - skipping run", output)]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +35,8 @@ def repro_repo(pipeline_repo: Path) -> Path:
 
 def test_repro_runs_every_stage_in_order(repro_repo: Path) -> None:
     out = (repro_repo.parent / "repro.log").read_text()
-    assert stages_run(out) == ["extract_traces", "encode_features", "split_95_5", "tune", "train_full@baseline",
-                               "train_full@tuned", "evaluate"]
+    assert stages_run(out) == ["check_params", "extract_traces", "encode_features", "split_95_5", "tune",
+                               "check_params_after_tune", "train_full@baseline", "train_full@tuned", "evaluate"]
 
 
 def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path) -> None:
@@ -61,7 +71,7 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)
     out = run(["dvc", "exp", "run", "-S", "tuned.lr=1e-6"], repro_repo).stdout
-    assert stages_run(out) == ["train_full@tuned", "evaluate"], out
+    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
     first_epoch_lr = checkpoint["history"][0]["lr"]
@@ -69,3 +79,119 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     diff = run(["dvc", "metrics", "diff", "--md"], repro_repo).stdout
     assert re.search(r"tuned\.top2\s*\|", diff), diff
     assert "baseline.top2" not in diff  # unchanged metrics are not listed
+
+
+def committed_clone(pipeline_repo: Path, dest: Path) -> Path:
+    """A private copy of the reproduced tiny pipeline with its results committed."""
+    repo = clone_pipeline(pipeline_repo, dest)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run([*git, "add", "-A"], repo)
+    run([*git, "commit", "-qm", "pipeline results"], repo)
+    return repo
+
+
+def outputs(repo: Path) -> dict[str, bytes]:
+    """Every pipeline output (data/ and metrics/) but the params checks' markers, by path."""
+    return {str(p.relative_to(repo)): p.read_bytes() for top in ("data", "metrics") for p in sorted((repo / top).rglob("*"))
+            if p.is_file() and not p.name.endswith(".checked")}
+
+
+@pytest.mark.parametrize("override, check, message", [
+    ("+trian.epochs=3", "check_params_after_tune", "trian: unknown key"),  # no stage tracks a new section
+    ("train.epochs=abc", "check_params", "train.epochs: expected an integer, got 'abc'"),
+    ("tuned.lr=abc", "check_params_after_tune", "tuned.lr: expected a number, got 'abc'"),
+    ("train.weight_decay=inf", "check_params", "train.weight_decay: must be a finite number"),
+    ("tune.storage=postgresql://me:pw-L3AK@db.example/rc", "check_params", "tune.storage: must not hold a password"),
+])
+def test_bad_params_stop_before_any_output_is_touched(pipeline_repo: Path, tmp_path: Path, override: str, check: str,
+                                                      message: str) -> None:
+    """DVC empties a stage's outputs before running it: the checks run first, so a bad value
+    leaves every model, split and metric of the last good run byte-identical."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", override], repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out
+    assert stages_run(out) == [check], out
+    assert "Traceback" not in out
+    assert outputs(repo) == before
+    assert "pw-L3AK" not in out and "pw-L3AK" not in (repo / "dvc.lock").read_text()
+    # Undo the override: the next run only redoes the check (its marker is unchanged, so nothing after it runs).
+    run(["git", "checkout", "params.yaml"], repo)
+    again = run(["dvc", "repro"], repo).stdout
+    assert redone(again) == [check], again
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert outputs(repo) == before
+
+
+def test_a_bad_log_keeps_the_last_good_trace(pipeline_repo: Path, tmp_path: Path) -> None:
+    """Bad input found only while extract_traces runs: its output is `persist: true` and written
+    atomically, so under `dvc exp run` the last good trace (and all else) stays byte-identical."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    (repo / "bad.jsonl").write_text('{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}\nnot json\n')
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", "extract.source=import", "-S", "extract.logs.path=bad.jsonl"], repo,
+               check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "bad.jsonl: line 2: not valid JSON" in out, out
+    assert stages_run(out) == ["check_params", "extract_traces"], out
+    assert "Traceback" not in out and "DVC removed" not in out  # nothing was removed
+    assert outputs(repo) == before
+
+
+def test_a_failure_mid_stage_says_how_to_restore_what_dvc_removed(pipeline_repo: Path, tmp_path: Path) -> None:
+    """A value only the data can refute (a lookahead past the trace's last layer) fails inside
+    encode_features, after DVC removed its outputs; the error names them and the commands that
+    bring back the locked versions, and following it restores every output byte for byte."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    before = outputs(repo)
+    proc = run(["dvc", "exp", "run", "-S", "features.lookahead=100"], repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and stages_run(out) == ["check_params", "encode_features"], out
+    removed = "data/features.parquet, metrics/features.json"
+    assert f"DVC removed {removed} before running encode_features" in out, out
+    assert "`dvc checkout encode_features`" in out and "`git checkout -- FILE`" in out
+    assert not (repo / "data" / "features.parquet").exists()  # what DVC does to a stage's outputs
+    run(["git", "checkout", "params.yaml"], repo)
+    run(["dvc", "checkout", "encode_features"], repo)
+    run(["git", "checkout", "--", "metrics/features.json"], repo)
+    assert outputs(repo) == before
+    # check_params passed (and locked) the bad value: the next run redoes only that check.
+    again = run(["dvc", "repro"], repo).stdout
+    assert redone(again) == ["check_params"], again
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert outputs(repo) == before
+
+
+def dvc_env() -> dict[str, str]:
+    """This interpreter's environment with its bin/ first on PATH, as `conftest.run` uses."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_a_second_run_stops_while_a_first_holds_the_workspace(pipeline_repo: Path, tmp_path: Path) -> None:
+    """DVC's own locks let `dvc repro -s` of another stage, or a stage script by hand, rewrite a
+    running pipeline's inputs; the workspace claim stops them, and a killed run's claim lapses."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    set_params(repo / "params.yaml", {"tune.n_trials": 400})  # a long tune to overlap with
+    traces = (repo / "data" / "traces.parquet").read_bytes()
+    first = subprocess.Popen(["dvc", "repro"], cwd=repo, env=dvc_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        claim, deadline = repo / ".dvc" / "tmp" / "routecast-run.json", time.monotonic() + 120
+        while not (claim.exists() and '"stage": "tune"' in claim.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never reached tune"
+            time.sleep(0.2)
+        second = run(["dvc", "repro", "-s", "-f", "extract_traces"], repo, check=False)
+        by_hand = run([sys.executable, "stages/encode_features.py", "data/traces.parquet", "--out",
+                       "data/features.parquet", "--report", "metrics/features.json"], repo, check=False)
+        assert first.poll() is None  # the two overlapped
+        for proc in (second, by_hand):
+            out = proc.stdout + proc.stderr
+            assert proc.returncode != 0, out
+            assert "another run is using this workspace" in out and f"(pid {first.pid}) is at stage tune" in out, out
+        assert (repo / "data" / "traces.parquet").read_bytes() == traces
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    again = run(["dvc", "repro", "-s", "-f", "extract_traces"], repo).stdout  # the killed run blocks nothing
+    assert stages_run(again) == ["extract_traces"], again

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 import pytest
@@ -23,7 +24,8 @@ from optuna.trial import TrialState
 
 from conftest import ROOT
 from routecast.params import load_params
-from routecast.tuning import PASSWORD_ENV, config_from_trial, driver_url, make_storage
+from routecast.study_storage import PASSWORD_ENV, driver_url, make_storage
+from routecast.tuning import config_from_trial
 from test_tuning import tiny_project
 
 DEFAULT_URL = "postgresql://routecast@localhost:5432/routecast_test"
@@ -111,3 +113,33 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
             assert password not in logs
     finally:
         optuna.delete_study(study_name=study_full_name, storage=storage)
+
+
+def _service_and_pgpass(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service file `rc` for `pg_url`'s server and a ~/.pgpass-style file with its password;
+    the environment password is removed, so only these files can log in."""
+    password = os.environ.get(PASSWORD_ENV) or os.environ.get("PGPASSWORD")
+    if not password:
+        pytest.skip(f"needs the test database's password in {PASSWORD_ENV} to write a pgpass file")
+    u = urlsplit(pg_url)
+    (tmp_path / "services.conf").write_text(
+        f"[rc]\nhost={u.hostname}\nport={u.port or 5432}\ndbname={u.path.lstrip('/')}\nuser={u.username}\n")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"*:*:*:{u.username}:{password}\n")
+    pgpass.chmod(0o600)  # libpq ignores a pgpass file others can read
+    monkeypatch.setenv("PGSERVICEFILE", str(tmp_path / "services.conf"))
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+
+
+def test_password_from_pgpass_and_settings_from_a_service_file(pg_url: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _service_and_pgpass(pg_url, tmp_path, monkeypatch)
+    for url in ("postgresql:///?service=rc", pg_url):
+        storage = make_storage(url)
+        optuna.get_all_study_names(storage)  # logged in
+        storage.engine.dispose()
+    (tmp_path / "pgpass").write_text("*:*:*:nobody:wrong\n")  # the files are what logs in
+    with pytest.raises(ValueError, match="cannot open the database"):
+        make_storage("postgresql:///?service=rc")

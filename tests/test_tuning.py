@@ -22,8 +22,8 @@ from routecast.params import ParamsError, load_params
 from routecast.split import split_features
 from routecast.synthetic import generate
 from routecast import tuning
-from routecast.tuning import (fail_dead_trials, file_digest, make_storage, redact, study_name, tune,
-                              worker_alive, worker_record)
+from routecast.study_storage import fail_dead_trials, make_storage, redact, worker_alive, worker_record
+from routecast.tuning import file_digest, study_name, tune
 
 # A few sequences of an 8-layer synthetic router: a trial epoch takes a fraction of a second.
 TINY = {"extract.synthetic.num_sequences": 12, "extract.synthetic.tokens_per_sequence": 48,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from routecast.errors import InputError
 from routecast.params import HFParams
 from routecast.traces import TraceError, TraceMeta, TraceWriter
 
@@ -56,7 +57,7 @@ ROUTERS: dict[str, tuple[tuple[str, ...], bool | None]] = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     """The model's architecture has no known router layout."""
 
 
@@ -98,7 +99,7 @@ def read_corpus(path: str | Path, text_column: str = "text") -> Iterator[str]:
                 if text and text.strip():
                     yield text
     else:
-        raise ValueError(f"extract.hf.corpus: {path}: expected a .txt, .jsonl or .parquet file")
+        raise InputError(f"extract.hf.corpus: {path}: expected a .txt, .jsonl or .parquet file")
 
 
 # --------------------------------------------------------------------------- model

@@ -21,9 +21,10 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from routecast.artifacts import atomic_write_text
+from routecast.errors import InputError
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
     def __init__(self, key: str, message: str, source: str = "params.yaml") -> None:
@@ -248,7 +249,13 @@ class IntRange:
 
 @dataclass(frozen=True)
 class UnitsRange:
-    """Hidden widths: `first` and `later` are [low, high, step]; a later layer is at most the one before."""
+    """Hidden widths: `first` and `later` are [low, high, step]; a later layer is at most the one before.
+
+    `tuning.suggest_config` draws layer i > 0 from [later.low, min(later.high, width of layer
+    i - 1)], so `later.low` must not exceed `first.low`: otherwise a first layer drawn below
+    `later.low` is followed by a wider one. (`later.high` above `first.high` is allowed; it is
+    capped by the layer before, as is any later width.)
+    """
 
     first: list[int]
     later: list[int]
@@ -260,6 +267,9 @@ class UnitsRange:
             low, high, step = value
             _check(low >= 1 and step >= 1, f"{key}.{name}", f"low and step must be >= 1, got {value}")
             _check(low <= high, f"{key}.{name}", f"low ({low}) > high ({high})")
+        _check(self.later[0] <= self.first[0], f"{key}.later",
+               f"low ({self.later[0]}) must be <= first's low ({self.first[0]}): a later layer is at most as wide "
+               "as the one before, and a first layer drawn below it would be followed by a wider one")
 
 
 @dataclass(frozen=True)
@@ -288,8 +298,9 @@ class TuneParams:
     pruner: Literal["hyperband", "median", "none"] = "hyperband"
     max_train_samples: int | None = None  # subsample train per trial; None: all
     study_name: str = "routecast"
-    # A journal file, or a database URL (postgresql://user@host/db) whose password comes from
-    # the environment (ROUTECAST_DB_PASSWORD or PGPASSWORD), never from this file.
+    # A journal file, or a database URL (postgresql://user@host/db, postgresql:///?service=NAME)
+    # whose password comes from ROUTECAST_DB_PASSWORD, PGPASSWORD, ~/.pgpass or a service file,
+    # never from this file.
     storage: str = "data/tune/journal.log"
     seed: int = 0
 
@@ -301,15 +312,10 @@ class TuneParams:
                f"must be >= 2 or null, got {self.max_train_samples}")
         _check(bool(self.study_name), f"{key}.study_name", "must not be empty")
         _check(bool(self.storage), f"{key}.storage", "must not be empty")
-        if "://" in self.storage:
-            from urllib.parse import urlsplit
+        from routecast.study_storage import storage_problem  # imported here: it pulls in optuna
 
-            try:
-                password = urlsplit(self.storage).password
-            except ValueError as exc:
-                raise ParamsError(f"{key}.storage", f"not a valid database URL: {exc}") from None
-            _check(password is None, f"{key}.storage",
-                   "must not hold a password (it would land in dvc.lock); set ROUTECAST_DB_PASSWORD or PGPASSWORD")
+        problem = storage_problem(self.storage)
+        _check(problem is None, f"{key}.storage", str(problem))
         self.search_space.validate(f"{key}.search_space")
 
 
@@ -349,8 +355,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a parsed YAML value to the annotated type `tp`, or raise naming `key`."""
+    """Convert a parsed YAML value to the annotated type `tp`, or raise naming `key`.
+
+    Every number is checked here, once for all keys: an int must fit in 64 bits, a float must
+    be finite (no .inf or .nan anywhere: a rate, a bound or a timeout of infinity is a typo).
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -384,11 +397,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(key, f"expected an integer, got {value!r}")
+        if not INT_MIN <= value <= INT_MAX:  # every int param ends up in a 64-bit slot (or smaller)
+            raise ParamsError(key, f"out of range: {value} does not fit in 64 bits")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .inf / .nan, or 1e400
+            raise ParamsError(key, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(key, f"expected a string, got {value!r}")

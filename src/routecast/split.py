@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from routecast.errors import InputError
 from routecast.features import Features
 from routecast.params import SplitParams
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 def _held_out(n: int, fraction: float) -> int:
     """How many of `n` units to hold out: round(n * fraction), at least 1, leaving at least 1."""
     if n < 2:
-        raise ValueError(f"cannot split {n} unit(s): need at least 2")
+        raise InputError(f"cannot split {n} unit(s): need at least 2")
     return int(min(max(round(n * fraction), 1), n - 1))
 
 
@@ -31,7 +32,7 @@ def split_features(feats: Features, params: SplitParams) -> tuple[Features, Feat
         units = np.unique(feats.seq_id)
         unit_of_sample = np.searchsorted(units, feats.seq_id)
         if len(units) < 3:
-            raise ValueError(f"split.by=sequence needs at least 3 sequences (test, validation, train); "
+            raise InputError(f"split.by=sequence needs at least 3 sequences (test, validation, train); "
                              f"the features hold {len(units)}")
     else:
         units = np.arange(len(feats))

@@ -2,29 +2,20 @@
 
 The study is named after a fingerprint of everything that changes a trial's value (the train
 split, the search space, the per-trial budget), so a re-run with a larger `n_trials` continues
-the same study while a change of data starts a new one. It lives in `tune.storage`:
-
-- a journal file (default `data/tune/journal.log`, persisted by DVC), for one machine;
-- a database URL (`postgresql://user@host/db`), for many workers on many machines. The
-  password never sits in the URL: it comes from `ROUTECAST_DB_PASSWORD` (or libpq's own
-  `PGPASSWORD` / `~/.pgpass`), so it reaches neither params.yaml, dvc.lock, logs nor metrics.
+the same study while a change of data starts a new one. It lives in `tune.storage` (a journal
+file or a database URL: see `routecast.study_storage`, which also fails and retries the trials
+of workers that died).
 
 Each trial reports validation top-2 after every epoch, so the pruner (Hyperband by default) can
-stop a hopeless configuration early. A process that dies mid-trial leaves a RUNNING trial: on a
-database Optuna's heartbeat fails it after `GRACE_PERIOD`; on either storage a trial whose
-recorded worker process (host, boot, pid, start time) is gone is failed at once by the next
-process that looks. Either way the failed configuration is retried once as a new trial, so
-completed trials are kept and trial numbers (assigned by the storage) never repeat.
+stop a hopeless configuration early.
 
 Every process (the `tune` stage and any `--worker`) starts a trial only while the study holds
 fewer than `n_trials` finished (complete or pruned) plus running trials; the stage then waits
 for the other workers' trials, so the study ends with `n_trials` finished trials (one more per
 worker that raced for the last slot at the same instant).
 """
-
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
@@ -37,24 +28,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from routecast.features import Features
 from routecast.params import ModelParams, Params, SearchSpace, TuneParams
+from routecast.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
 from routecast.training import split_train_val, train_model
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_top2"
-PASSWORD_ENV = "ROUTECAST_DB_PASSWORD"
-HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats on a database
-GRACE_PERIOD = 60  # a database trial with no heartbeat for this long is failed
-UNOWNED_GRACE = 120  # file store: a RUNNING trial that never recorded its worker is failed after this
 POLL_SECONDS = 2.0  # how often the stage checks on other workers' trials
-WORKER_ATTR = "worker"  # user attr: the process running the trial
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The seed's best configuration: with `baseline`, the first two trials of every new study.
 SEED_BEST = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
@@ -130,75 +116,7 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- storage, sampler, pruner
-
-
-def is_database_url(storage: str) -> bool:
-    return "://" in storage
-
-
-def redact(storage: str) -> str:
-    """`storage` fit for logs and metrics: a URL loses any password it carries."""
-    if not is_database_url(storage):
-        return storage
-    parts = urlsplit(storage)
-    if parts.password is None:
-        return storage
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
-def driver_url(storage: str) -> str:
-    """`postgresql://` with the driver installed: SQLAlchemy 2.1 defaults to psycopg 3, the
-    project pins psycopg2-binary; an explicit `postgresql+driver://` is kept as written."""
-    scheme, rest = storage.split("://", 1)
-    if scheme == "postgresql":
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return f"postgresql+psycopg2://{rest}"
-    return storage
-
-
-def make_storage(storage: str) -> optuna.storages.BaseStorage:
-    """A journal file for a path, an `RDBStorage` with heartbeats for a database URL."""
-    if not is_database_url(storage):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(storage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-
-    import sqlalchemy.exc
-
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    password = os.environ.get(PASSWORD_ENV)
-    if password and urlsplit(storage).scheme.startswith("postgresql"):
-        # Passed to psycopg2 beside the URL, so the URL Optuna and SQLAlchemy log stays password-free.
-        engine_kwargs["connect_args"] = {"password": password}
-    for attempt in range(3):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    driver_url(storage), engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                    grace_period=GRACE_PERIOD, heartbeat_stale_trial_callback=retry_callback())
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Workers starting together on an empty database race to create Optuna's tables.
-            if attempt == 2:
-                raise
-            time.sleep(1.0 + attempt)
-        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise ValueError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
-    raise AssertionError("unreachable")
-
-
-def retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
-    """A trial whose worker died is re-run once (as a new trial with the same parameters)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+# --------------------------------------------------------------------------- sampler, pruner
 
 
 def derived_seed(*parts: object) -> int:
@@ -224,85 +142,6 @@ def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     return optuna.pruners.NopPruner()
-
-
-# --------------------------------------------------------------------------- dead workers
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def worker_record(trial_number: int) -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid),
-            "trial": trial_number}
-
-
-def worker_alive(record: dict[str, Any]) -> bool | None:
-    """True / False for a process on this machine; None (unknown) for one elsewhere."""
-    if record.get("host") != socket.gethostname() or record.get("boot") != _boot_id():
-        return None
-    pid = int(record["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    start = _process_start(pid)
-    return start is None or record.get("start") is None or start == record["start"]
-
-
-def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
-    """Fail RUNNING trials whose worker is gone, retry each once; return the failed trial numbers.
-
-    The file store has no heartbeat, so this is how a killed `tune` is cleaned up on restart. A
-    retried trial carries its predecessor's user attrs; the `trial` field of the worker record
-    tells them apart, so a retry never looks dead before its own worker records itself.
-    """
-    failed = []
-    now = datetime.datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = trial.user_attrs.get(WORKER_ATTR)
-        if isinstance(record, dict) and record.get("trial") == trial.number:
-            if worker_alive(record) is not False:
-                continue
-        elif is_database_url_storage(storage) or trial.datetime_start is None or \
-                (now - trial.datetime_start).total_seconds() < UNOWNED_GRACE:
-            continue  # still starting up (or a database: its heartbeat decides)
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process got there first
-        log.warning("trial %d: its worker %s is gone; marked FAIL, retrying its parameters once", trial.number,
-                    _describe(record))
-        failed.append(trial.number)
-        retry_callback()(study, storage.get_trial(trial._trial_id))
-    return failed
-
-
-def is_database_url_storage(storage: optuna.storages.BaseStorage) -> bool:
-    return isinstance(storage, optuna.storages.RDBStorage)
-
-
-def _describe(record: Any) -> str:
-    if not isinstance(record, dict):
-        return "(never recorded)"
-    return f"{record.get('host')}:{record.get('pid')}"
 
 
 # --------------------------------------------------------------------------- running trials

@@ -1,0 +1,122 @@
+"""Atomic writes: files follow the umask like any other program's, and a rewrite keeps the mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from routecast import artifacts
+from routecast.artifacts import atomic_write_text, save_torch, write_csv, write_json
+from routecast.params import load_params, write_tuned
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda m: f"umask{m:03o}")
+def mask(request: pytest.FixtureRequest) -> Iterator[int]:
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+WRITERS: dict[str, Callable[[Path], None]] = {
+    "text": lambda p: atomic_write_text(p, "x\n"),
+    "json": lambda p: write_json(p, {"a": 1}),
+    "csv": lambda p: write_csv(p, ["a"], [[1]]),
+    "torch": lambda p: save_torch(p, {"a": 1}),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_new_file_follows_the_umask(writer: str, mask: int, tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "out.bin"
+    WRITERS[writer](path)
+    assert mode(path) == 0o666 & ~mask
+    # As open() would have made it, under the same umask.
+    (tmp_path / "plain").write_text("x")
+    assert mode(path) == mode(tmp_path / "plain")
+    assert [p.name for p in path.parent.iterdir()] == ["out.bin"]  # no temporary left
+
+
+def test_a_rewritten_file_keeps_its_mode(mask: int, tmp_path: Path) -> None:
+    path = tmp_path / "out.json"
+    path.write_text("{}")
+    path.chmod(0o640)
+    write_json(path, {"a": 1})
+    assert mode(path) == 0o640 and path.read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_params_yaml_keeps_its_mode_after_tune_writes_it(mask: int, tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    path.chmod(0o664)
+    write_tuned(load_params(path).baseline, path)
+    assert mode(path) == 0o664
+    assert load_params(path).tuned == load_params(path).baseline
+
+
+def test_umask_is_read_without_changing_it(mask: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert artifacts.umask() == mask
+    assert os.umask(mask) == mask  # unchanged by reading it
+    real = Path.read_text
+
+    def no_proc(self: Path, *args: object, **kwargs: object) -> str:
+        if str(self) == "/proc/self/status":
+            raise OSError("no /proc")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    assert artifacts.umask() == mask  # the fallback restores it
+    assert os.umask(mask) == mask
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    dead, live = dead_pid(), os.getpid()
+    stale = tmp_path / f".out.json.{dead}.abcd1234.tmp"
+    kept = [tmp_path / f".out.json.{live}.abcd1234.tmp",  # a live writer's (maybe concurrent)
+            tmp_path / ".out.json.abcd1234.tmp",  # no pid: not ours to judge
+            tmp_path / f".other.json.{dead}.abcd1234.tmp"]  # another file's
+    for path in [stale, *kept]:
+        path.write_text("partial")
+    write_json(out, {"a": 1})
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_a_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path: Path) -> None:
+    out = tmp_path / "data" / "traces.bin"
+    code = ("import sys, time\nfrom routecast.artifacts import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('half')\n    print(tmp, flush=True)\n"
+            "    time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    tmp = Path(writer.stdout.readline().strip())
+    assert tmp.parent == out.parent and f".traces.bin.{writer.pid}." in tmp.name
+    write_json(out, {"b": 2})  # a concurrent write leaves the live writer's temporary alone
+    assert tmp.exists()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert tmp.exists()  # what a SIGKILL leaves behind
+    write_json(out, {"c": 3})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["traces.bin"]
