@@ -1,29 +1,41 @@
-"""train_full: train one model (`baseline` or `tuned` params) on the whole train split."""
+"""train_full: fit one predictor (the `baseline` or `tuned` params block) on the train split.
+
+Every kind fits on the train split's fit part and chooses (early stopping, the mixture's
+restarts) on its validation sequences; per-epoch metrics go through DVCLive.
+"""
 
 import argparse
 
-from routecast.artifacts import write_csv
+from dvclive import Live
+
+from routecast.checkpoints import save_checkpoint
 from routecast.features import read_features
-from routecast.model import save_model
 from routecast.params import load_params
 from routecast.stage import stage
-from routecast.training import split_train_val, train_model
+from routecast.training import fit_predictor, split_train_val
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=["baseline", "tuned"], help="which params block builds the model")
-    parser.add_argument("--train", default="data/train.parquet")
+    parser.add_argument("--train", required=True, help="train split (Parquet)")
+    parser.add_argument("--out", required=True, help="model file")
+    parser.add_argument("--live", required=True, help="DVCLive directory for the per-epoch metrics")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", help="model file (default: data/models/NAME.pt)")
-    parser.add_argument("--history", help="per-epoch CSV (default: metrics/train/NAME.csv)")
     args = parser.parse_args()
     with stage(f"train_full {args.name}"):
         params = load_params(args.params)
+        model_params = params.model(args.name)
         fit, val = split_train_val(read_features(args.train))
-        result = train_model(params.model(args.name), params.train, fit, val, desc=args.name)
-        save_model(args.out or f"data/models/{args.name}.pt", result.model,
-                   {"history": result.history, "best_epoch": result.best_epoch, "best_val_top2": result.best_val_top2,
-                    "position_scale": fit.meta.position_scale})
-        columns = list(result.history[0])
-        write_csv(args.history or f"metrics/train/{args.name}.csv", columns,
-                  [[row[c] for c in columns] for row in result.history])
+        with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False) as live:
+            def log_epoch(epoch: int, row: dict[str, float]) -> None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        live.log_metric(key, value)
+                live.next_step()
+
+            result = fit_predictor(model_params, params.train, fit, val, on_epoch=log_epoch, desc=args.name)
+            live.summary.update({"best_epoch": result.best_epoch, "best_value": result.best_value,
+                                 "kind": model_params.kind})
+        save_checkpoint(args.out, result.model,
+                        {"history": result.history, "best_epoch": result.best_epoch, "best_value": result.best_value,
+                         "position_scale": fit.meta.position_scale, "target": params.train.target})

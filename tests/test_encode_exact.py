@@ -8,10 +8,11 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from routecast.features import Features, encode_features, encode_features_reference
+from routecast.features import Features, encode_features
 from routecast.params import FeaturesParams, SyntheticParams
 from routecast.synthetic import generate
 from routecast.traces import TraceError, Traces
+from reference_encoder import encode_features_reference
 
 
 def small_trace(spec: bool, num_sequences: int = 4, tokens: int = 9, layers: int = 6) -> Traces:
@@ -51,13 +52,13 @@ def expected_report(traces: Traces, params: FeaturesParams) -> dict[str, int]:
             "history_entries_missing": sum(1 for have in layers.values() for l in range(L - 1) if l not in have)}
 
 
-PARAMS = [FeaturesParams(), FeaturesParams(lookahead=2, history_len=4), FeaturesParams(history_len=9, lookahead=1),
-          FeaturesParams(lookahead=2, position_scale=4.0)]
+PARAMS = [FeaturesParams(), FeaturesParams(lookahead=2, history_len=4, prev_token=True),
+          FeaturesParams(history_len=9, lookahead=1, prev_token=True), FeaturesParams(lookahead=2, position_scale=4.0)]
 
 
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("layout", ["complete", "missing", "shuffled_missing", "shuffled_complete"])
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"la{p.lookahead}_h{p.history_len}")
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"la{p.lookahead}_h{p.history_len}_prev{int(p.prev_token)}")
 def test_vectorised_equals_reference(spec: bool, layout: str, params: FeaturesParams) -> None:
     traces = small_trace(spec)
     rng = np.random.default_rng(7)

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from routecast.features import Features, encode_features
-from routecast.oracle import OraclePredictor, _complete_rows, _forward_rows, _Tables, expected_topk_accuracy, \
-    posterior_next_expert
+from routecast.features import Features, encode_features, token_keys
+from routecast.oracle import OraclePredictor, _complete_loglik, _forward_loglik, _Tables, expected_topk_accuracy, \
+    next_layer_probs, posterior_next_expert
 from routecast.params import FeaturesParams, SyntheticParams, load_params
 from routecast.reference import BoostedTreesPredictor, lookup_ladder
 from routecast.synthetic import generate
@@ -29,7 +29,7 @@ def topk_hits(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
 def clustered_mean_and_se(values: np.ndarray, feats: Features) -> tuple[float, float]:
     """Mean of per-sample `values` and its standard error, clustered by token (a token's samples
     share its hidden type, so they are not independent)."""
-    token = (feats.seq_id.astype(np.int64) << 32) | feats.token_pos.astype(np.int64)
+    token = token_keys(feats.seq_id, feats.token_pos)
     _, cluster = np.unique(token, return_inverse=True)
     n = len(values)
     mean = values.mean()
@@ -139,37 +139,63 @@ def test_forward_algorithm_equals_closed_form():
                                    FeaturesParams())
     order = np.argsort(-feats.layer.astype(np.int64), kind="stable")
     f = feats.take(order)
-    args = (f.layer.astype(np.int64), f.history.astype(np.int64), f.secondary.astype(np.int64),
-            f.position.astype(np.float64), router)
+    args = (f.layer.astype(np.int64), f.history.astype(np.int64), f.primary.astype(np.int64),
+            f.secondary.astype(np.int64))
     tables = _Tables(router, 1)
-    np.testing.assert_allclose(_forward_rows(tables, *args), _complete_rows(tables, *args), atol=1e-12)
+    np.testing.assert_allclose(_forward_loglik(tables, *args), _complete_loglik(tables, *args), rtol=1e-10)
 
 
-@pytest.mark.parametrize("features, drop", [
-    (FeaturesParams(lookahead=2), 0.0),
-    (FeaturesParams(history_len=5), 0.0),
-    (FeaturesParams(), 0.1),
+@pytest.mark.parametrize("features, drop, persistence", [
+    (FeaturesParams(lookahead=2), 0.0, 0.0),
+    (FeaturesParams(history_len=5), 0.0, 0.0),
+    (FeaturesParams(), 0.1, 0.0),
+    (FeaturesParams(), 0.0, 0.4),
+    (FeaturesParams(prev_token=True), 0.0, 0.4),
+    (FeaturesParams(prev_token=True, lookahead=2, history_len=5), 0.1, 0.4),
 ])
-def test_oracle_exact_for_lookahead_truncated_and_missing_history(features, drop):
-    params = SyntheticParams(num_sequences=60, tokens_per_sequence=64, num_layers=8)
+def test_oracle_exact_for_lookahead_truncated_missing_history_and_persistence(features, drop, persistence):
+    """Calibration: a predictor whose scores are the true P(target | features) scores, on average,
+    the probability mass of its own top-2 (primary) and of its own top-k set (set recall)."""
+    params = SyntheticParams(num_sequences=60, tokens_per_sequence=64, num_layers=8, route_persistence=persistence)
     feats, router = small_features(params, features, drop)
     probs = posterior_next_expert(router, feats)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     residual, se = clustered_mean_and_se(topk_hits(probs, feats.target, 2) - np.sort(probs, axis=1)[:, -2:].sum(1),
                                          feats)
     assert abs(residual) < Z_SIGMA * se, (residual, se)
+    inclusion = next_layer_probs(router, feats, target="set")
+    np.testing.assert_allclose(inclusion.sum(axis=1), 2.0, atol=1e-9)  # top_k = 2 members
+    best = np.argsort(-inclusion, axis=1, kind="stable")[:, :2]
+    covered = (best[:, :, None] == feats.target_set[:, None, :]).any(axis=2).sum(axis=1)
+    expected = np.take_along_axis(inclusion, best, axis=1).sum(axis=1)
+    residual, se = clustered_mean_and_se(covered - expected, feats)
+    assert abs(residual) < Z_SIGMA * se, ("set", residual, se)
+
+
+def test_previous_token_feature_is_informative_only_with_persistence():
+    """With persistence the previous token's experts raise the ceiling; without it they change nothing."""
+    for persistence, gain in ((0.0, False), (0.4, True)):
+        params = SyntheticParams(num_sequences=40, tokens_per_sequence=64, num_layers=8, route_persistence=persistence)
+        traces, router = generate(params)
+        plain = posterior_next_expert(router, encode_features(traces, FeaturesParams()))
+        with_prev = posterior_next_expert(router, encode_features(traces, FeaturesParams(prev_token=True)))
+        if gain:
+            assert expected_topk_accuracy(with_prev) > expected_topk_accuracy(plain) + 0.05
+        else:
+            np.testing.assert_allclose(with_prev, plain, atol=1e-9)
 
 
 def test_oracle_uses_position_like_the_generator():
-    """A different position_scale in the features must not change the oracle (it converts back),
-    and with a strong position effect the position matters."""
+    """A different position_scale in the features must not change the oracle (it reads the token's
+    position, which position * position_scale equals below the clip), and with a strong position
+    effect the position matters."""
     params = SyntheticParams(num_sequences=4, tokens_per_sequence=512, num_layers=6, position_effect=20.0)
     traces, router = generate(params)
     a = posterior_next_expert(router, encode_features(traces, FeaturesParams(position_scale=2048)))
     b = posterior_next_expert(router, encode_features(traces, FeaturesParams(position_scale=1024)))
     np.testing.assert_allclose(a, b, atol=1e-5)
     feats = encode_features(traces, FeaturesParams())
-    blind = posterior_next_expert(router, dataclasses.replace(feats, position=np.zeros_like(feats.position)))
+    blind = posterior_next_expert(router, dataclasses.replace(feats, token_pos=np.zeros_like(feats.token_pos)))
     assert np.abs(blind - a).max() > 0.05
 
 

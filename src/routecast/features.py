@@ -3,13 +3,19 @@
 One sample per (token, layer l) with `l + lookahead < num_layers`, both layer l and layer
 l + lookahead routed for that token. Features are what is known once layer l has routed:
 
-    layer      l
-    secondary  the 2nd expert at layer l (-1 when top_k = 1)
-    gating     the k gate weights at layer l
-    history    primary expert at layers 0..l, stored +1 (0 = padding or a missing row),
-               right-padded to history_len; entry j is always layer j
-    position   min(token_pos / position_scale, 1)
-    spec_logits (optional) the next layer's router logits on layer l's hidden state
+    layer        l
+    primary      the 1st expert at layer l (also history entry l when l < history_len; kept
+                 on its own so a history shorter than the layers never loses it)
+    secondary    the 2nd expert at layer l (-1 when top_k = 1)
+    gating       the k gate weights at layer l
+    history      primary expert at layers 0..l, stored +1 (0 = padding or a missing row),
+                 right-padded to history_len; entry j is always layer j
+    position     min(token_pos / position_scale, 1)
+    spec_logits  (optional) the next layer's router logits on layer l's hidden state
+    prev_experts (optional, `features.prev_token`) the previous token's top-k at layer
+                 l + lookahead, stored +1 (0 = no previous token or no row). In decode the
+                 previous token has finished every layer before this one starts, so this is
+                 known; valid for decode-order traces only (a prefill trace's tokens run together).
 
 Target: the primary expert at layer l + lookahead; target_set: the whole top-k there.
 """
@@ -69,6 +75,7 @@ class Features:
     seq_id: np.ndarray  # int32 [N]
     token_pos: np.ndarray  # int32 [N]
     layer: np.ndarray  # int16 [N]
+    primary: np.ndarray  # int16 [N]
     secondary: np.ndarray  # int16 [N]
     gating: np.ndarray  # float32 [N, k]
     history: np.ndarray  # int16 [N, history_len]
@@ -76,6 +83,7 @@ class Features:
     target: np.ndarray  # int16 [N]
     target_set: np.ndarray  # int16 [N, k]
     spec_logits: np.ndarray | None = None  # float32 [N, E]
+    prev_experts: np.ndarray | None = None  # int16 [N, k], +1 (0 = none)
     is_val: np.ndarray | None = None  # bool [N], set by split_95_5 in the train split
     report: dict[str, int] = field(default_factory=dict)
 
@@ -90,6 +98,18 @@ class Features:
 
 
 # --------------------------------------------------------------------------- encoding
+
+
+def token_keys(seq_id: np.ndarray, token_pos: np.ndarray) -> np.ndarray:
+    """One int64 per token, ordered as (seq_id, token_pos): `seq_id << 32 | token_pos`. Both are
+    non-negative int32 in a valid trace, so the key is unique and `split_token_keys` inverts it."""
+    return (np.asarray(seq_id, dtype=np.int64) << 32) | np.asarray(token_pos, dtype=np.int64)
+
+
+def split_token_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_id, token_pos) as int32 from `token_keys`."""
+    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32)
+
 
 
 def _rank_keys(seq_id: np.ndarray, token_pos: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +128,7 @@ def _rank_keys(seq_id: np.ndarray, token_pos: np.ndarray, key: np.ndarray) -> tu
     seen[dense] = True
     rank = np.cumsum(seen, dtype=np.int64) - 1
     occupied = np.flatnonzero(seen)
-    tokens = ((occupied // span + s_min) << 32) | (occupied % span + p_min)
+    tokens = token_keys(occupied // span + s_min, occupied % span + p_min)
     return tokens, rank[dense]
 
 
@@ -129,7 +149,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
     layer = np.asarray(traces.layer)
 
     # A token is a (seq_id, token_pos) pair; number them in sorted key order.
-    key = (traces.seq_id.astype(np.int64) << 32) | traces.token_pos.astype(np.int64)
+    key = token_keys(traces.seq_id, traces.token_pos)
     new_token = np.empty(n_rows, dtype=bool)
     new_token[:1] = True
     np.not_equal(key[1:], key[:-1], out=new_token[1:])
@@ -148,7 +168,8 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         if (counts > 1).any():
             bad = int(np.flatnonzero(counts > 1)[0])
             t, bad_layer = divmod(bad, L)
-            raise TraceError(f"duplicate rows for seq_id={tokens[t] >> 32}, token_pos={tokens[t] & 0xFFFFFFFF}, "
+            seq, pos = split_token_keys(tokens[t:t + 1])
+            raise TraceError(f"duplicate rows for seq_id={seq[0]}, token_pos={pos[0]}, "
                              f"layer={bad_layer}")
     if not complete and in_order:
         cell = (np.cumsum(new_token, dtype=np.int64) - 1) * L + layer
@@ -195,18 +216,27 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
     history = samples(hist_token[:, None, :] * visible[None].astype(np.int16), fresh=True)
 
     token_of_sample = np.repeat(tokens, n_src) if keep_all else np.repeat(tokens, n_src)[keep]
-    seq_id = (token_of_sample >> 32).astype(np.int32)
-    token_pos = (token_of_sample & 0xFFFFFFFF).astype(np.int32)
+    seq_id, token_pos = split_token_keys(token_of_sample)
     layers = np.broadcast_to(np.arange(n_src, dtype=np.int16), (n_tokens, n_src))
     spec = None
     if traces.spec_logits is not None:
         spec = samples(grid(traces.spec_logits, 0.0, np.float32)[:, :n_src])
+    prev = None
+    if params.prev_token:
+        # The previous token of the same sequence is the previous row of `tokens` with position - 1.
+        has_prev = np.zeros(n_tokens, dtype=bool)
+        has_prev[1:] = tokens[1:] - 1 == tokens[:-1]
+        prev_grid = np.zeros((n_tokens, n_src, k), dtype=np.int16)
+        routed = has_prev[1:, None] & present[:-1, la:]  # [n_tokens - 1, n_src]
+        np.add(experts[:-1, la:], 1, out=prev_grid[1:], where=routed[:, :, None])
+        prev = samples(prev_grid, fresh=True)
 
     feats = Features(
         meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source),
         seq_id=seq_id,
         token_pos=token_pos,
         layer=samples(layers),
+        primary=samples(experts[:, :n_src, 0]),
         secondary=samples(experts[:, :n_src, 1]) if k > 1 else np.full(len(seq_id), -1, dtype=np.int16),
         gating=samples(gates[:, :n_src]),
         history=history,
@@ -214,6 +244,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         target=samples(experts[:, la:, 0]),
         target_set=samples(experts[:, la:]),
         spec_logits=spec,
+        prev_experts=prev,
     )
     candidates = n_tokens * n_src
     feats.report = {
@@ -231,55 +262,9 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
     return feats
 
 
-def encode_features_reference(traces: Traces, params: FeaturesParams) -> Features:
-    """A plain per-row Python encoder: the definition the vectorised one must equal (tests, benchmark)."""
-    meta = traces.meta
-    L, k, la = meta.num_layers, meta.top_k, params.lookahead
-    H = params.history_len or L
-    rows: dict[tuple[int, int], dict[int, int]] = {}
-    for i in range(len(traces)):
-        rows.setdefault((int(traces.seq_id[i]), int(traces.token_pos[i])), {})[int(traces.layer[i])] = i
-    out: dict[str, list] = {n: [] for n in ("seq_id", "token_pos", "layer", "secondary", "gating", "history",
-                                            "position", "target", "target_set", "spec_logits")}
-    for (seq, pos), by_layer in sorted(rows.items()):
-        for layer in range(L - la):
-            if layer not in by_layer or layer + la not in by_layer:
-                continue
-            i, j = by_layer[layer], by_layer[layer + la]
-            history = [0] * H
-            for h in range(min(layer + 1, H)):
-                if h in by_layer:
-                    history[h] = int(traces.experts[by_layer[h], 0]) + 1
-            out["seq_id"].append(seq)
-            out["token_pos"].append(pos)
-            out["layer"].append(layer)
-            out["secondary"].append(int(traces.experts[i, 1]) if k > 1 else -1)
-            out["gating"].append(traces.weights[i])
-            out["history"].append(history)
-            out["position"].append(min(pos / params.position_scale, 1.0))
-            out["target"].append(int(traces.experts[j, 0]))
-            out["target_set"].append(traces.experts[j])
-            if traces.spec_logits is not None:
-                out["spec_logits"].append(traces.spec_logits[i])
-    return Features(
-        meta=FeatureMeta(L, meta.num_experts, k, H, la, float(params.position_scale), meta.source),
-        seq_id=np.array(out["seq_id"], dtype=np.int32),
-        token_pos=np.array(out["token_pos"], dtype=np.int32),
-        layer=np.array(out["layer"], dtype=np.int16),
-        secondary=np.array(out["secondary"], dtype=np.int16),
-        gating=np.array(out["gating"], dtype=np.float32).reshape(-1, k),
-        history=np.array(out["history"], dtype=np.int16).reshape(-1, H),
-        position=np.array(out["position"], dtype=np.float32),
-        target=np.array(out["target"], dtype=np.int16),
-        target_set=np.array(out["target_set"], dtype=np.int16).reshape(-1, k),
-        spec_logits=(np.array(out["spec_logits"], dtype=np.float32).reshape(-1, meta.num_experts)
-                     if traces.spec_logits is not None else None),
-    )
-
-
 # --------------------------------------------------------------------------- Parquet I/O
 
-_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits")
+_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts")
 
 
 def features_to_table(feats: Features) -> pa.Table:

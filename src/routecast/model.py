@@ -1,169 +1,257 @@
-"""The seed's MLP: embeddings for layer and experts, then Linear-BatchNorm-LeakyReLU-Dropout blocks.
+"""The neural predictors, standing alone (torch only): one config, three kinds.
 
-Input = concat(layer emb, secondary emb, flattened history embs, gating, position[, extra]):
-239 wide for emb 5/7 and 32 layers, 178 for 10/5. The expert embedding has row 0 for padding,
-shared by `secondary` (+1) and every `history` entry (already +1).
+Every kind maps a batch of samples (the tensors of `routecast.batches.Inputs`: layer, primary,
+secondary+1, history+1, gating, position, prev+1, extra) to logits [N, num_experts] over the
+experts of layer l + lookahead, and sees nothing of layer l + 1 or later of the token:
+
+    mlp         the seed's model: embeddings of the layer and of every expert id (row 0 =
+                padding, shared by the secondary and every history entry), concatenated with
+                the gate weights and position, then Linear-BatchNorm-LeakyReLU-Dropout blocks.
+                Input width 239 for emb 5/7 and 32 layers, as the seed.
+    lookup_mlp  the same MLP, given the lookup ladder's smoothed log-probabilities as inputs and
+                added to its output (the last Linear starts at zero): it starts exactly at the
+                three-deep lookup table and learns a correction, so small data cannot leave it
+                below the table. The table is fitted on the training split and kept in buffers.
+    gru         reads the token's path layer by layer (an embedding of the pair (layer j, primary
+                expert at j)), and at layer l a head reads the GRU state with the layer's
+                secondary, gate weights, position (and the optional features) into per-layer
+                output logits. One token is one training sequence (`forward_tokens`).
+
+`build_model(config)` makes any kind; `ModelConfig` is plain data, so a checkpoint is the config
+plus a state dict. The mixture of Markov chains is fitted by EM in `routecast.mixture`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from routecast.artifacts import save_torch
-from routecast.features import FeatureMeta, Features
-from routecast.params import ModelParams
+NEURAL_KINDS = ("mlp", "lookup_mlp", "gru")
+LOOKUP_PSEUDO_COUNT = 1e-3  # the reference ladder's (routecast.reference), so lookup_mlp starts at that table
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: str
     num_layers: int
     num_experts: int
     top_k: int
     history_len: int
-    layer_emb: int
-    expert_emb: int
-    architecture: list[int] = field(default_factory=list)
+    lookahead: int = 1
+    layer_emb: int = 5
+    expert_emb: int = 7
+    architecture: tuple[int, ...] = field(default=(512, 512))
     dropout: float = 0.0
-    num_extra: int = 0  # width of optional extra features (spec_logits)
+    hidden: int = 128  # gru: state width
+    rnn_layers: int = 1  # gru: stacked GRU layers
+    num_prev: int = 0  # width of the previous-token feature (0: off, else top_k)
+    num_extra: int = 0  # width of extra dense features (spec_logits)
 
-    @classmethod
-    def build(cls, meta: FeatureMeta, params: ModelParams, num_extra: int = 0) -> ModelConfig:
-        return cls(meta.num_layers, meta.num_experts, meta.top_k, meta.history_len, params.layer_emb,
-                   params.expert_emb, list(params.architecture), params.dropout, num_extra)
+    def __post_init__(self) -> None:
+        if self.kind not in NEURAL_KINDS:
+            raise ValueError(f"kind {self.kind!r}: a neural kind is one of {NEURAL_KINDS}")
+        object.__setattr__(self, "architecture", tuple(int(u) for u in self.architecture))
+
+    @property
+    def slots(self) -> int:
+        """Source layers with a target: 0 .. num_layers - lookahead - 1."""
+        return self.num_layers - self.lookahead
+
+    @property
+    def sees_primary(self) -> bool:
+        """The history holds layer l's primary for every l: no separate input needed (the seed's shape)."""
+        return self.history_len >= self.slots
 
     @property
     def input_width(self) -> int:
-        return (self.layer_emb + self.expert_emb * (1 + self.history_len) + self.top_k + 1 + self.num_extra)
+        """Width of the MLP's concatenated input (the seed's 239 for emb 5/7, 32 layers)."""
+        ids = 1 + self.history_len + self.num_prev + (0 if self.sees_primary else 1)
+        width = self.layer_emb + self.expert_emb * ids + self.top_k + 1 + self.num_extra
+        return width + (self.num_experts if self.kind == "lookup_mlp" else 0)
 
 
-class Inputs(NamedTuple):
-    """Model inputs as tensors (a batch is a slice of each)."""
-
-    layer: torch.Tensor  # int64 [N]
-    secondary: torch.Tensor  # int64 [N], +1 (0 = none)
-    history: torch.Tensor  # int64 [N, H], +1 (0 = padding)
-    gating: torch.Tensor  # float32 [N, k]
-    position: torch.Tensor  # float32 [N]
-    extra: torch.Tensor  # float32 [N, X] (X may be 0)
-
-    def __len__(self) -> int:
-        return len(self.layer)
-
-    def index(self, idx: torch.Tensor | slice) -> Inputs:
-        return Inputs(*(t[idx] for t in self))
+def hidden_blocks(width: int, architecture: tuple[int, ...], dropout: float) -> list[nn.Module]:
+    """Linear-BatchNorm-LeakyReLU(0.1)-Dropout per hidden width."""
+    blocks: list[nn.Module] = []
+    for units in architecture:
+        blocks += [nn.Linear(width, units), nn.BatchNorm1d(units), nn.LeakyReLU(0.1, inplace=True),
+                   nn.Dropout(dropout)]
+        width = units
+    return blocks
 
 
-def to_inputs(feats: Features, use_extra: bool) -> Inputs:
-    extra = feats.spec_logits if (use_extra and feats.spec_logits is not None) else np.zeros((len(feats), 0), np.float32)
-    return Inputs(
-        layer=torch.from_numpy(feats.layer.astype(np.int64)),
-        secondary=torch.from_numpy(feats.secondary.astype(np.int64) + 1),
-        history=torch.from_numpy(feats.history.astype(np.int64)),
-        gating=torch.from_numpy(np.array(feats.gating, dtype=np.float32)),
-        position=torch.from_numpy(feats.position.astype(np.float32)),
-        extra=torch.from_numpy(np.array(extra, dtype=np.float32)),
-    )
+class MLP(nn.Module):
+    """The seed's MLP (and, with a lookup table, `lookup_mlp`)."""
 
-
-class SeededDropout(nn.Dropout):
-    """nn.Dropout whose masks are 16-bit lanes of a NumPy SFC64 stream's raw 64-bit output.
-
-    torch's CPU dropout draws one mt19937 number per element and costs more than the block's
-    matmul at the seed's shapes. `Generator.integers` plus `np.where` cost ~1 ms per [512, 512]
-    mask; raw 64-bit words viewed as int16, then one vectorised compare, cost about a quarter
-    (training steps 5 to 9% faster: benchmarks/bench_dropout.py). The drop rate is p to within 2**-17.
-    Eval mode is the identity, as for nn.Dropout, and there is no state to save.
-    """
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__(p)
-        self.reseed(0)
-
-    def reseed(self, seed: int) -> None:
-        self._bits = np.random.SFC64(seed)
-
-    def mask(self, shape: torch.Size) -> torch.Tensor:
-        """float32 mask of `shape`: 0 (dropped) or 1 / (1 - p) (kept)."""
-        n = int(np.prod(shape))
-        draws = self._bits.random_raw(-(-n // 4)).view(np.int16)[:n]  # 4 uniform int16 per word
-        threshold = round(self.p * 65536) - 32768  # keep a draw >= threshold: P = 1 - p (to 2**-17)
-        # NumPy's compare and bool -> float32 cast are vectorised; torch's, on int16 and bool, are
-        # ~4x slower here.
-        mask = np.greater_equal(draws.reshape(shape), threshold).astype(np.float32)
-        mask *= np.float32(1.0 / (1.0 - self.p))
-        return torch.from_numpy(mask)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.p >= 1.0:
-            return x * 0.0
-        return x * self.mask(x.shape)
-
-
-class RoutePredictor(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.sees_primary = config.sees_primary  # plain attributes for TorchScript
         self.layer_emb = nn.Embedding(config.num_layers, config.layer_emb)
         self.expert_emb = nn.Embedding(config.num_experts + 1, config.expert_emb, padding_idx=0)
-        blocks: list[nn.Module] = []
-        width = config.input_width
-        for units in config.architecture:
-            blocks += [nn.Linear(width, units), nn.BatchNorm1d(units), nn.LeakyReLU(0.1, inplace=True),
-                       SeededDropout(config.dropout)]
-            width = units
-        blocks.append(nn.Linear(width, config.num_experts))
-        self.mlp = nn.Sequential(*blocks)
-        # Seed the dropout streams from torch's RNG after every weight is drawn, so the initial
-        # weights are those of plain nn modules and torch.manual_seed(s) fixes the whole run.
-        for module in self.mlp:
-            if isinstance(module, SeededDropout):
-                module.reseed(int(torch.randint(0, 2**62, ()).item()))
+        last = config.architecture[-1] if config.architecture else config.input_width
+        self.mlp = nn.Sequential(*hidden_blocks(config.input_width, config.architecture, config.dropout),
+                                 nn.Linear(last, config.num_experts))
 
-    def forward(self, layer: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor, gating: torch.Tensor,
-                position: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        """Logits [N, num_experts] for the next layer's primary expert."""
-        # One lookup for secondary and history (adjacent in the input): one gather and one
-        # gradient scatter per step instead of two.
-        experts = self.expert_emb(torch.cat([secondary.unsqueeze(1), history], dim=1)).flatten(1)
-        x = torch.cat(
-            [
-                self.layer_emb(layer),
-                experts,
-                gating,
-                position.unsqueeze(1),
-                extra,
-            ],
-            dim=1,
-        )
-        return self.mlp(x)
+    def features(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                 gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        ids = [secondary.unsqueeze(1), history, prev]
+        if not self.sees_primary:
+            ids.append(primary.unsqueeze(1) + 1)
+        # One lookup for every expert id (adjacent in the input): one gather and one gradient scatter.
+        experts = self.expert_emb(torch.cat(ids, dim=1)).flatten(1)
+        return torch.cat([self.layer_emb(layer), experts, gating, position.unsqueeze(1), extra], dim=1)
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(layer, primary, secondary, history, gating, position, prev, extra))
 
 
-@torch.no_grad()
-def predict_logits(model: RoutePredictor, inputs: Inputs, batch_size: int = 8192) -> torch.Tensor:
-    model.eval()
-    out = [model(*inputs.index(slice(i, i + batch_size))) for i in range(0, len(inputs), batch_size)]
-    return torch.cat(out) if out else torch.zeros((0, model.config.num_experts))
+class LookupMLP(MLP):
+    """logits = scale * log P_lookup + MLP(features, log P_lookup): starts at the table (scale 1,
+    zero last Linear). The table's smoothed probabilities are sharp (a context seen a few times
+    puts almost nothing on unseen experts), so `scale` learns how far to trust them.
+
+    The ladder (layer, e) -> (layer, e-1, e) -> (layer, e-2, e-1, e) lives in buffers: per order, the
+    sorted context keys seen in training and their target counts; an unseen key backs off to the
+    shorter context, as `routecast.reference.LookupPredictor` (which fits the same counts)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.num_experts = config.num_experts
+        self.pseudo_count = LOOKUP_PSEUDO_COUNT
+        self.register_buffer("frequency", torch.full((config.num_layers, config.num_experts), 1.0 / config.num_experts))
+        for order in (1, 2, 3):
+            self.register_buffer(f"keys_{order}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"counts_{order}", torch.zeros(0, config.num_experts))
+
+    def set_tables(self, frequency: torch.Tensor, keys: list[torch.Tensor], counts: list[torch.Tensor]) -> None:
+        """Load fitted ladder counts (see `routecast.reference.lookup_tables`)."""
+        self.frequency = frequency.float()
+        self.keys_1, self.keys_2, self.keys_3 = (k.long() for k in keys)
+        self.counts_1, self.counts_2, self.counts_3 = (c.float() for c in counts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # The tables' sizes are the fitted ones: take them from the checkpoint.
+        for order in (1, 2, 3):
+            for name in (f"keys_{order}", f"counts_{order}"):
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def table_logp(self, layer: torch.Tensor, primary: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """log P_lookup(target | layer, e-2, e-1, e) for a batch: [N, E]."""
+        probs = self.frequency[layer]
+        probs = self._back_off(probs, self.keys_1, self.counts_1, _context_key(layer, history, primary, 1,
+                                                                                self.num_experts))
+        probs = self._back_off(probs, self.keys_2, self.counts_2, _context_key(layer, history, primary, 2,
+                                                                                self.num_experts))
+        probs = self._back_off(probs, self.keys_3, self.counts_3, _context_key(layer, history, primary, 3,
+                                                                                self.num_experts))
+        return torch.log(probs.clamp_min(1e-12))
+
+    def _back_off(self, probs: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """A seen key's counts pulled towards `probs` (the shorter context) by the pseudo-count."""
+        if keys.numel() == 0:
+            return probs
+        pos = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
+        row = torch.where((keys[pos] == key).unsqueeze(1), counts[pos], torch.zeros_like(probs))
+        return (row + self.pseudo_count * probs) / (row.sum(1, keepdim=True) + self.pseudo_count)
+
+    def forward_with_table(self, table: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
+                           secondary: torch.Tensor, history: torch.Tensor, gating: torch.Tensor,
+                           position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.features(layer, primary, secondary, history, gating, position, prev, extra), table], 1)
+        return self.scale * table + self.mlp(x)
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        table = self.table_logp(layer, primary, history)
+        return self.forward_with_table(table, layer, primary, secondary, history, gating, position, prev, extra)
 
 
-def save_model(path: str | Path, model: RoutePredictor, extra: dict[str, Any] | None = None) -> None:
-    """Weights plus the config that built them; loadable with torch.load(weights_only=True)."""
-    save_torch(path, {"config": asdict(model.config), "state_dict": model.state_dict(), **(extra or {})})
+def _context_key(layer: torch.Tensor, history: torch.Tensor, primary: torch.Tensor, order: int,
+                 num_experts: int) -> torch.Tensor:
+    """(layer, e_{l-order+1}+1, ..., e_l+1) as one int64, as `routecast.reference.context_keys`."""
+    base = num_experts + 1
+    H = history.shape[1]
+    key = layer
+    for offset in range(order - 1, -1, -1):
+        if offset == 0:
+            expert = primary + 1
+        else:
+            at = layer - offset
+            inside = (at >= 0) & (at < H)
+            expert = torch.gather(history, 1, at.clamp(0, H - 1).unsqueeze(1)).squeeze(1) * inside
+        key = key * base + expert
+    return key
 
 
-def load_model(path: str | Path) -> tuple[RoutePredictor, dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run train_full first: dvc repro)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = RoutePredictor(ModelConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    return model, checkpoint
+class GRUPredictor(nn.Module):
+    """A GRU over the token's layers; a head at layer l predicts layer l + lookahead."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        L, E = config.num_layers, config.num_experts
+        self.slots, self.num_experts, self.lookahead = config.slots, E, config.lookahead  # for TorchScript
+        self.sees_primary = config.sees_primary
+        # (layer j, expert + 1) pairs: layer-specific expert embeddings, index j * (E + 1) + id.
+        self.step_emb = nn.Embedding(L * (E + 1), config.expert_emb)
+        self.head_emb = nn.Embedding(L * (E + 1), config.expert_emb)  # secondary, primary, prev at their layers
+        self.drop = nn.Dropout(config.dropout)
+        self.rnn = nn.GRU(config.expert_emb, config.hidden, num_layers=config.rnn_layers, batch_first=True,
+                          dropout=config.dropout if config.rnn_layers > 1 else 0.0)
+        ids = 1 + config.num_prev + (0 if config.sees_primary else 1)  # secondary, prev, primary
+        width = config.hidden + config.expert_emb * ids + config.top_k + 1 + config.num_extra
+        self.trunk = nn.Sequential(*hidden_blocks(width, config.architecture, config.dropout))
+        head_in = config.architecture[-1] if config.architecture else width
+        # Per-layer output projection: each layer has its own map from state to the next layer's experts.
+        self.out_weight = nn.Parameter(torch.randn(config.slots, head_in, E) * head_in ** -0.5)
+        self.out_bias = nn.Parameter(torch.zeros(config.slots, E))
+
+    def path_states(self, history: torch.Tensor) -> torch.Tensor:
+        """GRU state after each layer 0..slots-1 of the path `history` (+1 ids; 0 = unknown; layers past
+        history_len read as unknown, the head gets layer l's primary then): [B, S, hidden]."""
+        B, H = history.shape[0], history.shape[1]
+        steps = torch.zeros((B, self.slots), dtype=torch.long, device=history.device)
+        n = min(H, self.slots)
+        steps[:, :n] = history[:, :n]
+        index = steps + torch.arange(self.slots, device=history.device) * (self.num_experts + 1)
+        states, _ = self.rnn(self.drop(self.step_emb(index)))
+        return states
+
+    def head(self, state: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor,
+             gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        base = layer.unsqueeze(1) * (self.num_experts + 1)
+        ids = [base + secondary.unsqueeze(1), base + self.lookahead * (self.num_experts + 1) + prev]  # prev: target layer
+        if not self.sees_primary:
+            ids.append(base + primary.unsqueeze(1) + 1)
+        x = torch.cat([state, self.head_emb(torch.cat(ids, 1)).flatten(1), gating, position.unsqueeze(1), extra], 1)
+        x = self.trunk(self.drop(x))
+        return torch.einsum("nd,nde->ne", x, self.out_weight[layer]) + self.out_bias[layer]
+
+    def forward_tokens(self, history: torch.Tensor, token: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
+                       secondary: torch.Tensor, gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor,
+                       extra: torch.Tensor) -> torch.Tensor:
+        """Logits for samples (token[i], layer[i]) of the tokens whose paths are `history` [B, H]:
+        every path is read once, however many of its layers are asked for. A sample's own history
+        is a prefix of its token's, and the GRU is causal, so this equals `forward` per sample."""
+        state = self.path_states(history)[token, layer]
+        return self.head(state, layer, primary, secondary, gating, position, prev, extra)
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        token = torch.arange(layer.shape[0], device=layer.device)
+        return self.forward_tokens(history, token, layer, primary, secondary, gating, position, prev, extra)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    return {"mlp": MLP, "lookup_mlp": LookupMLP, "gru": GRUPredictor}[config.kind](config)

@@ -41,16 +41,55 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class GRUParams:
+    """The `gru` kind's own knobs (the shared neural ones are in the block above them)."""
+
+    hidden: int = 256  # GRU state width
+    emb: int = 32  # width of the (layer, expert) embeddings it reads
+    layers: int = 1  # stacked GRU layers
+    batch_tokens: int = 128  # tokens per training batch (each is up to num_layers - lookahead samples)
+
+    def validate(self, key: str) -> None:
+        for name in ("hidden", "emb", "layers", "batch_tokens"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class MixtureParams:
+    """The `mixture` kind: a latent-type mixture of per-layer Markov chains fitted by EM."""
+
+    num_types: int = 32  # latent token types
+    smoothing: float = 0.1  # pull of each type's tables towards the pooled ones (pseudo-count)
+    restarts: int = 3  # EM runs from random starts; the best training likelihood wins
+    iterations: int = 200  # EM iterations at most per run
+
+    def validate(self, key: str) -> None:
+        for name in ("num_types", "restarts", "iterations"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.smoothing > 0 and math.isfinite(self.smoothing), f"{key}.smoothing",
+               f"must be > 0, got {self.smoothing}")
+
+
+MODEL_KINDS = ("mlp", "lookup_mlp", "gru", "mixture")
+
+
+@dataclass(frozen=True)
 class ModelParams:
-    """One MLP configuration (`baseline:` or `tuned:`)."""
+    """One predictor (`baseline:` or `tuned:`): its kind, the neural kinds' shared knobs (the seed's
+    MLP fields: lr, embeddings, hidden widths, dropout) and each kind's own block."""
 
     lr: float
     layer_emb: int
     expert_emb: int
     architecture: list[int]
     dropout: float
+    kind: Literal["mlp", "lookup_mlp", "gru", "mixture"] = "mlp"
+    gru: GRUParams = field(default_factory=GRUParams)
+    mixture: MixtureParams = field(default_factory=MixtureParams)
 
     def validate(self, key: str) -> None:
+        self.gru.validate(f"{key}.gru")
+        self.mixture.validate(f"{key}.mixture")
         _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", f"must be > 0, got {self.lr}")
         _check(self.layer_emb >= 1, f"{key}.layer_emb", f"must be >= 1, got {self.layer_emb}")
         _check(self.expert_emb >= 1, f"{key}.expert_emb", f"must be >= 1, got {self.expert_emb}")
@@ -74,6 +113,7 @@ class SyntheticParams:
     shared_concentration: float = 0.3  # Dirichlet concentration of the shared tables (small = sharp)
     type_concentration: float = 0.05  # Dirichlet concentration of the per-type tables (small = sharp)
     position_effect: float = 1.0  # spread of the types' position slopes (0: the type prior ignores position)
+    route_persistence: float = 0.0  # P(a token routes exactly as the previous one: same type, same experts)
     spec_noise: float | None = None
     seed: int = 0
 
@@ -89,6 +129,8 @@ class SyntheticParams:
                f"must be > 0, got {self.type_concentration}")
         _check(self.shared_concentration > 0, f"{key}.shared_concentration",
                f"must be > 0, got {self.shared_concentration}")
+        _check(0.0 <= self.route_persistence < 1.0, f"{key}.route_persistence",
+               f"must be in [0, 1), got {self.route_persistence}")
         _check(self.position_effect >= 0, f"{key}.position_effect", f"must be >= 0, got {self.position_effect}")
         _check(self.spec_noise is None or self.spec_noise >= 0, f"{key}.spec_noise",
                f"must be >= 0 or null, got {self.spec_noise}")
@@ -183,6 +225,7 @@ class FeaturesParams:
     lookahead: int = 1
     history_len: int | None = None  # None: the number of layers
     position_scale: float = 2048.0
+    prev_token: bool = False  # add the previous token's top-k at the target layer (decode-order traces only)
 
     def validate(self, key: str) -> None:
         _check(self.lookahead >= 1, f"{key}.lookahead", f"must be >= 1, got {self.lookahead}")
@@ -212,11 +255,16 @@ class TrainParams:
     lr_patience: int = 2
     lr_factor: float = 0.5
     early_stopping_patience: int = 5
-    threads: int | None = None  # None: every core
+    threads: int | None = None  # None: every usable core
     seed: int = 0
+    target: Literal["primary", "set"] = "primary"  # the next primary, or the next top-k set (multi-label)
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and
+                                                          self.device[5:].isdigit()),
+               f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.batch_size >= 2, f"{key}.batch_size", f"must be >= 2 (BatchNorm), got {self.batch_size}")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.lr_patience >= 0, f"{key}.lr_patience", f"must be >= 0, got {self.lr_patience}")
@@ -273,17 +321,50 @@ class UnitsRange:
 
 
 @dataclass(frozen=True)
+class GRUSpace:
+    hidden: list[int] = field(default_factory=lambda: [64, 256, 64])  # [low, high, step]
+    emb: list[int] = field(default_factory=lambda: [16, 64, 16])  # [low, high, step]
+
+    def validate(self, key: str) -> None:
+        for name in ("hidden", "emb"):
+            value = getattr(self, name)
+            _check(len(value) == 3 and value[0] >= 1 and value[2] >= 1 and value[0] <= value[1], f"{key}.{name}",
+                   f"must be [low, high, step] with 1 <= low <= high, got {value}")
+
+
+@dataclass(frozen=True)
+class MixtureSpace:
+    num_types: IntRange = field(default_factory=lambda: IntRange(8, 64))
+    smoothing: FloatRange = field(default_factory=lambda: FloatRange(0.01, 3.0, log=True))
+
+    def validate(self, key: str) -> None:
+        self.num_types.validate(f"{key}.num_types")
+        self.smoothing.validate(f"{key}.smoothing")
+        _check(self.smoothing.low > 0, f"{key}.smoothing.low", f"must be > 0, got {self.smoothing.low}")
+
+
+@dataclass(frozen=True)
 class SearchSpace:
+    """What tune searches: the kind, the neural kinds' shared knobs and each kind's own."""
+
     lr: FloatRange
     layer_emb: IntRange
     expert_emb: IntRange
     n_layers: IntRange
     units: UnitsRange
     dropout: FloatRange
+    kind: list[str] = field(default_factory=lambda: ["mlp"])
+    gru: GRUSpace = field(default_factory=GRUSpace)
+    mixture: MixtureSpace = field(default_factory=MixtureSpace)
 
     def validate(self, key: str) -> None:
+        _check(len(self.kind) > 0 and len(set(self.kind)) == len(self.kind), f"{key}.kind",
+               f"must list distinct kinds, got {self.kind}")
+        for i, kind in enumerate(self.kind):
+            _check(kind in MODEL_KINDS, f"{key}.kind[{i}]", f"must be one of {list(MODEL_KINDS)}, got {kind!r}")
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f"{key}.{f.name}")
+            if f.name != "kind":
+                getattr(self, f.name).validate(f"{key}.{f.name}")
         _check(0 <= self.dropout.low and self.dropout.high < 1, f"{key}.dropout",
                f"must lie in [0, 1), got [{self.dropout.low}, {self.dropout.high}]")
 
@@ -320,11 +401,33 @@ class TuneParams:
 
 
 @dataclass(frozen=True)
+class ExtraTest:
+    """A trace the models never trained on, scored by every predictor (`evaluate.extra_tests`)."""
+
+    name: str
+    logs: LogsParams  # how to import it (format: parquet for a canonical trace)
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.name) and self.name.replace("_", "").isalnum(), f"{key}.name",
+               f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
+        self.logs.validate(f"{key}.logs")
+        _check(self.logs.path is not None, f"{key}.logs.path", "must be set")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 8192
+    bootstrap: int = 1000  # resamples of the test sequences for the 95% intervals
+    seed: int = 0
+    extra_tests: list[ExtraTest] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.bootstrap >= 100, f"{key}.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
+        names = [t.name for t in self.extra_tests]
+        for i, test in enumerate(self.extra_tests):
+            test.validate(f"{key}.extra_tests[{i}]")
+        _check(len(set(names)) == len(names), f"{key}.extra_tests", f"names must differ, got {names}")
 
 
 @dataclass(frozen=True)
@@ -475,6 +578,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+def _write_block(block: CommentedMap, config: Any) -> None:
+    """Set `block`'s values from the dataclass `config`, keeping each existing value's flow style."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        old = block.get(f.name)
+        if dataclasses.is_dataclass(value):
+            sub = old if isinstance(old, CommentedMap) else CommentedMap()
+            if not isinstance(old, CommentedMap):
+                sub.fa.set_flow_style()
+            _write_block(sub, value)
+            value = sub
+        elif isinstance(value, list):
+            seq = CommentedSeq(value)
+            if isinstance(old, CommentedSeq) and old.fa.flow_style():
+                seq.fa.set_flow_style()
+            value = seq
+        block[f.name] = value
+
+
 def write_tuned(config: ModelParams, path: str | Path = "params.yaml") -> None:
     """Replace the values of the `tuned:` block, keeping comments, order and flow style."""
     config.validate("tuned")
@@ -485,15 +607,7 @@ def write_tuned(config: ModelParams, path: str | Path = "params.yaml") -> None:
     if not isinstance(block, CommentedMap):
         block = CommentedMap()
         doc["tuned"] = block
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, list):
-            old = block.get(f.name)
-            seq = CommentedSeq(value)
-            if isinstance(old, CommentedSeq) and old.fa.flow_style():
-                seq.fa.set_flow_style()
-            value = seq
-        block[f.name] = value
+    _write_block(block, config)
     import io
 
     buf = io.StringIO()

@@ -1,7 +1,8 @@
 """Reference predictors: the baselines every run is scored against.
 
-A predictor is fitted on the train split and returns a score per expert for every test sample
-(higher = more likely the next layer's primary); `evaluation` turns scores into metrics.
+A predictor is fitted on the training samples and returns a score per expert for every test
+sample: `scores` rank the next layer's primary expert, `set_scores` (where a predictor has them)
+rank membership of the next layer's top-k set. `evaluation` turns scores into metrics.
 
     frequency        per-layer frequency of the target
     lookup_1..3      the published lookup ladder: (layer, e), (layer, e-1, e), (layer, e-2, e-1, e),
@@ -27,14 +28,25 @@ from routecast.traces import TraceMeta
 log = logging.getLogger(__name__)
 
 
-class Predictor(Protocol):
+class ReferencePredictor(Protocol):
     name: str
 
-    def fit(self, train: Features) -> Predictor: ...
+    def fit(self, train: Features) -> ReferencePredictor: ...
 
     def scores(self, test: Features) -> np.ndarray:
         """[N, num_experts] float scores for the next layer's primary expert."""
         ...
+
+
+def _targets(feats: Features, which: str) -> np.ndarray:
+    """The experts a sample counts towards: [N, 1] its next primary, or [N, k] its next top-k set."""
+    return (feats.target[:, None] if which == "primary" else feats.target_set).astype(np.int64)
+
+
+def _count(row: np.ndarray, n_rows: int, targets: np.ndarray, num_experts: int) -> np.ndarray:
+    """counts[r, e] = how many (sample, listed expert) pairs have row r and expert e: [n_rows, E]."""
+    cell = (row[:, None] * num_experts + targets).ravel()
+    return np.bincount(cell, minlength=n_rows * num_experts).reshape(n_rows, num_experts).astype(np.float64)
 
 
 class FrequencyPredictor:
@@ -43,17 +55,23 @@ class FrequencyPredictor:
     name = "frequency"
 
     def fit(self, train: Features) -> FrequencyPredictor:
-        L, E = train.meta.num_layers, train.meta.num_experts
-        counts = np.zeros((L, E))
-        np.add.at(counts, (train.layer.astype(np.int64), train.target.astype(np.int64)), 1)
-        # A layer with no train sample falls back to the global frequency.
-        overall = counts.sum(axis=0, keepdims=True) + 1e-9
-        counts = np.where(counts.sum(axis=1, keepdims=True) > 0, counts, overall)
-        self.table = counts / counts.sum(axis=1, keepdims=True)
+        self.table = _layer_frequency(train, _targets(train, "primary"))
+        self.set_table = _layer_frequency(train, _targets(train, "set"))
         return self
 
     def scores(self, test: Features) -> np.ndarray:
         return self.table[test.layer.astype(np.int64)]
+
+    def set_scores(self, test: Features) -> np.ndarray:
+        return self.set_table[test.layer.astype(np.int64)]
+
+
+def _layer_frequency(train: Features, targets: np.ndarray) -> np.ndarray:
+    """Per-layer frequency [L, E] of `targets`; a layer with no sample takes the global one."""
+    counts = _count(train.layer.astype(np.int64), train.meta.num_layers, targets, train.meta.num_experts)
+    overall = counts.sum(axis=0, keepdims=True) + 1e-9
+    counts = np.where(counts.sum(axis=1, keepdims=True) > 0, counts, overall)
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 # Pseudo-count pulling a lookup row towards its backoff: small enough that ranking is by the
@@ -77,32 +95,76 @@ class LookupPredictor:
         self.name = f"lookup_{order}"
 
     def fit(self, train: Features) -> LookupPredictor:
-        E = train.meta.num_experts
-        keys = _context_keys(train, self.order)
+        keys = context_keys(train, self.order)
         # Sparse counts: one row per key seen in train (the dense table is L * (E+1)^order * E).
-        pairs, counts = np.unique(keys * E + train.target.astype(np.int64), return_counts=True)
-        self.keys = np.unique(pairs // E)
-        self.counts = np.zeros((len(self.keys), E))
-        self.counts[np.searchsorted(self.keys, pairs // E), pairs % E] = counts
+        E = train.meta.num_experts
+        self.keys, row = np.unique(keys, return_inverse=True)
+        self.counts = _count(row, len(self.keys), _targets(train, "primary"), E)
+        self.set_counts = _count(row, len(self.keys), _targets(train, "set"), E)
         self.backoff = (LookupPredictor(self.order - 1) if self.order > 1 else FrequencyPredictor()).fit(train)
         return self
 
     def scores(self, test: Features) -> np.ndarray:
-        backoff = self.backoff.scores(test)
-        keys = _context_keys(test, self.order)
-        row = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-        seen = (self.keys[row] == keys) if len(self.keys) else np.zeros(len(keys), dtype=bool)
-        counts = np.where(seen[:, None], self.counts[row] if len(self.keys) else 0.0, 0.0)
-        total = counts.sum(axis=1, keepdims=True)
-        return (counts + _BACKOFF_PSEUDO_COUNT * backoff) / (total + _BACKOFF_PSEUDO_COUNT)
+        return _backed_off(self.keys, self.counts, context_keys(test, self.order), self.backoff.scores(test))
+
+    def set_scores(self, test: Features) -> np.ndarray:
+        return _backed_off(self.keys, self.set_counts, context_keys(test, self.order), self.backoff.set_scores(test))
+
+
+def _backed_off(keys: np.ndarray, counts: np.ndarray, query: np.ndarray, backoff: np.ndarray) -> np.ndarray:
+    """A seen key's counts pulled towards `backoff` by the pseudo-count; an unseen key gets `backoff`."""
+    if len(keys) == 0:
+        return backoff
+    row = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    seen = keys[row] == query
+    found = np.where(seen[:, None], counts[row], 0.0)
+    return (found + _BACKOFF_PSEUDO_COUNT * backoff) / (found.sum(axis=1, keepdims=True) + _BACKOFF_PSEUDO_COUNT)
 
 
 def lookup_ladder(max_order: int = 3) -> list[LookupPredictor]:
     return [LookupPredictor(order) for order in range(1, max_order + 1)]
 
 
+def lookup_tables(train: Features, target: str = "primary", max_order: int = 3):
+    """The ladder's fitted counts as tensors for `routecast.model.LookupMLP.set_tables`:
+    (per-layer frequency [L, E], [keys per order], [counts per order])."""
+    import torch
+
+    table = LookupPredictor(max_order).fit(train)
+    ladder = [table]
+    while isinstance(ladder[-1].backoff, LookupPredictor):
+        ladder.append(ladder[-1].backoff)
+    ladder.reverse()  # order 1 first
+    pick = "counts" if target == "primary" else "set_counts"
+    frequency = ladder[0].backoff.table if target == "primary" else ladder[0].backoff.set_table
+    return (torch.from_numpy(frequency), [torch.from_numpy(p.keys) for p in ladder],
+            [torch.from_numpy(getattr(p, pick)) for p in ladder])
+
+
+def cross_fitted_lookup_scores(train: Features, target: str = "primary", folds: int = 5, seed: int = 0,
+                               max_order: int = 3) -> np.ndarray:
+    """The ladder's scores for every training sample from tables fitted on the other folds of
+    sequences (so a sample's own sequence never counts towards its score): [N, E]."""
+    sequences = np.unique(train.seq_id)
+    fold_of = np.random.default_rng(seed).permutation(len(sequences)) % min(folds, len(sequences))
+    sample_fold = fold_of[np.searchsorted(sequences, train.seq_id)]
+    out = np.empty((len(train), train.meta.num_experts))
+    for fold in np.unique(sample_fold):
+        inside = sample_fold == fold
+        table = LookupPredictor(max_order).fit(train.take(~inside)) if (~inside).any() else None
+        part = train.take(inside)
+        if table is None:
+            out[inside] = 1.0 / train.meta.num_experts
+        else:
+            out[inside] = table.scores(part) if target == "primary" else table.set_scores(part)
+    return out
+
+
 def _expert_at(feats: Features, offset: int) -> np.ndarray:
-    """The primary expert at layer l - offset, +1 (0 before layer 0, or missing / truncated history)."""
+    """The primary expert at layer l - offset, +1 (0 before layer 0, or missing / truncated history).
+    Layer l's own primary is always known (the `primary` feature)."""
+    if offset == 0:
+        return feats.primary.astype(np.int64) + 1
     layer = feats.layer.astype(np.int64) - offset
     H = feats.history.shape[1]
     inside = (layer >= 0) & (layer < H)
@@ -111,18 +173,16 @@ def _expert_at(feats: Features, offset: int) -> np.ndarray:
     return out
 
 
-def _current_expert(feats: Features) -> np.ndarray:
-    """The primary expert at layer l, +1 (0 when its history entry is missing or truncated)."""
-    return _expert_at(feats, 0)
-
-
-def _context_keys(feats: Features, order: int) -> np.ndarray:
+def context_keys(feats: Features, order: int) -> np.ndarray:
     """One int64 per sample encoding (layer, e_{l-order+1}+1, ..., e_l+1)."""
     base = feats.meta.num_experts + 1
     keys = feats.layer.astype(np.int64)
     for offset in range(order - 1, -1, -1):
         keys = keys * base + _expert_at(feats, offset)
     return keys
+
+
+_MAX_CATEGORIES = 255  # scikit-learn's HistGradientBoosting limit (max_bins)
 
 
 class BoostedTreesPredictor:
@@ -180,8 +240,14 @@ class BoostedTreesPredictor:
             self.model = None
         else:
             early = len(held) > 0 and bool(np.isin(y_val, self.classes).all())
+            # scikit-learn bins a categorical feature into at most 255 categories: a column with more
+            # (over 254 experts, or 255 layers) is given as an ordinal number instead.
+            categorical = [c for c, base in enumerate(radix[:4]) if base <= _MAX_CATEGORIES]
+            if len(categorical) < 4:
+                log.info("boosted_trees: %d experts / %d layers exceed scikit-learn's %d categories; those ids "
+                         "enter as ordinal numbers", E, train.meta.num_layers, _MAX_CATEGORIES)
             self.model = HistGradientBoostingClassifier(
-                categorical_features=[0, 1, 2, 3], max_iter=self.max_iter, learning_rate=self.learning_rate,
+                categorical_features=categorical or None, max_iter=self.max_iter, learning_rate=self.learning_rate,
                 max_leaf_nodes=self.max_leaf_nodes, early_stopping=early, n_iter_no_change=5,
                 random_state=self.seed,
             )
@@ -231,14 +297,14 @@ class SpeculativeGatePredictor:
         return np.asarray(test.spec_logits, dtype=np.float64)
 
 
-def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[Predictor]:
+def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[ReferencePredictor]:
     """Every reference predictor that applies to this trace, fitted on `train`.
 
     Always: frequency, lookup_1..3, boosted_trees. The oracle only for synthetic traces (it is
     rebuilt from `trace_meta.source_params`); the speculative gate only when `train` carries
     `spec_logits`.
     """
-    predictors: list[Predictor] = [FrequencyPredictor(), *lookup_ladder(3), BoostedTreesPredictor()]
+    predictors: list[ReferencePredictor] = [FrequencyPredictor(), *lookup_ladder(3), BoostedTreesPredictor()]
     if trace_meta.source == "synthetic":
         from routecast.oracle import OraclePredictor
 

@@ -88,6 +88,14 @@ def _sample_rows(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     return np.minimum((u > cdf).sum(axis=1), probs.shape[1] - 1)
 
 
+def _repeat_sources(rng: np.random.Generator, token_pos: np.ndarray, persistence: float) -> np.ndarray:
+    """For each token, the token whose routing it takes: itself (a fresh draw), or, with probability
+    `persistence`, the same as the previous token of its sequence (a sequence's first token draws)."""
+    repeat = rng.random(len(token_pos)) < persistence
+    repeat[token_pos == 0] = False
+    return np.maximum.accumulate(np.where(repeat, 0, np.arange(len(token_pos))))
+
+
 def generate(params: SyntheticParams) -> tuple[Traces, SyntheticRouter]:
     """Generate a full trace (every token routed at every layer) and the router behind it."""
     start = time.perf_counter()
@@ -114,6 +122,10 @@ def generate(params: SyntheticParams) -> tuple[Traces, SyntheticRouter]:
             keys = logp + rng.gumbel(size=logp.shape)
             experts[:, layer, 1:] = np.argsort(-keys, axis=1)[:, : k - 1]
 
+    # Token-to-token persistence (decode): a token may repeat the previous token's routing. Drawn
+    # from a stream of its own, so the fresh draws do not depend on `route_persistence`.
+    source = _repeat_sources(np.random.default_rng([params.seed, 2]), token_pos, params.route_persistence)
+    experts = experts[source]
     weights = np.sort(rng.dirichlet(np.full(k, router.gate_concentration), size=(n_tokens, L)), axis=-1)[..., ::-1]
     weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(np.float32)
 

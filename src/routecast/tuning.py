@@ -16,6 +16,7 @@ worker that raced for the last slot at the same instant).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,14 +33,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from routecast.codegraph import code_digest
 from routecast.features import Features
 from routecast.params import ModelParams, Params, SearchSpace, TuneParams
 from routecast.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
-from routecast.training import split_train_val, train_model
+from routecast.training import fit_predictor, objective_name, split_train_val
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val_top2"
 POLL_SECONDS = 2.0  # how often the stage checks on other workers' trials
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # The seed's best configuration: with `baseline`, the first two trials of every new study.
@@ -49,7 +50,16 @@ SEED_BEST = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[51
 # --------------------------------------------------------------------------- search space
 
 
-def suggest_config(trial: optuna.Trial, space: SearchSpace) -> ModelParams:
+def suggest_config(trial: optuna.Trial, space: SearchSpace, base: ModelParams) -> ModelParams:
+    """A configuration of one of `space.kind`; the knobs a kind does not use keep `base`'s values."""
+    kind = trial.suggest_categorical("kind", space.kind)
+    if kind == "mixture":
+        mixture = dataclasses.replace(
+            base.mixture,
+            num_types=trial.suggest_int("num_types", space.mixture.num_types.low, space.mixture.num_types.high),
+            smoothing=trial.suggest_float("smoothing", space.mixture.smoothing.low, space.mixture.smoothing.high,
+                                          log=space.mixture.smoothing.log))
+        return dataclasses.replace(base, kind=kind, mixture=mixture)
     n_layers = trial.suggest_int("n_layers", space.n_layers.low, space.n_layers.high)
     low, high, step = space.units.first
     units = [trial.suggest_int("units_0", low, high, step=step)]
@@ -57,40 +67,89 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace) -> ModelParams:
         low, high, step = space.units.later
         # Each later layer is at most as wide as the one before.
         units.append(trial.suggest_int(f"units_{i}", low, max(low, min(high, units[-1])), step=step))
-    return ModelParams(
+    config = dataclasses.replace(
+        base, kind=kind, architecture=units,
         lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
-        layer_emb=trial.suggest_int("layer_emb", space.layer_emb.low, space.layer_emb.high),
-        expert_emb=trial.suggest_int("expert_emb", space.expert_emb.low, space.expert_emb.high),
-        architecture=units,
-        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log),
-    )
+        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log))
+    if kind == "gru":
+        gru = dataclasses.replace(base.gru, hidden=trial.suggest_int("hidden", *space.gru.hidden[:2],
+                                                                     step=space.gru.hidden[2]),
+                                  emb=trial.suggest_int("gru_emb", *space.gru.emb[:2], step=space.gru.emb[2]))
+        return dataclasses.replace(config, gru=gru)
+    return dataclasses.replace(
+        config, layer_emb=trial.suggest_int("layer_emb", space.layer_emb.low, space.layer_emb.high),
+        expert_emb=trial.suggest_int("expert_emb", space.expert_emb.low, space.expert_emb.high))
 
 
 def trial_params(config: ModelParams) -> dict[str, Any]:
     """The Optuna parameters that `suggest_config` maps to `config` (for enqueueing)."""
-    params: dict[str, Any] = {"n_layers": len(config.architecture), "lr": config.lr, "layer_emb": config.layer_emb,
-                              "expert_emb": config.expert_emb, "dropout": config.dropout}
+    if config.kind == "mixture":
+        return {"kind": "mixture", "num_types": config.mixture.num_types, "smoothing": config.mixture.smoothing}
+    params: dict[str, Any] = {"kind": config.kind, "n_layers": len(config.architecture), "lr": config.lr,
+                              "dropout": config.dropout}
     params.update({f"units_{i}": u for i, u in enumerate(config.architecture)})
+    if config.kind == "gru":
+        params.update({"hidden": config.gru.hidden, "gru_emb": config.gru.emb})
+    else:
+        params.update({"layer_emb": config.layer_emb, "expert_emb": config.expert_emb})
     return params
 
 
-def config_from_trial(trial: FrozenTrial) -> ModelParams:
+def config_from_trial(trial: FrozenTrial, base: ModelParams) -> ModelParams:
+    """The configuration a finished trial ran (`base` for the knobs its kind does not use)."""
     p = trial.params
-    return ModelParams(lr=float(p["lr"]), layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]),
-                       architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))],
-                       dropout=float(p["dropout"]))
+    kind = p.get("kind", "mlp")
+    if kind == "mixture":
+        return dataclasses.replace(base, kind=kind, mixture=dataclasses.replace(
+            base.mixture, num_types=int(p["num_types"]), smoothing=float(p["smoothing"])))
+    config = dataclasses.replace(base, kind=kind, lr=float(p["lr"]), dropout=float(p["dropout"]),
+                                 architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))])
+    if kind == "gru":
+        return dataclasses.replace(config, gru=dataclasses.replace(base.gru, hidden=int(p["hidden"]),
+                                                                   emb=int(p["gru_emb"])))
+    return dataclasses.replace(config, layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]))
 
 
-# The code that computes a trial's value (the tune stage's code deps in dvc.yaml): a change to it
-# starts a fresh study instead of reusing values the new code would not give.
-TRIAL_CODE = ("model.py", "training.py", "tuning.py")
+def starting_points(params: Params) -> list[tuple[str, ModelParams]]:
+    """The configurations every new study runs first, one or two per kind it searches: the
+    baseline and the seed's best MLP, and each other kind at its defaults (clipped to the space)."""
+    space, base = params.tune.search_space, params.baseline
+    points = []
+    for kind in space.kind:
+        if kind == "mlp":
+            points += [("baseline", dataclasses.replace(base, kind="mlp")), ("seed_best", SEED_BEST)]
+        elif kind == "mixture":
+            mixture = dataclasses.replace(base.mixture, num_types=_clip(32, space.mixture.num_types),
+                                          smoothing=_clip(0.1, space.mixture.smoothing))
+            points.append(("mixture_default", dataclasses.replace(base, kind=kind, mixture=mixture)))
+        else:
+            points.append((f"{kind}_default", dataclasses.replace(SEED_BEST, kind=kind)))
+    return [(origin, config) for origin, config in points if _inside(config, space)]
 
 
-def trial_code_digest(package: Path = Path(__file__).parent) -> str:
-    h = hashlib.sha256()
-    for name in TRIAL_CODE:
-        h.update((package / name).read_bytes())
-    return h.hexdigest()
+def _clip(value: float, span: Any) -> Any:
+    return type(span.low)(min(max(value, span.low), span.high))
+
+
+def _inside(config: ModelParams, space: SearchSpace) -> bool:
+    """Whether `suggest_config` can reach `config` (an enqueued trial outside the space would fail)."""
+    if config.kind == "mixture":
+        return True  # clipped above
+    first, later = space.units.first, space.units.later
+    ok = (space.lr.low <= config.lr <= space.lr.high and space.dropout.low <= config.dropout <= space.dropout.high
+          and space.n_layers.low <= len(config.architecture) <= space.n_layers.high
+          and first[0] <= config.architecture[0] <= first[1]
+          and all(later[0] <= u <= later[1] for u in config.architecture[1:]))
+    if config.kind != "gru":
+        ok = ok and space.layer_emb.low <= config.layer_emb <= space.layer_emb.high and \
+            space.expert_emb.low <= config.expert_emb <= space.expert_emb.high
+    return ok
+
+
+def trial_code_digest() -> str:
+    """The code a trial runs (the tuning module and everything it imports, from the source): a change
+    to any of it starts a fresh study instead of reusing values the new code would not give."""
+    return code_digest(["routecast.tuning"])
 
 
 def study_fingerprint(params: Params, train_digest: str) -> str:
@@ -159,8 +218,8 @@ def open_study(params: Params, train_digest: str, seed: int | None = None) -> tu
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     pruner=make_pruner(params.tune))
-        study.enqueue_trial(trial_params(params.baseline), user_attrs={"origin": "baseline"})
-        study.enqueue_trial(trial_params(SEED_BEST), user_attrs={"origin": "seed_best"})
+        for origin, config in starting_points(params):
+            study.enqueue_trial(trial_params(config), user_attrs={"origin": origin})
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(params.tune))
     n_existing = len(study.get_trials(deepcopy=False))
@@ -171,24 +230,26 @@ def open_study(params: Params, train_digest: str, seed: int | None = None) -> tu
 
 
 def make_objective(params: Params, fit: Features, val: Features) -> Callable[[optuna.Trial], float]:
+    objective_key = objective_name(params.train.target)
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
-        config = suggest_config(trial, params.tune.search_space)
+        config = suggest_config(trial, params.tune.search_space, params.baseline)
 
         def report(epoch: int, row: dict[str, float]) -> None:
-            trial.report(row[OBJECTIVE], epoch)
+            trial.report(row[objective_key], epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: val top-2 {row[OBJECTIVE]:.4f}")
+                raise optuna.TrialPruned(f"epoch {epoch}: {objective_key} {row[objective_key]:.4f}")
 
-        result = train_model(config, params.train, fit, val, epochs=params.tune.epochs, on_epoch=report,
-                             desc=f"trial {trial.number}")
-        return result.best_val_top2
+        result = fit_predictor(config, params.train, fit, val, epochs=params.tune.epochs, on_epoch=report,
+                               desc=f"trial {trial.number} ({config.kind})")
+        return result.best_value
 
     return objective
 
 
 def run_trials(study: optuna.Study, storage: Any, objective: Callable[[optuna.Trial], float], tune: TuneParams,
-               wait_for_others: bool) -> int:
+               wait_for_others: bool, on_trial: Callable[[FrozenTrial], None] | None = None) -> int:
     """Run trials until the study holds `tune.n_trials` finished ones or `tune.timeout` passes.
 
     A trial starts only while finished + running < n_trials, so N workers do not overshoot.
@@ -208,7 +269,8 @@ def run_trials(study: optuna.Study, storage: Any, objective: Callable[[optuna.Tr
         if finished >= tune.n_trials and (running == 0 or not wait_for_others):
             return ran
         if finished + running < tune.n_trials:
-            study.optimize(objective, n_trials=1, gc_after_trial=False)
+            callbacks = [lambda _, trial: on_trial(trial)] if on_trial is not None else None
+            study.optimize(objective, n_trials=1, gc_after_trial=False, callbacks=callbacks)
             ran += 1
             waiting_logged = False
         else:
@@ -232,8 +294,10 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
-    """The `tune` stage: run (and wait for) trials until the study is done, then summarise it."""
+def tune(params: Params, train: Features, train_digest: str,
+         on_trial: Callable[[FrozenTrial], None] | None = None) -> TuneResult:
+    """The `tune` stage: run (and wait for) trials until the study is done, then summarise it.
+    `on_trial` sees each trial this process finishes (e.g. to log it)."""
     start = time.perf_counter()
     _quiet_optuna()
     fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
@@ -242,7 +306,11 @@ def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
     log.info("study %s on %s: %d of %d trials finished; %s sampler, %s pruner, %d train / %d validation samples",
              study.study_name, redact(params.tune.storage), finished, params.tune.n_trials, params.tune.sampler,
              params.tune.pruner, len(fit), len(val))
-    ran = run_trials(study, storage, make_objective(params, fit, val), params.tune, wait_for_others=True)
+    if on_trial is not None:  # a resumed study: its earlier trials first, so a log of them is whole
+        for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
+            on_trial(trial)
+    ran = run_trials(study, storage, make_objective(params, fit, val), params.tune, wait_for_others=True,
+                     on_trial=on_trial)
     trials = study.get_trials(deepcopy=True)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -253,7 +321,8 @@ def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
     summary = {
         "best_value": best.value,
         "best_trial": best.number,
-        "best_params": asdict(config_from_trial(best)),
+        "best_params": asdict(config_from_trial(best, params.baseline)),
+        "objective": objective_name(params.train.target),
         "study": study.study_name,
         "storage": redact(params.tune.storage),
         "sampler": params.tune.sampler,
@@ -271,7 +340,7 @@ def tune(params: Params, train: Features, train_digest: str) -> TuneResult:
     log.info("study %s: best trial %d, val top-2 %.4f (%d complete, %d pruned, %d failed; %d run here)",
              study.study_name, best.number, best.value, summary["n_complete"], summary["n_pruned"],
              summary["n_failed"], ran)
-    return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
+    return TuneResult(config_from_trial(best, params.baseline), best.value, summary, trials, importances)
 
 
 def tune_worker(params: Params, train: Features, train_digest: str) -> int:
@@ -308,18 +377,6 @@ def param_importances(study: optuna.Study, seed: int) -> dict[str, float]:
         log.warning("parameter importances failed: %s", exc)
         return {}
     return {name: round(float(v), 6) for name, v in raw.items() if math.isfinite(v)}
-
-
-def history_rows(trials: list[FrozenTrial]) -> list[list[Any]]:
-    """trial, state, value, best so far, seconds: for the optimization-history plot."""
-    rows, best = [], float("-inf")
-    for t in sorted(trials, key=lambda t: t.number):
-        value = t.value if t.state == TrialState.COMPLETE else None
-        if value is not None:
-            best = max(best, value)
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append([t.number, t.state.name, value, best if best > float("-inf") else None, seconds])
-    return rows
 
 
 def importance_rows(importances: dict[str, float]) -> list[list[Any]]:
