@@ -8,6 +8,7 @@ from routecast.evaluation import ModelScorer, per_layer_top2, ranked, score_metr
 from routecast.features import read_features
 from routecast.model import load_model
 from routecast.params import load_params
+from routecast.predictions import prediction_ranks, write_predictions
 from routecast.reference import reference_predictors
 from routecast.stage import stage
 from routecast.traces import read_trace_meta
@@ -28,6 +29,8 @@ if __name__ == "__main__":
     parser.add_argument("--confusion", default="metrics/evaluate/confusion_tuned.csv",
                         help="one row per test sample (actual, predicted top-1) of the --confusion-model")
     parser.add_argument("--confusion-model", default="tuned")
+    parser.add_argument("--predictions", required=True,
+                        help="every predictor's ranked experts per test sample (read by simulate_prefetch)")
     args = parser.parse_args()
     with stage("evaluate"):
         params = load_params(args.params)
@@ -38,11 +41,12 @@ if __name__ == "__main__":
         names = [p.name for p in predictors]
         if args.confusion_model not in names:
             raise ValueError(f"--confusion-model {args.confusion_model}: no such predictor (have {', '.join(names)})")
-        metrics, per_layer, confusion = {}, {}, None
+        metrics, per_layer, confusion, rankings = {}, {}, None, {}
         for predictor in predictors:
             scores = predictor.scores(test)
             metrics[predictor.name] = score_metrics(scores, test)
             per_layer[predictor.name] = per_layer_top2(scores, test)
+            rankings[predictor.name] = ranked(scores, prediction_ranks(test.meta.num_experts))
             if predictor.name == args.confusion_model:
                 confusion = list(zip(test.target.tolist(), ranked(scores, 1)[:, 0].tolist()))
             log.info("%-16s top-1 %.4f  top-2 %.4f", predictor.name, metrics[predictor.name]["top1"],
@@ -50,6 +54,7 @@ if __name__ == "__main__":
         if "oracle" in metrics and "tuned" in metrics:
             metrics["tuned"]["top2_vs_oracle"] = metrics["tuned"]["top2"] / metrics["oracle"]["top2"]
         write_json(args.metrics, metrics)
+        write_predictions(args.predictions, test, rankings)
         layers = sorted(per_layer[names[0]])
         write_csv(args.per_layer, ["layer", *names], [[layer, *(per_layer[n][layer] for n in names)] for layer in layers])
         write_csv(args.per_layer_long, ["layer", "predictor", "top2"],
