@@ -1,14 +1,13 @@
 """simulate_prefetch: replay the test sequences through an expert-offloading engine, for every predictor."""
 
 import argparse
-import dataclasses
 import logging
 import time
 
 from routecast.artifacts import write_csv, write_json
 from routecast.params import ParamsError, load_params
 from routecast.predictions import read_predictions
-from routecast.prefetch import BOUNDS, Engine, build_replay, prefetch_metrics, run_all, sweep, sweep_values
+from routecast.prefetch import BOUNDS, Engine, build_replay, prefetch_metrics, study
 from routecast.stage import stage
 from routecast.traces import read_traces
 
@@ -40,20 +39,13 @@ if __name__ == "__main__":
                  sim.preset, engine, engine.transfer_ms, engine.compute_ms)
 
         start = time.perf_counter()
-        results = run_all(replay, engine, predictor_ms)
-        slots = sweep_values(max(meta.top_k, engine.width), meta.num_experts, sim.sweep.slots)
-        by_slots = sweep(replay, [dataclasses.replace(engine, slots_per_layer=s) for s in slots], predictor_ms,
-                         desc="slots sweep")
-        widths = sweep_values(1, engine.slots_per_layer, sim.sweep.width)
-        by_width = sweep(replay, [dataclasses.replace(engine, width=w) for w in widths], predictor_ms,
-                         desc="width sweep")
-        runs = len(results) * (1 + len(slots) + len(widths))
+        done = study(replay, engine, predictor_ms, sim.sweep.slots, sim.sweep.width)
         elapsed = time.perf_counter() - start
-        log.info("%d replays of %d token-layer steps in %.1fs (%.2fM steps/s, JIT compile included)", runs,
-                 replay.tokens * replay.truth.shape[1], elapsed,
-                 runs * replay.tokens * replay.truth.shape[1] / elapsed / 1e6)
+        steps = done.replays * replay.tokens * replay.truth.shape[1]
+        log.info("%d replays of %d token-layer steps each in %.1fs (%.2fM steps/s, JIT compile or cache load included)",
+                 done.replays, replay.tokens * replay.truth.shape[1], elapsed, steps / elapsed / 1e6)
 
-        metrics = prefetch_metrics(results)
+        metrics = prefetch_metrics(done.results)
         for name, m in metrics.items():
             gap = "-" if m["gap_closed"] is None else f"{m['gap_closed']:.3f}"
             log.info("%-16s hit %.3f  stall %8.2f ms/token  %8.1f MB/token  speedup %.3f  gap closed %s", name,
@@ -67,7 +59,7 @@ if __name__ == "__main__":
         names = [*BOUNDS, *predictions.rankings]
         write_csv(args.slots_plot, ["slots", "predictor", "stall_ms_per_token", "hit_rate", "mb_per_token"],
                   [[s, n, r[n].stall_ms_per_token, r[n].hit_rate, r[n].mb_per_token]
-                   for s, r in zip(slots, by_slots) for n in names])
+                   for s, r in zip(done.slots, done.by_slots) for n in names])
         write_csv(args.width_plot, ["width", "predictor", "hit_rate", "stall_ms_per_token", "prefetch_precision"],
                   [[w, n, r[n].hit_rate, r[n].stall_ms_per_token, r[n].prefetch_precision]
-                   for w, r in zip(widths, by_width) for n in names])
+                   for w, r in zip(done.widths, done.by_width) for n in names])

@@ -340,7 +340,7 @@ PRESETS: dict[str, HardwarePreset] = {
     # The same experts at ~3 bits (mixtral-offloading's HQQ setting) on a 16 GB PCIe 4.0 x16 GPU (RTX 4080).
     "mixtral_3bit_pcie4": HardwarePreset(expert_mb=66.060288, gb_per_s=25.0, ms_per_layer=0.29, slots_per_layer=4),
     # mixtral-offloading's own demo: the ~3-bit experts on a Colab T4 (16 GB, PCIe 3.0 x16).
-    "mixtral_3bit_t4": HardwarePreset(expert_mb=66.060288, gb_per_s=12.0, ms_per_layer=0.65, slots_per_layer=4),
+    "mixtral_3bit_t4": HardwarePreset(expert_mb=66.060288, gb_per_s=12.0, ms_per_layer=0.64, slots_per_layer=4),
 }
 
 

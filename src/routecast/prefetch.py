@@ -375,6 +375,38 @@ def sweep(replay: Replay, engines: list[Engine], predictor_ms: dict[str, float] 
     return [run_all(replay, engine, predictor_ms) for engine in tqdm(engines, desc=desc, unit="config")]
 
 
+@dataclass
+class Study:
+    """What the stage reports: every predictor at the engine, and the two sweeps the plots draw."""
+
+    results: dict[str, RunResult]
+    slots: list[int]
+    by_slots: list[dict[str, RunResult]]  # at the engine's width
+    widths: list[int]
+    by_width: list[dict[str, RunResult]]  # at the engine's slots
+
+    @property
+    def replays(self) -> int:
+        return len(self.results) * (1 + len(self.slots) + len(self.widths))
+
+
+def study(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | None = None,
+          slots: list[int] | None = None, widths: list[int] | None = None) -> Study:
+    """`run_all` at `engine`, then over cache slots (default: max(top_k, width) .. num_experts) and over
+    prefetch widths (default: 1 .. slots_per_layer)."""
+    slots = sweep_values(max(replay.truth.shape[2], engine.width), replay.num_experts, slots)
+    widths = sweep_values(1, engine.slots_per_layer, widths)
+    return Study(
+        results=run_all(replay, engine, predictor_ms),
+        slots=slots,
+        by_slots=sweep(replay, [dataclasses.replace(engine, slots_per_layer=s) for s in slots], predictor_ms,
+                       desc="slots sweep"),
+        widths=widths,
+        by_width=sweep(replay, [dataclasses.replace(engine, width=w) for w in widths], predictor_ms,
+                       desc="width sweep"),
+    )
+
+
 def gap_closed(results: dict[str, RunResult], name: str) -> float | None:
     """(stall on_demand - stall name) / (stall on_demand - stall perfect); None when perfect stalls no less
     than on_demand (nothing to close: a fast link or a cache holding every needed expert)."""
