@@ -295,3 +295,7 @@ def test_bad_engine_is_refused() -> None:
         simulate(truth, None, Engine(1, 1, "lru", 1.0, 1.0, 1.0), num_experts=6)  # fewer slots than top-k
     with pytest.raises(ValueError, match="width"):
         simulate(truth, np.zeros((4, 6, 4), np.int16), Engine(2, 3, "lru", 1.0, 1.0, 1.0), num_experts=6)
+    with pytest.raises(ValueError, match=r"candidates: expert ids must be in \[0, 6\)"):
+        simulate(truth, np.full((4, 6, 4), 6, np.int16), Engine(2, 2, "lru", 1.0, 1.0, 1.0), num_experts=6)
+    with pytest.raises(ValueError, match=r"truth: expert ids"):
+        simulate(truth, None, Engine(2, 2, "lru", 1.0, 1.0, 1.0), num_experts=5)

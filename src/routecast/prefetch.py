@@ -245,6 +245,9 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
         if candidates.shape[:2] != truth.shape[:2]:
             raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R], got {list(candidates.shape)}")
         cand = np.ascontiguousarray(candidates[:, :, :engine.width], dtype=np.int16)
+    for name, arr in (("truth", truth), ("candidates", cand)):
+        if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
+            raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
     replay = _replay if compiled else _replay.py_func
     out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, engine.eviction == "lfu",
                  float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
