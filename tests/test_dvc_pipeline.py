@@ -36,7 +36,8 @@ def repro_repo(pipeline_repo: Path) -> Path:
 def test_repro_runs_every_stage_in_order(repro_repo: Path) -> None:
     out = (repro_repo.parent / "repro.log").read_text()
     assert stages_run(out) == ["check_params", "extract_traces", "encode_features", "split_95_5", "tune",
-                               "check_params_after_tune", "train_full@baseline", "train_full@tuned", "evaluate"]
+                               "check_params_after_tune", "train_full@baseline", "train_full@tuned", "evaluate",
+                               "simulate_prefetch"]
 
 
 def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path) -> None:
@@ -53,12 +54,14 @@ def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path)
 def test_metrics_show_lists_both_models(repro_repo: Path) -> None:
     shown = run(["dvc", "metrics", "show"], repro_repo).stdout
     assert "baseline.top2" in shown and "tuned.top2" in shown, shown
+    for name in ("on_demand", "perfect", "baseline", "tuned", "lookup_3"):
+        assert f"{name}.stall_ms_per_token" in shown and f"{name}.gap_closed" in shown, shown
 
 
 def test_same_params_and_seed_give_identical_metrics(repro_repo: Path, tmp_path: Path) -> None:
     other = copy_repo(tmp_path)
     run(["dvc", "repro"], other)
-    for name in ("evaluate.json", "tune.json"):
+    for name in ("evaluate.json", "tune.json", "prefetch.json"):
         first = json.loads((repro_repo / "metrics" / name).read_text())
         second = json.loads((other / "metrics" / name).read_text())
         first.pop("wall_seconds", None), second.pop("wall_seconds", None)
@@ -71,7 +74,7 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)
     out = run(["dvc", "exp", "run", "-S", "tuned.lr=1e-6"], repro_repo).stdout
-    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate"], out
+    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate", "simulate_prefetch"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
     first_epoch_lr = checkpoint["history"][0]["lr"]

@@ -12,7 +12,8 @@ from ruamel.yaml import YAML
 from conftest import ROOT, run
 
 VIEWS = ["Training loss per epoch", "Validation accuracy per epoch", "Test top-2 per layer",
-         "Confusion matrix of the tuned model", "Tune history"]
+         "Confusion matrix of the tuned model", "Tune history", "Prefetch stall per token against cache slots",
+         "Prefetch hit rate against width"]
 
 
 def plots_json(repo: Path, *args: str) -> dict:

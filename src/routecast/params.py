@@ -430,6 +430,138 @@ class EvaluateParams:
         _check(len(set(names)) == len(names), f"{key}.extra_tests", f"names must differ, got {names}")
 
 
+# --------------------------------------------------------------------------- simulate_prefetch
+
+
+@dataclass(frozen=True)
+class HardwarePreset:
+    """The numbers of one offloading setup (docs/prefetch.md#presets gives the public source of each)."""
+
+    expert_mb: float  # one expert's weights, MB (1e6 bytes)
+    gb_per_s: float  # effective host-to-GPU bandwidth, GB/s (1e9 bytes per second)
+    ms_per_layer: float  # decode compute of one MoE layer at batch 1, its experts resident
+    slots_per_layer: int  # experts of each MoE layer the GPU memory holds
+
+
+PRESETS: dict[str, HardwarePreset] = {
+    # Mixtral-8x7B's bf16 experts (3 x 4096 x 14336 x 2 bytes) on an A100 40GB PCIe, over PCIe 4.0 x16.
+    "mixtral_bf16_pcie4": HardwarePreset(expert_mb=352.321536, gb_per_s=25.0, ms_per_layer=0.68, slots_per_layer=3),
+    # The same experts at ~3 bits (mixtral-offloading's HQQ setting) on a 16 GB PCIe 4.0 x16 GPU (RTX 4080).
+    "mixtral_3bit_pcie4": HardwarePreset(expert_mb=66.060288, gb_per_s=25.0, ms_per_layer=0.29, slots_per_layer=4),
+    # mixtral-offloading's own demo: the ~3-bit experts on a Colab T4 (16 GB, PCIe 3.0 x16).
+    "mixtral_3bit_t4": HardwarePreset(expert_mb=66.060288, gb_per_s=12.0, ms_per_layer=0.64, slots_per_layer=4),
+}
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    gb_per_s: float | None = None  # null: the preset's; .inf: an infinitely fast link
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    ms_per_layer: float | None = None  # null: the preset's
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    slots_per_layer: int | None = None  # null: the preset's
+    eviction: Literal["lru", "lfu"] = "lru"
+
+
+@dataclass(frozen=True)
+class PrefetchParams:
+    width: int | None = None  # experts prefetched per layer (the predictor's best first); null: the trace's top_k
+    # The predictor's own time per call (ms), by predictor name; a name not listed costs 0 (table look-ups).
+    predictor_ms: dict = field(default_factory=dict)
+
+    def ms_for(self, name: str) -> float:
+        return float(self.predictor_ms.get(name, 0.0))
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    """The plots' x values; null: every value in range (at most 16, evenly spaced)."""
+
+    slots: list[int] | None = None  # stall against cache slots (at the configured width)
+    width: list[int] | None = None  # hit rate against prefetch width (at the configured slots)
+
+
+@dataclass(frozen=True)
+class SimulateParams:
+    """The offloading engine `simulate_prefetch` replays the test split through (see docs/prefetch.md).
+
+    `preset` fills every hardware number left null; a number set here (or with `dvc exp run -S
+    simulate.link.gb_per_s=12`) overrides the preset's.
+    """
+
+    preset: str | None = "mixtral_bf16_pcie4"
+    expert_mb: float | None = None  # null: the preset's
+    link: LinkParams = field(default_factory=LinkParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
+    cache: CacheParams = field(default_factory=CacheParams)
+    prefetch: PrefetchParams = field(default_factory=PrefetchParams)
+    sweep: SweepParams = field(default_factory=SweepParams)
+
+    def hardware(self, key: str = "simulate") -> HardwarePreset:
+        """The preset's numbers with every explicit one in its place; raises naming a number left unset."""
+        preset = PRESETS.get(self.preset) if self.preset is not None else None
+        values = {"expert_mb": (self.expert_mb, "expert_mb"), "gb_per_s": (self.link.gb_per_s, "link.gb_per_s"),
+                  "ms_per_layer": (self.compute.ms_per_layer, "compute.ms_per_layer"),
+                  "slots_per_layer": (self.cache.slots_per_layer, "cache.slots_per_layer")}
+        resolved = {}
+        for name, (value, where) in values.items():
+            if value is None:
+                _check(preset is not None, f"{key}.{where}", f"must be set when {key}.preset is null")
+                value = getattr(preset, name)
+            resolved[name] = value
+        return HardwarePreset(**resolved)
+
+    def validate(self, key: str) -> None:
+        _check(self.preset is None or self.preset in PRESETS, f"{key}.preset",
+               f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, or null with every number set)")
+        hw = self.hardware(key)
+        _check(math.isfinite(hw.expert_mb) and hw.expert_mb > 0, f"{key}.expert_mb", f"must be > 0, got {hw.expert_mb}")
+        _check(hw.gb_per_s > 0, f"{key}.link.gb_per_s", f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
+        _check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
+               f"must be >= 0, got {hw.ms_per_layer}")
+        _check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")
+        width = self.prefetch.width
+        _check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
+        _check(width is None or width <= hw.slots_per_layer, f"{key}.prefetch.width",
+               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, got {width}")
+        for name, ms in self.prefetch.predictor_ms.items():
+            where = f"{key}.prefetch.predictor_ms.{name}"
+            _check(isinstance(ms, (int, float)) and not isinstance(ms, bool), where, f"expected a number, got {ms!r}")
+            _check(math.isfinite(ms) and ms >= 0, where, f"must be >= 0, got {ms}")
+        for name in ("slots", "width"):
+            values = getattr(self.sweep, name)
+            if values is not None:
+                _check(len(values) > 0, f"{key}.sweep.{name}", "must list at least one value (or be null)")
+                _check(len(set(values)) == len(values), f"{key}.sweep.{name}", f"repeats a value: {values}")
+
+    def check_shape(self, num_experts: int, top_k: int, key: str = "simulate") -> None:
+        """The checks that need the trace's shape (known once the stage reads its input)."""
+        hw = self.hardware(key)
+        shape = f"the trace has {num_experts} experts, top-{top_k}"
+        _check(top_k <= hw.slots_per_layer <= num_experts, f"{key}.cache.slots_per_layer",
+               f"must be in [top_k, num_experts] = [{top_k}, {num_experts}] ({shape}), got {hw.slots_per_layer}")
+        width = self.width(top_k)
+        _check(width <= num_experts, f"{key}.prefetch.width", f"must be <= num_experts ({shape}), got {width}")
+        _check(width <= hw.slots_per_layer, f"{key}.prefetch.width",
+               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}), got {width} (null means top_k = {top_k})")
+        for value in self.sweep.slots or []:
+            _check(max(top_k, width) <= value <= num_experts, f"{key}.sweep.slots",
+                   f"every value must be in [max(top_k, width), num_experts] = [{max(top_k, width)}, {num_experts}], "
+                   f"got {value}")
+        for value in self.sweep.width or []:
+            _check(1 <= value <= hw.slots_per_layer, f"{key}.sweep.width",
+                   f"every value must be in [1, cache.slots_per_layer] = [1, {hw.slots_per_layer}], got {value}")
+
+    def width(self, top_k: int) -> int:
+        return self.prefetch.width if self.prefetch.width is not None else top_k
+
+
 @dataclass(frozen=True)
 class Params:
     extract: ExtractParams
@@ -440,6 +572,7 @@ class Params:
     train: TrainParams
     tune: TuneParams
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    simulate: SimulateParams = field(default_factory=SimulateParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
