@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy.exc
 
@@ -127,3 +130,29 @@ def test_tune_stage_refuses_a_query_password_in_one_line(tmp_path: Path) -> None
     assert "tune.storage: must not hold a password (the query parameter password=)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_journal_lock_held_by_a_killed_process_does_not_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tune killed while appending to the journal: the next one goes on at once (with Optuna's
+    symlink lock and the default relative path it waited forever)."""
+    monkeypatch.chdir(tmp_path)
+    storage = make_storage("data/tune/journal.log")  # relative, as tune.storage's default
+    code = ("from pathlib import Path\nfrom routecast.study_storage import JournalFlock\n"
+            "lock = JournalFlock(Path('data/tune/journal.log'))\nlock.acquire()\nprint('held', flush=True)\n"
+            "import time; time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (optuna.create_study(storage=storage, study_name="s"), done.set()),
+                                  daemon=True)
+        writer.start()
+        assert not done.wait(1.0)  # a live holder excludes our write
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert done.wait(5.0)  # its death releases the lock
+    finally:
+        holder.kill()
+        holder.wait()
+    assert optuna.get_all_study_names(make_storage("data/tune/journal.log")) == ["s"]

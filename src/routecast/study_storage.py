@@ -17,6 +17,7 @@ configuration is retried once as a new trial, so completed trials are kept and t
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
 import re
@@ -151,7 +152,7 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
 
         path = Path(storage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFlock(path)))
 
     import sqlalchemy.exc
 
@@ -178,6 +179,33 @@ def make_storage(storage: str) -> optuna.storages.BaseStorage:
                 reason = reason.replace(password, REDACTED)
             raise InputError(f"tune.storage {redact(storage)}: cannot open the database: {reason}") from None
     raise AssertionError("unreachable")
+
+
+class JournalFlock:
+    """The journal's write lock, an flock(2) on the journal file itself: the kernel releases it
+    when its process dies, so a tune killed while appending never blocks the next one.
+
+    (Optuna's default lock is a symlink that a killed process leaves behind; it is found stale
+    only after a grace period, and never when the journal path is relative, as `tune.storage`'s
+    default is: the link dangles, and the next tune waited forever.) Every routecast process
+    takes this lock; another tool writing to the same journal at the same time is not excluded.
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self._journal = journal
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        fh = open(self._journal, "ab")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
 
 def retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
