@@ -13,9 +13,9 @@ experts of layer l + lookahead, and sees nothing of layer l + 1 or later of the 
                 three-deep lookup table and learns a correction, so small data cannot leave it
                 below the table. The table is fitted on the training split and kept in buffers.
     gru         reads the token's path layer by layer (an embedding of the pair (layer j, primary
-                expert at j)), and at layer l a head reads the GRU state with the layer's
-                secondary, gate weights, position (and the optional features) into per-layer
-                output logits. One token is one training sequence (`forward_tokens`).
+                expert at j)), and at layer l a per-layer linear head reads the GRU state with
+                the layer's secondary, gate weights, position (and the optional features). One
+                token is one training sequence (`forward_tokens`). `architecture` is not used.
 
 `build_model(config)` makes any kind; `ModelConfig` is plain data, so a checkpoint is the config
 plus a state dict. The mixture of Markov chains is fitted by EM in `routecast.mixture`.
@@ -211,11 +211,9 @@ class GRUPredictor(nn.Module):
                           dropout=config.dropout if config.rnn_layers > 1 else 0.0)
         ids = 1 + config.num_prev + (0 if config.sees_primary else 1)  # secondary, prev, primary
         width = config.hidden + config.expert_emb * ids + config.top_k + 1 + config.num_extra
-        self.trunk = nn.Sequential(*hidden_blocks(width, config.architecture, config.dropout))
-        head_in = config.architecture[-1] if config.architecture else width
-        # Per-layer output projection: each layer has its own map from state to the next layer's experts.
-        self.out_weight = nn.Parameter(torch.randn(config.slots, head_in, E) * head_in ** -0.5)
-        self.out_bias = nn.Parameter(torch.zeros(config.slots, E))
+        # Per-layer output projection: each layer maps the state (and layer l's other features) to the
+        # next layer's experts with its own weights, held side by side as one [width, slots * E] matrix.
+        self.out = nn.Linear(width, config.slots * E)
 
     def path_states(self, history: torch.Tensor) -> torch.Tensor:
         """GRU state after each layer 0..slots-1 of the path `history` (+1 ids; 0 = unknown; layers past
@@ -235,8 +233,8 @@ class GRUPredictor(nn.Module):
         if not self.sees_primary:
             ids.append(base + primary.unsqueeze(1) + 1)
         x = torch.cat([state, self.head_emb(torch.cat(ids, 1)).flatten(1), gating, position.unsqueeze(1), extra], 1)
-        x = self.trunk(self.drop(x))
-        return torch.einsum("nd,nde->ne", x, self.out_weight[layer]) + self.out_bias[layer]
+        every_layer = self.out(self.drop(x)).view(x.shape[0], self.slots, self.num_experts)
+        return every_layer[torch.arange(x.shape[0], device=x.device), layer]
 
     def forward_tokens(self, history: torch.Tensor, token: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
                        secondary: torch.Tensor, gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor,

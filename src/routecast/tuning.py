@@ -60,6 +60,14 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, base: ModelParams) -
             smoothing=trial.suggest_float("smoothing", space.mixture.smoothing.low, space.mixture.smoothing.high,
                                           log=space.mixture.smoothing.log))
         return dataclasses.replace(base, kind=kind, mixture=mixture)
+    config = dataclasses.replace(
+        base, kind=kind, lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log))
+    if kind == "gru":
+        gru = dataclasses.replace(base.gru, hidden=trial.suggest_int("hidden", *space.gru.hidden[:2],
+                                                                     step=space.gru.hidden[2]),
+                                  emb=trial.suggest_int("gru_emb", *space.gru.emb[:2], step=space.gru.emb[2]))
+        return dataclasses.replace(config, gru=gru)
     n_layers = trial.suggest_int("n_layers", space.n_layers.low, space.n_layers.high)
     low, high, step = space.units.first
     units = [trial.suggest_int("units_0", low, high, step=step)]
@@ -67,17 +75,9 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, base: ModelParams) -
         low, high, step = space.units.later
         # Each later layer is at most as wide as the one before.
         units.append(trial.suggest_int(f"units_{i}", low, max(low, min(high, units[-1])), step=step))
-    config = dataclasses.replace(
-        base, kind=kind, architecture=units,
-        lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
-        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log))
-    if kind == "gru":
-        gru = dataclasses.replace(base.gru, hidden=trial.suggest_int("hidden", *space.gru.hidden[:2],
-                                                                     step=space.gru.hidden[2]),
-                                  emb=trial.suggest_int("gru_emb", *space.gru.emb[:2], step=space.gru.emb[2]))
-        return dataclasses.replace(config, gru=gru)
     return dataclasses.replace(
-        config, layer_emb=trial.suggest_int("layer_emb", space.layer_emb.low, space.layer_emb.high),
+        config, architecture=units,
+        layer_emb=trial.suggest_int("layer_emb", space.layer_emb.low, space.layer_emb.high),
         expert_emb=trial.suggest_int("expert_emb", space.expert_emb.low, space.expert_emb.high))
 
 
@@ -85,13 +85,12 @@ def trial_params(config: ModelParams) -> dict[str, Any]:
     """The Optuna parameters that `suggest_config` maps to `config` (for enqueueing)."""
     if config.kind == "mixture":
         return {"kind": "mixture", "num_types": config.mixture.num_types, "smoothing": config.mixture.smoothing}
-    params: dict[str, Any] = {"kind": config.kind, "n_layers": len(config.architecture), "lr": config.lr,
-                              "dropout": config.dropout}
-    params.update({f"units_{i}": u for i, u in enumerate(config.architecture)})
+    params: dict[str, Any] = {"kind": config.kind, "lr": config.lr, "dropout": config.dropout}
     if config.kind == "gru":
-        params.update({"hidden": config.gru.hidden, "gru_emb": config.gru.emb})
-    else:
-        params.update({"layer_emb": config.layer_emb, "expert_emb": config.expert_emb})
+        return {**params, "hidden": config.gru.hidden, "gru_emb": config.gru.emb}
+    params.update({"n_layers": len(config.architecture), "layer_emb": config.layer_emb,
+                   "expert_emb": config.expert_emb})
+    params.update({f"units_{i}": u for i, u in enumerate(config.architecture)})
     return params
 
 
@@ -102,12 +101,12 @@ def config_from_trial(trial: FrozenTrial, base: ModelParams) -> ModelParams:
     if kind == "mixture":
         return dataclasses.replace(base, kind=kind, mixture=dataclasses.replace(
             base.mixture, num_types=int(p["num_types"]), smoothing=float(p["smoothing"])))
-    config = dataclasses.replace(base, kind=kind, lr=float(p["lr"]), dropout=float(p["dropout"]),
-                                 architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))])
+    config = dataclasses.replace(base, kind=kind, lr=float(p["lr"]), dropout=float(p["dropout"]))
     if kind == "gru":
         return dataclasses.replace(config, gru=dataclasses.replace(base.gru, hidden=int(p["hidden"]),
                                                                    emb=int(p["gru_emb"])))
-    return dataclasses.replace(config, layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]))
+    return dataclasses.replace(config, layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]),
+                               architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))])
 
 
 def starting_points(params: Params) -> list[tuple[str, ModelParams]]:
@@ -122,12 +121,20 @@ def starting_points(params: Params) -> list[tuple[str, ModelParams]]:
             mixture = dataclasses.replace(base.mixture, num_types=_clip(32, space.mixture.num_types),
                                           smoothing=_clip(0.1, space.mixture.smoothing))
             points.append(("mixture_default", dataclasses.replace(base, kind=kind, mixture=mixture)))
+        elif kind == "gru":
+            gru = dataclasses.replace(base.gru, hidden=_clip(256, space.gru.hidden), emb=_clip(32, space.gru.emb))
+            points.append(("gru_default", dataclasses.replace(base, kind=kind, lr=_clip(3e-3, space.lr),
+                                                              dropout=_clip(0.2, space.dropout), gru=gru)))
         else:
             points.append((f"{kind}_default", dataclasses.replace(SEED_BEST, kind=kind)))
     return [(origin, config) for origin, config in points if _inside(config, space)]
 
 
 def _clip(value: float, span: Any) -> Any:
+    """`value` inside a range: a FloatRange / IntRange, or [low, high, step] (snapped to the step)."""
+    if isinstance(span, list):
+        low, high, step = span
+        return int(min(max(low + round((value - low) / step) * step, low), low + (high - low) // step * step))
     return type(span.low)(min(max(value, span.low), span.high))
 
 
@@ -135,15 +142,16 @@ def _inside(config: ModelParams, space: SearchSpace) -> bool:
     """Whether `suggest_config` can reach `config` (an enqueued trial outside the space would fail)."""
     if config.kind == "mixture":
         return True  # clipped above
+    if not (space.lr.low <= config.lr <= space.lr.high and space.dropout.low <= config.dropout <= space.dropout.high):
+        return False
+    if config.kind == "gru":
+        return True  # clipped above
     first, later = space.units.first, space.units.later
-    ok = (space.lr.low <= config.lr <= space.lr.high and space.dropout.low <= config.dropout <= space.dropout.high
-          and space.n_layers.low <= len(config.architecture) <= space.n_layers.high
-          and first[0] <= config.architecture[0] <= first[1]
-          and all(later[0] <= u <= later[1] for u in config.architecture[1:]))
-    if config.kind != "gru":
-        ok = ok and space.layer_emb.low <= config.layer_emb <= space.layer_emb.high and \
-            space.expert_emb.low <= config.expert_emb <= space.expert_emb.high
-    return ok
+    return (space.n_layers.low <= len(config.architecture) <= space.n_layers.high
+            and first[0] <= config.architecture[0] <= first[1]
+            and all(later[0] <= u <= later[1] for u in config.architecture[1:])
+            and space.layer_emb.low <= config.layer_emb <= space.layer_emb.high
+            and space.expert_emb.low <= config.expert_emb <= space.expert_emb.high)
 
 
 def trial_code_digest() -> str:

@@ -1,0 +1,166 @@
+"""Every predictor kind: causal, learns a tiny problem, deterministic, round-trips through a
+checkpoint, and scores the same through the engine Predictor and its exports."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from routecast.batches import predict_logits, sample_inputs, token_view
+from routecast.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from routecast.evaluation import ModelScorer
+from routecast.features import FeatureMeta, encode_features
+from routecast.model import ModelConfig, build_model
+from routecast.params import (FeaturesParams, GRUParams, MixtureParams, ModelParams, SplitParams, SyntheticParams,
+                              TrainParams)
+from routecast.predictor import Predictor
+from routecast.reference import LookupPredictor
+from routecast.split import split_features
+from routecast.synthetic import generate
+from routecast.traces import TraceMeta, Traces
+from routecast.training import fit_predictor, split_train_val
+
+KINDS = ["mlp", "lookup_mlp", "gru", "mixture"]
+TINY_TRAIN = TrainParams(epochs=2, batch_size=64, threads=1)
+
+
+def small_params(kind: str) -> ModelParams:
+    return ModelParams(lr=3e-3, layer_emb=3, expert_emb=4, architecture=[32, 16], dropout=0.1, kind=kind,
+                       gru=GRUParams(hidden=32, emb=8, batch_tokens=16), mixture=MixtureParams(num_types=4, restarts=1))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "prev_short_history"])
+def data(request):
+    """A small synthetic split; `prev_short_history`: the previous token's experts as a feature and a
+    history shorter than the layers (the current primary then comes from its own column)."""
+    traces, _ = generate(SyntheticParams(num_sequences=24, tokens_per_sequence=32, num_layers=8,
+                                         route_persistence=0.25, seed=1))
+    features = FeaturesParams(prev_token=True, history_len=4) if request.param else FeaturesParams()
+    train, test = split_features(encode_features(traces, features), SplitParams(test_fraction=0.2, val_fraction=0.2))
+    return (*split_train_val(train), test)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    fit, val, test = data
+    return {kind: fit_predictor(small_params(kind), TINY_TRAIN, fit, val, desc=kind) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_prediction_for_layer_l_ignores_layers_after_l(trained, data, kind: str) -> None:
+    """Scramble every history entry past each sample's layer (and, in the engine call, the
+    previous token's experts are the only other input): the prediction does not move."""
+    _, _, test = data
+    model = trained[kind].model
+    x = sample_inputs(test, use_prev=test.prev_experts is not None)
+    scrambled = x.history.clone()
+    later = torch.arange(x.history.shape[1]).unsqueeze(0) > x.layer.unsqueeze(1)
+    scrambled[later] = torch.randint(1, test.meta.num_experts + 1, scrambled.shape)[later]
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(*x._replace(history=scrambled)), model(*x), rtol=0, atol=1e-6)
+
+
+def test_gru_reads_a_token_once_and_equals_the_per_sample_call(trained, data) -> None:
+    _, _, test = data
+    model = trained["gru"].model
+    per_token = predict_logits(model, test)  # token batches (forward_tokens)
+    with torch.no_grad():
+        per_sample = model(*sample_inputs(test, use_prev=test.prev_experts is not None))
+    torch.testing.assert_close(per_token, per_sample, rtol=0, atol=1e-5)
+    # and changing a later layer of the token's path changes nothing before it
+    view = token_view(test)
+    history = torch.from_numpy(view.history.astype(np.int64))
+    states = model.path_states(history)
+    changed = history.clone()
+    changed[:, 3:] = (changed[:, 3:] % test.meta.num_experts) + 1
+    torch.testing.assert_close(model.path_states(changed)[:, :3], states[:, :3])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_a_deterministic_router(kind: str) -> None:
+    """Next primary = (primary + layer + 1) mod E, secondary random: every kind gets it right."""
+    rng = np.random.default_rng(0)
+    L, E, n_tokens = 6, 5, 400
+    primary = np.zeros((n_tokens, L), dtype=np.int64)
+    primary[:, 0] = rng.integers(0, E, n_tokens)
+    for layer in range(1, L):
+        primary[:, layer] = (primary[:, layer - 1] + layer) % E
+    secondary = (primary + rng.integers(1, E, primary.shape)) % E
+    traces = Traces(TraceMeta(L, E, 2, source="test"), np.repeat(np.arange(n_tokens) // 20, L).astype(np.int32),
+                    np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32), np.tile(np.arange(L), n_tokens).astype(np.int16),
+                    np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
+                    np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))
+    train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
+    fit, val = split_train_val(train)
+    params = dataclasses.replace(small_params(kind), lr=1e-2, mixture=MixtureParams(num_types=2, restarts=2))
+    result = fit_predictor(params, TrainParams(epochs=15, batch_size=64, threads=1), fit, val)
+    scores = ModelScorer(kind, result.model).scores(test)
+    assert (scores.argmax(1) == test.target).mean() > 0.97, kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_model(data, kind: str) -> None:
+    fit, val, test = data
+    a = fit_predictor(small_params(kind), TINY_TRAIN, fit, val)
+    b = fit_predictor(small_params(kind), TINY_TRAIN, fit, val)
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.history]
+    torch.testing.assert_close(predict_logits(a.model, test), predict_logits(b.model, test), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_predictor_and_exports_agree_with_evaluate(trained, data, kind: str, tmp_path: Path) -> None:
+    _, _, test = data
+    model = trained[kind].model
+    scores = ModelScorer("tuned", model).scores(test)
+    save_checkpoint(tmp_path / "m.pt", model, {"position_scale": test.meta.position_scale})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    np.testing.assert_array_equal(ModelScorer("tuned", loaded).scores(test), scores)
+    predictor = Predictor.load(tmp_path / "m.pt")
+    E = test.meta.num_experts
+    got = predictor.predict_features(test, k=E)
+    np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(scores, got.experts.numpy(), 1), atol=1e-5)
+    for suffix in (".pt2", ".ts"):
+        exported = Predictor.load(predictor.export(tmp_path / f"m{suffix}")).predict_features(test, k=E)
+        torch.testing.assert_close(exported.scores, got.scores, rtol=0, atol=1e-5)
+
+
+def test_lookup_mlp_starts_at_the_lookup_table(data) -> None:
+    """Epoch 0 (before any step) is the three-deep lookup table fitted on the same samples."""
+    fit, val, _ = data
+    result = fit_predictor(small_params("lookup_mlp"), TINY_TRAIN, fit, val)
+    table = LookupPredictor(3).fit(fit).scores(val)
+    top2 = float((np.argsort(-table, 1, kind="stable")[:, :2] == val.target[:, None]).any(1).mean())
+    assert result.history[0]["epoch"] == 0
+    assert result.history[0]["val_top2"] == pytest.approx(top2, abs=1e-6)
+    assert result.best_value >= top2 - 1e-9  # never below the table on validation
+
+
+def test_mlp_keeps_the_seed_shape() -> None:
+    meta = FeatureMeta(num_layers=32, num_experts=8, top_k=2, history_len=32, lookahead=1, position_scale=2048.0)
+    for (layer_emb, expert_emb), width in (((5, 7), 239), ((10, 5), 178)):
+        config = ModelConfig("mlp", meta.num_layers, meta.num_experts, meta.top_k, meta.history_len,
+                             layer_emb=layer_emb, expert_emb=expert_emb, architecture=(64,))
+        assert config.input_width == width
+        assert build_model(config).mlp[0].in_features == width
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_clearly(trained, tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "m.pt", trained["mlp"].model)
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt: not a readable routecast model"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+    class Payload:  # what a crafted pickle would smuggle in
+        pass
+
+    torch.save({"config": Payload(), "state_dict": {}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: not a routecast model") as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(info.value)
