@@ -219,17 +219,24 @@ def repro_killing(repo: Path, stage: str) -> str:
                            text=True, start_new_session=True)
     lines, current, killed = [], None, False
     assert dvc.stdout is not None
-    for line in dvc.stdout:
-        lines.append(line)
-        started = re.match(r"Running stage '([^']+)'", line)
-        if started:
-            current = started.group(1)
-        elif current == stage and not killed and not line.startswith(">") and \
-                (stage not in KILL_AT or KILL_AT[stage].search(line)):
-            for pid in descendants(dvc.pid):
-                os.kill(pid, signal.SIGKILL)
-            killed = True
-    dvc.wait()
+    try:
+        for line in dvc.stdout:
+            lines.append(line)
+            started = re.match(r"Running stage '([^']+)'", line)
+            if started:
+                current = started.group(1)
+            elif current == stage and not killed and not line.startswith(">") and \
+                    (stage not in KILL_AT or KILL_AT[stage].search(line)):
+                for pid in descendants(dvc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+        dvc.wait()
+    finally:  # whatever happened, leave nothing of this run (its own session) behind the test
+        try:
+            os.killpg(dvc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        dvc.wait()
     log = "".join(lines)
     assert killed and dvc.returncode != 0, f"{stage} was not killed:\n{log}"
     return log

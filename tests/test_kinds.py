@@ -25,6 +25,10 @@ from routecast.traces import TraceMeta, Traces
 from routecast.training import fit_predictor, split_train_val
 
 KINDS = ["mlp", "lookup_mlp", "gru", "mixture"]
+
+
+class Payload:  # what a crafted pickle would smuggle into a model file
+    pass
 TINY_TRAIN = TrainParams(epochs=2, batch_size=64, threads=1)
 
 
@@ -85,7 +89,7 @@ def test_gru_reads_a_token_once_and_equals_the_per_sample_call(trained, data) ->
 def test_learns_a_deterministic_router(kind: str) -> None:
     """Next primary = (primary + layer + 1) mod E, secondary random: every kind gets it right."""
     rng = np.random.default_rng(0)
-    L, E, n_tokens = 6, 5, 400
+    L, E, n_tokens = 6, 5, 1000
     primary = np.zeros((n_tokens, L), dtype=np.int64)
     primary[:, 0] = rng.integers(0, E, n_tokens)
     for layer in range(1, L):
@@ -98,7 +102,8 @@ def test_learns_a_deterministic_router(kind: str) -> None:
     train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
     fit, val = split_train_val(train)
     params = dataclasses.replace(small_params(kind), lr=1e-2, mixture=MixtureParams(num_types=2, restarts=2))
-    result = fit_predictor(params, TrainParams(epochs=15, batch_size=64, threads=1), fit, val)
+    result = fit_predictor(params, TrainParams(epochs=40, batch_size=64, threads=1, early_stopping_patience=40), fit,
+                           val)
     scores = ModelScorer(kind, result.model).scores(test)
     assert (scores.argmax(1) == test.target).mean() > 0.97, kind
 
@@ -108,8 +113,10 @@ def test_same_seed_same_model(data, kind: str) -> None:
     fit, val, test = data
     a = fit_predictor(small_params(kind), TINY_TRAIN, fit, val)
     b = fit_predictor(small_params(kind), TINY_TRAIN, fit, val)
-    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.history]
-    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.history]
+    def strip(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    np.testing.assert_equal(strip(a.history), strip(b.history))  # NaN (no training loss) equals NaN
     torch.testing.assert_close(predict_logits(a.model, test), predict_logits(b.model, test), rtol=0, atol=0)
 
 
@@ -136,9 +143,11 @@ def test_lookup_mlp_starts_at_the_lookup_table(data) -> None:
     result = fit_predictor(small_params("lookup_mlp"), TINY_TRAIN, fit, val)
     table = LookupPredictor(3).fit(fit).scores(val)
     top2 = float((np.argsort(-table, 1, kind="stable")[:, :2] == val.target[:, None]).any(1).mean())
+    # float32 here, float64 there: a tie may break the other way for a sample or two
+    tolerance = 2.5 / len(val)
     assert result.history[0]["epoch"] == 0
-    assert result.history[0]["val_top2"] == pytest.approx(top2, abs=1e-6)
-    assert result.best_value >= top2 - 1e-9  # never below the table on validation
+    assert result.history[0]["val_top2"] == pytest.approx(top2, abs=tolerance)
+    assert result.best_value >= top2 - tolerance  # never below the table on validation
 
 
 def test_mlp_keeps_the_seed_shape() -> None:
@@ -156,9 +165,6 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_clearly(trained, tmp_path: P
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.pt: not a readable routecast model"):
         load_checkpoint(tmp_path / "cut.pt")
-
-    class Payload:  # what a crafted pickle would smuggle in
-        pass
 
     torch.save({"config": Payload(), "state_dict": {}}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="evil.pt: not a routecast model") as info:

@@ -37,9 +37,6 @@ class Inputs(NamedTuple):
     prev: torch.Tensor
     extra: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.layer)
-
     def index(self, idx: torch.Tensor | slice) -> Inputs:
         return Inputs(*(t[idx] for t in self))
 

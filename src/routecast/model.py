@@ -89,6 +89,7 @@ class MLP(nn.Module):
         super().__init__()
         self.config = config
         self.sees_primary = config.sees_primary  # plain attributes for TorchScript
+        self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0), persistent=False)
         self.layer_emb = nn.Embedding(config.num_layers, config.layer_emb)
         self.expert_emb = nn.Embedding(config.num_experts + 1, config.expert_emb, padding_idx=0)
         last = config.architecture[-1] if config.architecture else config.input_width
@@ -97,6 +98,7 @@ class MLP(nn.Module):
 
     def features(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
                  gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        history = history * (self.slot <= layer.unsqueeze(1))  # causal by construction: nothing past layer l
         ids = [secondary.unsqueeze(1), history, prev]
         if not self.sees_primary:
             ids.append(primary.unsqueeze(1) + 1)

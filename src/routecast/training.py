@@ -104,7 +104,8 @@ def model_config(params: ModelParams, feats: Features) -> ModelConfig | MixtureC
 def validation_metrics(logits: torch.Tensor, val: Features, target: str) -> dict[str, float]:
     """Loss, top-1, top-2 (next primary) and set recall (next top-k set) of `logits` on `val`."""
     y = torch.from_numpy(val.target.astype(np.int64))
-    ranked = logits.topk(max(2, val.meta.top_k), dim=1).indices
+    # Ties to the lower expert id, as routecast.evaluation.ranked.
+    ranked = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :max(2, val.meta.top_k)]
     true_set = torch.from_numpy(val.target_set.astype(np.int64))
     pred_set = ranked[:, : val.meta.top_k]
     recall = (pred_set.unsqueeze(2) == true_set.unsqueeze(1)).any(2).float().mean(1)
