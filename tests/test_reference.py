@@ -10,20 +10,23 @@ import pytest
 
 from routecast.features import FeatureMeta, Features, encode_features
 from routecast.params import FeaturesParams, SyntheticParams
+from routecast.evaluation import reference_predictors
 from routecast.reference import BoostedTreesPredictor, FrequencyPredictor, LookupPredictor, \
-    SpeculativeGatePredictor, lookup_ladder, reference_predictors
+    SpeculativeGatePredictor, lookup_ladder
 from routecast.synthetic import generate
 from routecast.traces import TraceMeta
 
 
-def hand_features(layer, history, target, num_layers=4, num_experts=4) -> Features:
+def hand_features(layer, history, target, num_layers=4, num_experts=4) -> Features:  # noqa: PLR0913
     """Samples written out by hand: history rows are primaries +1 (0 = padding), entry j = layer j."""
     history = np.array(history, dtype=np.int16)
     n = len(layer)
     return Features(
         meta=FeatureMeta(num_layers, num_experts, 2, history.shape[1], 1, 2048.0, "test"),
         seq_id=np.arange(n, dtype=np.int32), token_pos=np.zeros(n, dtype=np.int32),
-        layer=np.array(layer, dtype=np.int16), secondary=np.zeros(n, dtype=np.int16),
+        layer=np.array(layer, dtype=np.int16),
+        primary=np.maximum(history[np.arange(n), np.minimum(layer, history.shape[1] - 1)].astype(np.int16) - 1, 0),
+        secondary=np.zeros(n, dtype=np.int16),
         gating=np.full((n, 2), 0.5, dtype=np.float32), history=history,
         position=np.zeros(n, dtype=np.float32), target=np.array(target, dtype=np.int16),
         target_set=np.stack([np.array(target), (np.array(target) + 1) % num_experts], axis=1).astype(np.int16),
@@ -61,12 +64,42 @@ def test_lookup_names_and_order_validation():
         LookupPredictor(0)
 
 
-def test_lookup_at_layer_zero_and_truncated_history():
-    feats = encode_features(generate(SyntheticParams(num_sequences=4, tokens_per_sequence=32, num_layers=6))[0],
+def test_lookup_keeps_the_current_expert_past_a_truncated_history():
+    """history_len 3 < 6 layers: at layers >= 3 the history no longer holds layer l's primary, yet
+    lookup_1 (layer, e) still keys on it (the `primary` feature) and scores as with the whole history."""
+    feats = encode_features(generate(SyntheticParams(num_sequences=8, tokens_per_sequence=32, num_layers=6))[0],
                             FeaturesParams(history_len=3))
+    whole = encode_features(generate(SyntheticParams(num_sequences=8, tokens_per_sequence=32, num_layers=6))[0],
+                            FeaturesParams())
+    np.testing.assert_array_equal(LookupPredictor(1).fit(feats).scores(feats), LookupPredictor(1).fit(whole).scores(whole))
     for predictor in [FrequencyPredictor(), *lookup_ladder(3)]:
         scores = predictor.fit(feats).scores(feats)
         assert scores.shape == (len(feats), 8) and np.isfinite(scores).all()
+
+
+def test_set_scores_count_the_whole_next_set():
+    # Layer 2, (e1, e2) = (2, 3): the next sets were {0, 1} twice and {0, 2} once.
+    train = hand_features(layer=[2, 2, 2], history=[[1, 2, 3, 0]] * 3, target=[0, 1, 0])
+    train.target_set[:] = [[0, 1], [1, 0], [0, 2]]
+    table = LookupPredictor(2).fit(train)
+    set_scores = table.set_scores(train.take(np.arange(1)))[0]
+    assert np.argsort(-set_scores, kind="stable")[:3].tolist() == [0, 1, 2]  # counts 3, 2, 1
+    assert set_scores[0] == pytest.approx(3 / 6, abs=1e-3)  # 3 of the 6 set members seen in this context
+    primary = table.scores(train.take(np.arange(1)))[0]
+    assert primary[0] == pytest.approx(2 / 3, abs=1e-3) and primary[1] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_boosted_trees_with_more_experts_than_sklearn_categories():
+    """300 experts: the ids exceed scikit-learn's 255 categories, so they enter as ordinal numbers;
+    it fits and scores instead of crashing evaluate."""
+    rng = np.random.default_rng(0)
+    n, E = 3000, 300
+    history = np.zeros((n, 4), dtype=np.int16)
+    history[:, 0] = rng.integers(1, E + 1, n)
+    feats = hand_features(layer=[0] * n, history=history, target=(history[:, 0] - 1 + 1) % E, num_experts=E)
+    feats.seq_id[:] = np.arange(n) // 30
+    scores = BoostedTreesPredictor(max_iter=3).fit(feats).scores(feats)
+    assert scores.shape == (n, E) and np.isfinite(scores).all()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ import torch
 from routecast.batches import predict_logits
 from routecast.features import Features, encode_features
 from routecast.params import EvaluateParams, ExtraTest, FeaturesParams
-from routecast.reference import ReferencePredictor, reference_predictors
+from routecast.oracle import OraclePredictor
+from routecast.reference import (BoostedTreesPredictor, FrequencyPredictor, ReferencePredictor,
+                                 SpeculativeGatePredictor, lookup_ladder)
 from routecast.traces import TraceError, TraceMeta, read_traces
 
 log = logging.getLogger(__name__)
@@ -178,6 +181,26 @@ def summarise(scored: dict[str, Scored], test: Features, params: EvaluateParams)
     return out
 
 
+def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[ReferencePredictor]:
+    """Every reference predictor that applies to this trace, fitted on `train`.
+
+    Always: frequency, lookup_1..3, boosted_trees. The oracle only for synthetic traces (it is
+    rebuilt from `trace_meta.source_params`); the speculative gate only when `train` carries
+    `spec_logits`.
+    """
+    predictors: list[ReferencePredictor] = [FrequencyPredictor(), *lookup_ladder(3), BoostedTreesPredictor()]
+    if trace_meta.source == "synthetic":
+        predictors.append(OraclePredictor.from_trace_meta(trace_meta))
+    if train.spec_logits is not None:
+        predictors.append(SpeculativeGatePredictor())
+    fitted = []
+    for predictor in predictors:
+        start = time.perf_counter()
+        fitted.append(predictor.fit(train))
+        log.info("reference %s: fitted in %.1fs", predictor.name, time.perf_counter() - start)
+    return fitted
+
+
 def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Features, test: Features,
              params: EvaluateParams, features: FeaturesParams) -> EvaluationResult:
     """Score the models and every reference predictor (fitted on `fit`, the models' training
@@ -208,8 +231,7 @@ def evaluate_extra(test: ExtraTest, predictors: list[Any], trace_meta: TraceMeta
                    features: FeaturesParams, params: EvaluateParams) -> dict[str, Any]:
     """One extra trace, imported and encoded with the training trace's feature settings, scored
     by every predictor (a synthetic one also by its own oracle)."""
-    from routecast.importers import import_logs
-    from routecast.oracle import OraclePredictor
+    from routecast.importers import import_logs  # only when there are extra tests
 
     where = f"evaluate.extra_tests: {test.name}"
     tmp = Path(tempfile.mkdtemp(prefix="routecast-extra-"))

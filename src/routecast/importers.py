@@ -29,6 +29,7 @@ and counts the samples that need them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import gzip
 import itertools
@@ -479,7 +480,8 @@ def import_jsonl(params: LogsParams, out: Path) -> dict[str, Any]:
     where = str(path)
     spec = _JsonlSpec(f, where)
     seq_ids: dict[str, int] = {}  # string sequence ids -> 0.. in order of appearance
-    rows = blank = moved = last_line = 0
+    chunk_ids: dict[tuple[int, int], int] = {}  # (sequence, token // tokens_per_sequence) -> 0.. in order
+    rows = blank = moved = last_line = skipped = 0
     with contextlib.ExitStack() as stack:
         blocks = stack.enter_context(contextlib.closing(_prefetch(_parsed_blocks(path, spec))))
         with open(path, "rb") as fh:
@@ -500,6 +502,15 @@ def import_jsonl(params: LogsParams, out: Path) -> dict[str, Any]:
             for values, field, column in ((seq, f.sequence, "seq_id"), (block.tok, f.token, "token_pos"),
                                           (block.layer, f.layer, "layer"), (block.experts, f.experts, "experts")):
                 _check_fits(values, field or "sequence", column, where, block.origin)
+            if params.sequences is not None:
+                keep = np.isin(seq, params.sequences)
+                skipped += int((~keep).sum())
+                if not keep.any():
+                    continue
+                block = _take_rows(block, keep)
+                seq, n = seq[keep], int(keep.sum())
+            if params.tokens_per_sequence:
+                seq = _chunk_ids(seq, block.tok // params.tokens_per_sequence, chunk_ids)
             if block.weights is None:
                 weights = np.full((n, k), 1.0 / k, dtype=np.float32)
             elif params.renormalize:
@@ -512,6 +523,9 @@ def import_jsonl(params: LogsParams, out: Path) -> dict[str, Any]:
             moved += m
             last_line = block.last_line
         if writer is None:
+            if skipped:
+                raise TraceError(f"{path}: no rows of sequences {params.sequences} (extract.logs.sequences); "
+                                 f"{skipped} rows of other sequences")
             raise TraceError(f"{path}: empty file: no routing rows ({blank} blank lines)")
         stats = writer.finish()
         report = {
@@ -522,10 +536,29 @@ def import_jsonl(params: LogsParams, out: Path) -> dict[str, Any]:
             "tokens": stats["tokens"],
             "missing_token_layer_rows": stats["tokens"] * writer.meta.num_layers - rows,
             "rows_resorted_by_weight": moved,
+            "rows_of_other_sequences_skipped": skipped,
         }
         writer.source_params.update(report)
     _log_report(path, report)
     return report
+
+
+def _take_rows(block: _Block, keep: np.ndarray) -> _Block:
+    """The rows `keep` (a mask) of a parsed block (its sequence ids, already mapped, are the caller's)."""
+    return dataclasses.replace(block, seq=None, tok=block.tok[keep], layer=block.layer[keep],
+                               experts=block.experts[keep],
+                               weights=None if block.weights is None else block.weights[keep],
+                               origin=block.origin.take(keep))
+
+
+def _chunk_ids(seq: np.ndarray, chunk: np.ndarray, ids: dict[tuple[int, int], int]) -> np.ndarray:
+    """A sequence id per (sequence, chunk) pair, 0, 1, ... in order of first appearance (`ids` carries on)."""
+    pairs, first, inverse = np.unique(np.stack([seq, chunk], axis=1), axis=0, return_index=True,
+                                      return_inverse=True)
+    for i in np.argsort(first, kind="stable"):
+        ids.setdefault((int(pairs[i, 0]), int(pairs[i, 1])), len(ids))
+    lookup = np.array([ids[(int(a), int(b))] for a, b in pairs], dtype=np.int64)
+    return lookup[inverse.ravel()]
 
 
 def _jsonl_writer(params: LogsParams, out: Path, k: int, where: str, first_line: str) -> TraceWriter:

@@ -163,7 +163,9 @@ class LogsParams:
     fields: LogFields = field(default_factory=LogFields)  # jsonl only
     num_experts: int | None = None  # null: infer (largest expert id + 1)
     renormalize: bool = False  # rescale each row's weights to sum to 1 (else they must already)
-    tokens_per_sequence: int | None = None  # flame_csv: rows per sequence (null: one sequence)
+    tokens_per_sequence: int | None = None  # flame_csv: rows per sequence (null: one sequence); jsonl: cut each
+    # sequence into chunks of this many tokens (each chunk its own sequence, so a split by sequence has units)
+    sequences: list[int] | None = None  # jsonl: import only these sequence ids (null: every one)
     model: str | None = None  # the model that produced the logs, recorded in the trace metadata
 
     def validate(self, key: str) -> None:
@@ -173,6 +175,10 @@ class LogsParams:
                f"must be >= 1 or null, got {self.num_experts}")
         _check(self.tokens_per_sequence is None or self.tokens_per_sequence >= 1, f"{key}.tokens_per_sequence",
                f"must be >= 1 or null, got {self.tokens_per_sequence}")
+        _check(self.sequences is None or (len(self.sequences) > 0 and min(self.sequences) >= 0), f"{key}.sequences",
+               f"must list sequence ids >= 0, or be null, got {self.sequences}")
+        _check(self.sequences is None or self.format == "jsonl", f"{key}.sequences",
+               f"only the jsonl format filters sequences, not {self.format}")
 
 
 @dataclass(frozen=True)

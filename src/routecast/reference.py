@@ -11,7 +11,7 @@ rank membership of the next layer's top-k set. `evaluation` turns scores into me
     oracle           the exact Bayes-optimal predictor (synthetic traces only; `routecast.oracle`)
     speculative_gate the next layer's router on this layer's hidden state (when traces carry it)
 
-`reference_predictors(trace_meta, train)` returns all that apply, fitted.
+`routecast.evaluation.reference_predictors(trace_meta, train)` returns all that apply, fitted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Protocol
 import numpy as np
 
 from routecast.features import Features
-from routecast.traces import TraceMeta
 
 log = logging.getLogger(__name__)
 
@@ -295,25 +294,3 @@ class SpeculativeGatePredictor:
         if test.spec_logits is None:
             raise ValueError("speculative_gate: the features carry no spec_logits column")
         return np.asarray(test.spec_logits, dtype=np.float64)
-
-
-def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[ReferencePredictor]:
-    """Every reference predictor that applies to this trace, fitted on `train`.
-
-    Always: frequency, lookup_1..3, boosted_trees. The oracle only for synthetic traces (it is
-    rebuilt from `trace_meta.source_params`); the speculative gate only when `train` carries
-    `spec_logits`.
-    """
-    predictors: list[ReferencePredictor] = [FrequencyPredictor(), *lookup_ladder(3), BoostedTreesPredictor()]
-    if trace_meta.source == "synthetic":
-        from routecast.oracle import OraclePredictor
-
-        predictors.append(OraclePredictor.from_trace_meta(trace_meta))
-    if train.spec_logits is not None:
-        predictors.append(SpeculativeGatePredictor())
-    fitted = []
-    for predictor in predictors:
-        start = time.perf_counter()
-        fitted.append(predictor.fit(train))
-        log.info("reference %s: fitted in %.1fs", predictor.name, time.perf_counter() - start)
-    return fitted

@@ -142,6 +142,11 @@ class RowNames:
     def __getitem__(self, i: int) -> str:
         return f"{self.label} {self.first + i if self.numbers is None else int(self.numbers[i])}"
 
+    def take(self, rows: np.ndarray) -> RowNames:
+        """The names of `rows` (indices or a mask) of this batch."""
+        numbers = np.arange(self.first, self.first + len(rows)) if self.numbers is None else self.numbers
+        return RowNames(self.label, numbers=np.asarray(numbers)[rows])
+
 
 def _where(where: str, origin: Any, row: int) -> str:
     return f"{where}: {origin[row]}" if origin is not None else f"{where}: row {row}"

@@ -1,0 +1,152 @@
+"""Evaluation: every metric on hand-made cases, the sequence bootstrap, paired differences and the
+ratio to the oracle, and extra test traces (including the shared Mixtral log)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routecast.evaluation import (METRICS, SequenceBootstrap, evaluate, per_layer_top2, ranked, sample_hits,
+                                  score_metrics, summarise, Scored)
+from routecast.features import FeatureMeta, Features, encode_features
+from routecast.params import EvaluateParams, ExtraTest, FeaturesParams, LogsParams, SplitParams, SyntheticParams
+from routecast.split import split_features
+from routecast.synthetic import generate
+from routecast.traces import TraceError, write_traces
+
+
+def hand_features(target, target_set, layer=None, seq_id=None, num_experts=4) -> Features:
+    n = len(target)
+    k = len(target_set[0])
+    return Features(
+        meta=FeatureMeta(4, num_experts, k, 4, 1, 2048.0, "test"),
+        seq_id=np.array(seq_id if seq_id is not None else [0] * n, dtype=np.int32),
+        token_pos=np.arange(n, dtype=np.int32), layer=np.array(layer if layer is not None else [0] * n, dtype=np.int16),
+        primary=np.zeros(n, dtype=np.int16), secondary=np.ones(n, dtype=np.int16),
+        gating=np.full((n, k), 1.0 / k, dtype=np.float32), history=np.ones((n, 4), dtype=np.int16),
+        position=np.zeros(n, dtype=np.float32), target=np.array(target, dtype=np.int16),
+        target_set=np.array(target_set, dtype=np.int16),
+    )
+
+
+def test_metrics_on_hand_made_cases() -> None:
+    # Scores rank experts 3 > 1 > 0 > 2 for every sample.
+    scores = np.tile([0.2, 0.3, 0.0, 0.5], (4, 1))
+    feats = hand_features(target=[3, 1, 0, 2], target_set=[[3, 1], [1, 3], [0, 3], [2, 0]])
+    m = score_metrics(scores, feats)
+    assert m["top1"] == 0.25  # only sample 0's target (3) is the best
+    assert m["top2"] == 0.5  # 3 and 1 are the best two
+    # predicted set {3, 1}: covers {3,1} fully, {1,3} fully, {0,3} half, {2,0} not at all
+    assert m["set_recall"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert m["exact_set"] == 0.5
+    assert m["n_test"] == 4
+    # Set scores, when given, rank the set; the primary metrics keep the primary scores.
+    set_scores = np.tile([0.4, 0.0, 0.1, 0.5], (4, 1))  # predicted set {3, 0}
+    m2 = score_metrics(scores, feats, set_scores)
+    assert (m2["top1"], m2["top2"]) == (m["top1"], m["top2"])
+    assert m2["set_recall"] == pytest.approx((0.5 + 0.5 + 1 + 0.5) / 4) and m2["exact_set"] == 0.25
+
+
+def test_ties_go_to_the_lower_expert() -> None:
+    np.testing.assert_array_equal(ranked(np.array([[0.2, 0.4, 0.4, 0.0]]), 3), [[1, 2, 0]])
+
+
+def test_per_layer_top2_on_a_hand_made_case() -> None:
+    scores = np.tile([0.1, 0.2, 0.3, 0.4], (4, 1))  # best two: 3, 2
+    feats = hand_features(target=[3, 0, 2, 2], target_set=[[3, 0], [0, 1], [2, 1], [2, 3]], layer=[0, 0, 1, 2])
+    assert per_layer_top2(scores, feats) == {0: 0.5, 1: 1.0, 2: 1.0}
+
+
+def test_bootstrap_resamples_sequences_not_samples() -> None:
+    """One sequence always right, one always wrong: every resample draws whole sequences, so the
+    mean moves in steps of a whole sequence's weight; with samples resampled it would not."""
+    seq = np.array([0] * 90 + [1] * 10)
+    values = np.array([1.0] * 90 + [0.0] * 10)
+    boot = SequenceBootstrap(seq, resamples=500, seed=0)
+    lo, hi = boot.interval(values)
+    assert (lo, hi) == (0.0, 1.0)  # a resample of two sequences is both, either, or neither... never 0.9 only
+    # many identical sequences: a tight interval around the mean
+    seq = np.repeat(np.arange(50), 10)
+    values = np.tile([1.0] * 7 + [0.0] * 3, 50)
+    assert SequenceBootstrap(seq, 500, 0).interval(values) == (pytest.approx(0.7), pytest.approx(0.7))
+
+
+def test_bootstrap_interval_covers_the_truth_at_about_95_percent() -> None:
+    """Sequences with random per-sequence accuracy: the 95% interval holds the population mean in
+    about 95% of repeated experiments (checked loosely: 85% to 100% of 60)."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(60):
+        p = rng.beta(6, 4, size=40)  # population mean 0.6
+        seq = np.repeat(np.arange(40), 30)
+        values = (rng.random(len(seq)) < p[seq]).astype(float)
+        lo, hi = SequenceBootstrap(seq, 400, trial).interval(values)
+        covered += lo <= 0.6 <= hi
+    assert 51 <= covered <= 60
+
+
+def test_summary_has_intervals_paired_differences_and_oracle_ratio() -> None:
+    rng = np.random.default_rng(1)
+    n = 600
+    feats = hand_features(target=rng.integers(0, 4, n), target_set=np.stack([np.zeros(n), np.ones(n)], 1),
+                          seq_id=np.repeat(np.arange(30), 20))
+    def fake(p_hit: float) -> Scored:
+        hits = {m: (rng.random(n) < p_hit).astype(float) for m in METRICS}
+        return Scored(hits, np.zeros((n, 4)), np.zeros((n, 4)))
+
+    scored = {"tuned": fake(0.7), "lookup_3": fake(0.5), "oracle": fake(0.8), "baseline": fake(0.6)}
+    out = summarise(scored, feats, EvaluateParams(bootstrap=300))
+    for name, s in scored.items():
+        assert out[name]["top2"] == pytest.approx(s.hits["top2"].mean())
+        assert out[name]["top2_lo"] <= out[name]["top2"] <= out[name]["top2_hi"]
+        assert out[name]["n_test_sequences"] == 30
+    diff = out["tuned"]["vs"]["lookup_3"]
+    assert diff["top2_diff"] == pytest.approx(scored["tuned"].hits["top2"].mean() - scored["lookup_3"].hits["top2"].mean())
+    assert 0 < diff["top2_diff_lo"] <= diff["top2_diff"] <= diff["top2_diff_hi"]  # 20 points apart: clearly real
+    ratio = scored["tuned"].hits["top2"].mean() / scored["oracle"].hits["top2"].mean()
+    assert out["tuned"]["top2_vs_oracle"] == pytest.approx(ratio)
+    assert out["tuned"]["top2_vs_oracle_lo"] <= ratio <= out["tuned"]["top2_vs_oracle_hi"]
+    assert "vs" not in out["lookup_3"] and "top2_vs_oracle" not in out["lookup_3"]
+
+
+def test_sample_hits_rejects_scores_of_the_wrong_shape() -> None:
+    feats = hand_features(target=[0, 1], target_set=[[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match=r"scores must be \[2, 4\]"):
+        sample_hits(np.zeros((2, 3)), np.zeros((2, 3)), feats)
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    params = SyntheticParams(num_sequences=20, tokens_per_sequence=16, num_layers=6, seed=2)
+    traces, _ = generate(params)
+    train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
+    fit = train.take(~train.is_val)
+    return traces, fit, test
+
+
+def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Path) -> None:
+    traces, fit, test = small_run
+    other, _ = generate(SyntheticParams(num_sequences=6, tokens_per_sequence=16, num_layers=6, seed=9))
+    write_traces(tmp_path / "other.parquet", other)
+    params = EvaluateParams(bootstrap=200, extra_tests=[
+        ExtraTest("other", LogsParams(format="parquet", path=str(tmp_path / "other.parquet")))])
+    result = evaluate({}, traces.meta, fit, test, params, FeaturesParams())
+    extra = result.metrics["extra_tests"]["other"]
+    assert set(extra) >= {"frequency", "lookup_1", "lookup_3", "boosted_trees", "oracle"}
+    assert extra["lookup_3"]["n_test"] == 6 * 16 * 5
+    # the oracle of an extra synthetic trace is that trace's own generator: the best there too
+    assert extra["oracle"]["top2"] >= max(extra[n]["top2"] for n in ("lookup_3", "boosted_trees"))
+    json.dumps(result.metrics)  # the metrics file is plain JSON
+
+
+def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -> None:
+    traces, fit, test = small_run
+    other, _ = generate(SyntheticParams(num_sequences=2, tokens_per_sequence=8, num_layers=6, num_experts=6))
+    write_traces(tmp_path / "six.parquet", other)
+    params = EvaluateParams(bootstrap=200, extra_tests=[
+        ExtraTest("six", LogsParams(format="parquet", path=str(tmp_path / "six.parquet")))])
+    with pytest.raises(TraceError, match="six.*num_experts=6, the training trace 8"):
+        evaluate({}, traces.meta, fit, test, params, FeaturesParams())
