@@ -98,3 +98,11 @@ def shared_traces() -> Path:
     if not SHARED_TRACES.is_dir():
         pytest.skip(f"real traces absent: {SHARED_TRACES} does not exist (it sits beside the repository as ../shared)")
     return SHARED_TRACES
+
+
+def stage_args(name: str) -> list[str]:
+    """The arguments dvc.yaml gives the stage `name`'s script (paths live in dvc.yaml only)."""
+    import shlex
+
+    cmd = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"]
+    return shlex.split(" ".join(cmd.split()))[2:]  # after `python stages/<name>.py`

@@ -1,8 +1,9 @@
-"""routecast.Predictor: the fused inference path and its TorchScript export agree with the model
-the evaluate stage scores (ModelScorer), on the same samples."""
+"""routecast.Predictor, the engine-facing call: raw routing state in (ids, -1 unknown), checked;
+entries past the current layer ignored; light to import; exports run with torch alone."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,98 +13,67 @@ import pytest
 import torch
 
 import routecast
-from routecast.evaluation import ModelScorer, ranked
+from routecast.checkpoints import save_checkpoint
+from routecast.errors import InputError
 from routecast.features import encode_features
-from routecast.model import predict_logits
 from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.predictor import Predictor
 from routecast.split import split_features
 from routecast.synthetic import generate
-from routecast.training import inputs_for, split_train_val, train_model
-
-LOGIT_ATOL = 1e-4  # fused (BatchNorm folded, embeddings pre-multiplied) vs eager, float32
+from routecast.training import fit_predictor, split_train_val
 
 
-def trained(spec: bool, history_len: int | None, top_k: int = 2, architecture: list[int] | None = None):
-    traces, _ = generate(SyntheticParams(num_sequences=24, tokens_per_sequence=32, num_layers=8, top_k=top_k,
-                                         spec_noise=1.0 if spec else None, seed=1))
-    feats = encode_features(traces, FeaturesParams(history_len=history_len))
-    train, test = split_features(feats, SplitParams(test_fraction=0.2, val_fraction=0.2))
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    traces, _ = generate(SyntheticParams(num_sequences=16, tokens_per_sequence=32, num_layers=8, seed=1))
+    train, _ = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2, val_fraction=0.2))
     fit, val = split_train_val(train)
-    result = train_model(ModelParams(lr=3e-3, layer_emb=3, expert_emb=4, architecture=architecture or [32, 16],
-                                     dropout=0.1), TrainParams(epochs=2, batch_size=64, threads=1), fit, val)
-    return result.model, test
+    model = fit_predictor(ModelParams(3e-3, 3, 4, [32], 0.1), TrainParams(epochs=1, batch_size=64, threads=1), fit,
+                          val).model
+    path = tmp_path_factory.mktemp("model") / "tuned.pt"
+    save_checkpoint(path, model, {"position_scale": 2048.0})
+    return routecast.Predictor.load(path)
 
 
-CASES = {"default": (False, None, 2), "spec_short_history": (True, 5, 2), "top1": (False, None, 1)}
+LAYER = np.array([0, 3, 6])
+HISTORY = np.array([[2, 5, 1, 7, 0, 0, 3, 4], [1, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]])
+EXPERTS = np.array([[2, 3], [3, 1], [6, 0]])
+WEIGHTS = np.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]])
+POS = [0, 9, 4000]
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request):
-    return trained(*CASES[request.param])
-
-
-def test_same_top_k_as_the_evaluate_stage(case) -> None:
-    model, test = case
-    k = max(test.meta.top_k, 2)
-    scores = ModelScorer("tuned", model).scores(test)
-    want = ranked(scores, k)
-    got = Predictor.from_model(model).predict_features(test, k=k)
-    # Rank ties within float32 rounding may order either way; every row with a clear margin must agree.
-    top = np.sort(scores, axis=1)[:, ::-1]
-    clear = (np.diff(-top[:, : k + 1], axis=1) > 1e-5).all(axis=1)
-    assert clear.mean() > 0.95
-    np.testing.assert_array_equal(got.experts.numpy()[clear], want[clear])
-    np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(scores, got.experts.numpy(), 1), atol=1e-5)
-
-
-def test_fused_and_exported_logits_match_eager(case, tmp_path: Path) -> None:
-    model, test = case
-    eager = predict_logits(model, inputs_for(model, test))
-    predictor = Predictor.from_model(model)
-    history = test.history.astype(np.int64) - 1
-    experts = np.zeros((len(test), test.meta.top_k), np.int64)
-    if test.meta.top_k > 1:
-        experts[:, 1] = test.secondary
-    token_pos = test.position * 2048.0  # positions under 2048 encode exactly
-    extra = test.spec_logits if model.config.num_extra else None
-    fused = predictor.logits(test.layer, history, experts, test.gating, token_pos, extra)
-    torch.testing.assert_close(fused, eager, atol=LOGIT_ATOL, rtol=0)
-
-    path = predictor.export(tmp_path / "predictor.ts")
-    exported = Predictor.load(path)
-    torch.testing.assert_close(exported.logits(test.layer, history, experts, test.gating, token_pos, extra), eager,
-                               atol=LOGIT_ATOL, rtol=0)
-    # The artifact runs with torch alone (no routecast import): what an engine does.
-    raw = torch.jit.load(str(path))
-    n = 5
-    best, probs = raw.predict(torch.from_numpy(test.layer[:n].astype(np.int64)), torch.from_numpy(history[:n]),
-                              torch.from_numpy(experts[:n]), torch.from_numpy(test.gating[:n]),
-                              torch.from_numpy(token_pos[:n]),
-                              torch.from_numpy(extra[:n]) if extra is not None else torch.zeros(n, 0), 2)
-    assert best.shape == (n, 2) and torch.all(probs[:, 0] >= probs[:, 1])
-    torch.testing.assert_close(best, torch.softmax(eager[:n], 1).topk(2).indices)
-
-
-def test_load_checkpoint_and_raw_engine_inputs(tmp_path: Path) -> None:
-    """From a train_full checkpoint; history wider than needed and entries past `layer` are ignored."""
-    from routecast.model import save_model
-
-    model, test = trained(False, None)
-    save_model(tmp_path / "tuned.pt", model)
-    predictor = routecast.Predictor.load(tmp_path / "tuned.pt")
-    layer = np.array([0, 3, 6])
-    history = np.array([[2, 5, 1, 7, 0, 0, 3, 4], [1, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]])
-    garbage = history.copy()
+def test_entries_past_the_layer_are_ignored(predictor: Predictor) -> None:
+    garbage = HISTORY.copy()
     garbage[0, 1:] = 7
-    garbage[1, 4:] = 0
-    experts, weights, pos = np.array([[2, 3], [3, 1], [6, 0]]), np.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]]), [0, 9, 4000]
-    a = predictor.predict(layer, history, experts, weights, pos)
-    b = predictor.predict(layer, garbage, experts, weights, pos)
+    garbage[1, 4:] = -1
+    a = predictor.predict(LAYER, HISTORY, EXPERTS, WEIGHTS, POS)
+    b = predictor.predict(LAYER, garbage, EXPERTS, WEIGHTS, POS)
     assert torch.equal(a.experts, b.experts) and torch.equal(a.scores, b.scores)
-    assert a.experts.shape == (3, 2) and torch.all(a.scores.sum(1) <= 1.0 + 1e-6)
-    with pytest.raises(FileNotFoundError):
-        Predictor.load(tmp_path / "missing.pt")
+    assert a.experts.shape == (3, 2) and (a.scores[:, 0] >= a.scores[:, 1]).all()
+    # a shorter history (only the layers known so far) is the same call
+    short = predictor.predict(LAYER[:1], HISTORY[:1, :1], EXPERTS[:1], WEIGHTS[:1], POS[:1])
+    assert torch.equal(short.experts, a.experts[:1])
+    # the probabilities are a softmax over every expert: the best 8 of 8 sum to 1
+    every = predictor.predict(LAYER, HISTORY, EXPERTS, WEIGHTS, POS, k=8)
+    torch.testing.assert_close(every.scores.sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(experts=np.array([[2, 8], [3, 1], [6, 0]])), r"experts: 8 out of range \[0, 7\]"),
+    (dict(history=np.c_[HISTORY, HISTORY[:, :1]]), "history has 9 columns, the model reads 8 layers"),
+    (dict(history=np.where(HISTORY == 5, 12, HISTORY)), r"history: 12 out of range \[-1, 7\]"),
+    (dict(experts=EXPERTS[:, :1]), r"experts must have shape \[3, 2\], got \[3, 1\]"),
+    (dict(layer=np.array([0, 3, 7])), r"layer: 7 out of range \[0, 6\]"),
+    (dict(weights=WEIGHTS[:2]), r"weights must have shape \[3, 2\]"),
+])
+def test_bad_engine_input_is_refused_naming_the_argument(predictor: Predictor, change, message) -> None:
+    args = dict(layer=LAYER, history=HISTORY, experts=EXPERTS, weights=WEIGHTS, token_pos=POS) | change
+    with pytest.raises(InputError, match=message):
+        predictor.predict(**args)
+    with pytest.raises(InputError, match="k=9"):
+        predictor.predict(LAYER, HISTORY, EXPERTS, WEIGHTS, POS, k=9)
+    with pytest.raises(InputError, match="prev"):  # this model was trained without the previous token
+        predictor.predict(LAYER, HISTORY, EXPERTS, WEIGHTS, POS, prev=np.zeros((3, 2), dtype=np.int64))
 
 
 def test_import_routecast_stays_light() -> None:
@@ -112,13 +82,24 @@ def test_import_routecast_stays_light() -> None:
     assert out.stdout.strip() == "Predictor"
 
 
-def test_torch_export_pt2_matches_fused(tmp_path: Path) -> None:
-    model, test = trained(True, 5)
-    predictor = Predictor.from_model(model)
-    path = predictor.export(tmp_path / "predictor.pt2")
-    exported = Predictor.load(path)
-    want, got = predictor.predict_features(test), exported.predict_features(test)
-    assert torch.equal(got.experts, want.experts)
-    torch.testing.assert_close(got.scores, want.scores, atol=1e-6, rtol=0)
-    one = exported.predict_features(test.take(np.arange(1)), k=3)  # batch of one, k up to num_experts
-    assert one.experts.shape == (1, 3)
+@pytest.mark.parametrize("suffix", [".pt2", ".ts"])
+def test_exports_run_with_torch_alone(predictor: Predictor, tmp_path: Path, suffix: str) -> None:
+    path = predictor.export(tmp_path / f"predictor{suffix}")
+    want = predictor.predict(LAYER, HISTORY, EXPERTS, WEIGHTS, POS, k=3)
+    # In a fresh interpreter with torch only: routecast is never imported by loading or running it.
+    run = "torch.export.load(path).module()(*args)" if suffix == ".pt2" else "torch.jit.load(path).predict(*args, 3)"
+    code = (f"import sys, json, torch\npath = {str(path)!r}\n"
+            f"args = (torch.tensor({LAYER.tolist()}), torch.tensor({HISTORY.tolist()}), torch.tensor({EXPERTS.tolist()}),"
+            f" torch.tensor({WEIGHTS.tolist()}).float(), torch.tensor({POS}).float(), torch.zeros(3, 0),"
+            f" torch.zeros(3, 0, dtype=torch.long))\n"
+            f"best, scores = {run}\n"
+            "assert 'routecast' not in sys.modules\n"
+            "print(json.dumps([best[:, :3].tolist(), scores[:, :3].tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    best, scores = json.loads(out)
+    assert best == want.experts.tolist()
+    np.testing.assert_allclose(scores, want.scores.numpy(), atol=1e-6)
+    one = Predictor.load(path).predict(LAYER[:1], HISTORY[:1], EXPERTS[:1], WEIGHTS[:1], POS[:1], k=3)  # batch of one
+    assert one.experts.shape == (1, 3) and torch.equal(one.experts, want.experts[:1])
+    with pytest.raises(InputError, match=r"\.onnx: export to \.pt2"):
+        predictor.export(tmp_path / "predictor.onnx")

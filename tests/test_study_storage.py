@@ -13,7 +13,7 @@ import optuna
 import pytest
 import sqlalchemy.exc
 
-from conftest import ROOT, set_params
+from conftest import ROOT, set_params, stage_args
 from routecast import study_storage
 from routecast.params import ParamsError, load_params
 from routecast.study_storage import PASSWORD_ENV, make_storage, redact, storage_problem, url_secrets
@@ -123,7 +123,7 @@ def test_tune_stage_refuses_a_query_password_in_one_line(tmp_path: Path) -> None
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     set_params(tmp_path / "params.yaml", {"tune.storage": f"postgresql://me@db.example/rc?password={SECRET}"})
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet", *stage_args("tune")[1:]], cwd=tmp_path,
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     assert SECRET not in proc.stdout + proc.stderr

@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from conftest import ROOT
+from conftest import ROOT, stage_args
 from routecast.params import load_params
 from routecast.study_storage import PASSWORD_ENV, driver_url, make_storage
 from routecast.tuning import config_from_trial
@@ -55,7 +55,7 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
     name = f"pgtest-{uuid.uuid4().hex[:8]}"
     proj = tiny_project(tmp_path, {"tune.storage": pg_url, "tune.study_name": name, "tune.n_trials": n_trials,
                                    "tune.epochs": 2})
-    cmd = [sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet"]
+    cmd = [sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet", *stage_args("tune")[1:]]
 
     def start(*extra: str) -> subprocess.Popen:
         log = open(proj / f"log-{len(list(proj.glob('log-*')))}.txt", "w")

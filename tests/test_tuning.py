@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, set_params
+from conftest import ROOT, set_params, stage_args
 from routecast.features import encode_features, read_features, write_features
-from routecast.params import ParamsError, load_params
+from routecast.params import ParamsError, load_params, write_tuned
 from routecast.split import split_features
 from routecast.synthetic import generate
 from routecast import tuning
@@ -27,7 +28,8 @@ from routecast.tuning import file_digest, study_name, tune
 
 # A few sequences of an 8-layer synthetic router: a trial epoch takes a fraction of a second.
 TINY = {"extract.synthetic.num_sequences": 12, "extract.synthetic.tokens_per_sequence": 48,
-        "extract.synthetic.num_layers": 8, "train.threads": 1, "tune.max_train_samples": None}
+        "extract.synthetic.num_layers": 8, "train.threads": 1, "tune.max_train_samples": None,
+        "tune.search_space.kind": ["mlp"]}
 
 
 def tiny_project(dest: Path, updates: dict[str, object] | None = None) -> Path:
@@ -81,20 +83,36 @@ def test_hyperband_prunes_absurd_learning_rates(project: Path, tmp_path: Path) -
     assert result.summary["storage"] == "data/tune/journal.log"
 
 
-def test_a_change_to_the_trial_code_starts_a_fresh_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("changed", ["training.py", "features.py", "model.py", "mixture.py", "batches.py"])
+def test_a_change_to_any_code_a_trial_runs_starts_a_fresh_study(changed: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint covers every module a trial imports (the import graph), not a hand-kept list."""
     params = load_params(ROOT / "params.yaml")
     package, copy = Path(tuning.__file__).parent, tmp_path / "routecast"
-    copy.mkdir()
-    for name in tuning.TRIAL_CODE:
-        (copy / name).write_bytes((package / name).read_bytes())
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
     digest = tuning.trial_code_digest
     assert digest(copy) == digest()
     before = study_name(params, "train-digest")
     monkeypatch.setattr(tuning, "trial_code_digest", lambda: digest(copy))
     assert study_name(params, "train-digest") == before  # same code, same study
-    with open(copy / "training.py", "a") as fh:
-        fh.write("# a changed training loop\n")
+    with open(copy / changed, "a") as fh:
+        fh.write("# a change\n")
     assert study_name(params, "train-digest") != before  # the old trials' values are not this code's
+
+
+def test_tune_searches_across_kinds_and_writes_the_winner(project: Path, tmp_path: Path) -> None:
+    """Every kind in the space runs (its starting configuration first); the best trial's kind and
+    knobs come back as a ModelParams that params.yaml's `tuned:` block round-trips."""
+    proj = fresh(project, tmp_path)
+    params, result = run_tune(proj, {"tune.n_trials": 4, "tune.epochs": 1, "tune.pruner": "none",
+                                     "tune.search_space.kind": ["mixture", "gru", "mlp"],
+                                     "tune.search_space.mixture.num_types": {"low": 2, "high": 6}})
+    kinds = [t.params["kind"] for t in result.trials]
+    assert kinds[:4] == ["mixture", "gru", "mlp", "mlp"]  # the starting points: one per kind, two for mlp
+    best = max((t for t in result.trials if t.value is not None), key=lambda t: t.value)
+    assert result.best.kind == best.params["kind"] and result.best_value == best.value
+    write_tuned(result.best, proj / "params.yaml")
+    assert load_params(proj / "params.yaml").tuned == result.best
 
 
 @pytest.mark.parametrize("sampler", ["gp", "random"])
@@ -176,7 +194,7 @@ def test_sigkill_mid_trial_then_restart_continues_the_study(project: Path, tmp_p
     proj = fresh(project, tmp_path)
     set_params(proj / "params.yaml", {"tune.n_trials": 2, "tune.epochs": 4, "tune.pruner": "none",
                                       "train.early_stopping_patience": 4})
-    cmd = [sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet"]
+    cmd = [sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet", *stage_args("tune")[1:]]
     journal = proj / "data" / "tune" / "journal.log"
     proc = subprocess.Popen(cmd, cwd=proj, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_trial, deadline = None, time.monotonic() + 180

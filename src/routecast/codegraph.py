@@ -61,11 +61,12 @@ def closure(paths: list[Path], source: Path = SOURCE) -> set[Path]:
     return seen
 
 
-def code_digest(modules: list[str]) -> str:
+def code_digest(modules: list[str], source: Path = SOURCE) -> str:
     """sha256 over the files of `modules` and everything they import (sorted, so order is fixed)."""
-    files = {module_path(m) for m in modules} | closure([module_path(m) for m in modules])
+    roots = [module_path(m, source) for m in modules]
+    files = set(roots) | closure(roots, source)
     h = hashlib.sha256()
-    for path in sorted(files):
+    for path in sorted(files, key=lambda p: p.name):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

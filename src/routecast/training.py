@@ -78,7 +78,7 @@ def split_train_val(train: Features, max_train_samples: int | None = None, seed:
     fit, val = train.take(~train.is_val), train.take(train.is_val)
     if max_train_samples is not None and len(fit) > max_train_samples:
         view = token_view(fit)
-        per_token = max(1, len(fit) // len(view))
+        per_token = -(-len(fit) // len(view))  # samples per token, rounded up: never more than asked
         keep = np.sort(np.random.default_rng(seed).choice(len(view), max(1, max_train_samples // per_token),
                                                           replace=False))
         rows = view.row[keep]
@@ -132,22 +132,24 @@ def fit_predictor(params: ModelParams, train: TrainParams, fit: Features, val: F
     torch.manual_seed(train.seed)
     config = model_config(params, fit)
     if isinstance(config, MixtureConfig):
-        return _fit_mixture(config, train, fit, val, on_epoch)
+        return _fit_mixture(config, train, fit, val, epochs or train.epochs, on_epoch)
     return _train_neural(config, params.lr, params.gru.batch_tokens, train, fit, val, epochs or train.epochs,
                          on_epoch, desc)
 
 
-def _fit_mixture(config: MixtureConfig, train: TrainParams, fit: Features, val: Features,
+def _fit_mixture(config: MixtureConfig, train: TrainParams, fit: Features, val: Features, epochs: int,
                  on_epoch: EpochCallback | None) -> TrainResult:
+    """EM to convergence, reported once as the budget's last epoch: a pruner comparing trials at the
+    same epoch then sets it against the neural kinds' final values, never their first ones."""
     start = time.perf_counter()
     module = fit_mixture(MixtureConfig(**{**config.__dict__, "target": train.target}), fit, seed=train.seed)
     seconds = time.perf_counter() - start
-    row = {"epoch": 1, "train_loss": float("nan"), **validation_metrics(predict_logits(module, val), val, train.target),
-           "lr": float("nan"), "seconds": seconds}
+    row = {"epoch": epochs, "train_loss": float("nan"),
+           **validation_metrics(predict_logits(module, val), val, train.target), "lr": float("nan"), "seconds": seconds}
     log.info("mixture: val top-2 %.4f, set recall %.4f (%.1fs)", row["val_top2"], row["val_set_recall"], seconds)
     if on_epoch is not None:
-        on_epoch(1, row)
-    return TrainResult(module, [row], 1, row[objective_name(train.target)], len(fit) / max(seconds, 1e-9))
+        on_epoch(epochs, row)
+    return TrainResult(module, [row], epochs, row[objective_name(train.target)], len(fit) / max(seconds, 1e-9))
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:

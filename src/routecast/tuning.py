@@ -33,7 +33,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from routecast.codegraph import code_digest
+from routecast.codegraph import SOURCE, code_digest
 from routecast.features import Features
 from routecast.params import ModelParams, Params, SearchSpace, TuneParams
 from routecast.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
@@ -154,10 +154,10 @@ def _inside(config: ModelParams, space: SearchSpace) -> bool:
             and space.expert_emb.low <= config.expert_emb <= space.expert_emb.high)
 
 
-def trial_code_digest() -> str:
+def trial_code_digest(source: Path = SOURCE) -> str:
     """The code a trial runs (the tuning module and everything it imports, from the source): a change
     to any of it starts a fresh study instead of reusing values the new code would not give."""
-    return code_digest(["routecast.tuning"])
+    return code_digest(["routecast.tuning"], source)
 
 
 def study_fingerprint(params: Params, train_digest: str) -> str:
