@@ -17,7 +17,8 @@ from routecast.traces import read_trace_meta
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--traces", required=True, help="the canonical trace (its source: the oracle)")
-    parser.add_argument("--train", required=True, help="train split: its fit part fits the reference predictors")
+    parser.add_argument("--train", required=True, help="train split: its fit part fits the reference predictors, "
+                                                       "its validation part is scored too")
     parser.add_argument("--test", required=True, help="test split")
     parser.add_argument("--models", nargs="+", required=True, help="model files; each is named after its file")
     parser.add_argument("--metrics", required=True, help="metrics JSON")
@@ -29,9 +30,9 @@ if __name__ == "__main__":
     with stage("evaluate"):
         params = load_params(args.params)
         models = {Path(path).stem: load_checkpoint(path)[0] for path in args.models}
-        fit, _ = split_train_val(read_features(args.train))
+        fit, val = split_train_val(read_features(args.train))
         test = read_features(args.test)
-        result = evaluate(models, read_trace_meta(args.traces), fit, test, params.evaluate, params.features)
+        result = evaluate(models, read_trace_meta(args.traces), fit, val, test, params.evaluate, params.features)
         write_json(args.metrics, result.metrics)
         write_csv(args.per_layer, ["layer", "predictor", "top2"],
                   [[layer, name, top2] for name, layers in result.per_layer.items() for layer, top2 in layers.items()])

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import routecast  # noqa: F401  -- first: it pins torch's CPU code paths before torch loads (see its __init__)
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]

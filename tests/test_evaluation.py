@@ -133,7 +133,7 @@ def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Pa
     write_traces(tmp_path / "other.parquet", other)
     params = EvaluateParams(bootstrap=200, extra_tests=[
         ExtraTest("other", LogsParams(format="parquet", path=str(tmp_path / "other.parquet")))])
-    result = evaluate({}, traces.meta, fit, test, params, FeaturesParams())
+    result = evaluate({}, traces.meta, fit, fit.take(np.arange(0)), test, params, FeaturesParams())
     extra = result.metrics["extra_tests"]["other"]
     assert set(extra) >= {"frequency", "lookup_1", "lookup_3", "boosted_trees", "oracle"}
     assert extra["lookup_3"]["n_test"] == 6 * 16 * 5
@@ -149,4 +149,4 @@ def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -
     params = EvaluateParams(bootstrap=200, extra_tests=[
         ExtraTest("six", LogsParams(format="parquet", path=str(tmp_path / "six.parquet")))])
     with pytest.raises(TraceError, match="six.*num_experts=6, the training trace 8"):
-        evaluate({}, traces.meta, fit, test, params, FeaturesParams())
+        evaluate({}, traces.meta, fit, fit.take(np.arange(0)), test, params, FeaturesParams())

@@ -151,3 +151,13 @@ def test_boosted_trees_is_seeded_and_handles_tiny_splits(synthetic_split):
     one_class = dataclasses.replace(train.take(np.arange(50)), target=np.full(50, 3, dtype=np.int16))
     scores = BoostedTreesPredictor().fit(one_class).scores(test)
     assert (scores.argmax(axis=1) == 3).all()
+
+
+def test_speculative_gate_only_when_the_target_is_the_next_layer():
+    """spec_logits are layer l + 1's router logits: with lookahead 2 they do not score the target."""
+    params = SyntheticParams(num_sequences=6, tokens_per_sequence=16, num_layers=6, spec_noise=1.0)
+    traces, _ = generate(params)
+    for lookahead, expected in ((1, True), (2, False)):
+        feats = encode_features(traces, FeaturesParams(lookahead=lookahead))
+        names = [p.name for p in reference_predictors(traces.meta, feats)]
+        assert ("speculative_gate" in names) == expected, lookahead

@@ -73,3 +73,14 @@ def test_subsample_keeps_whole_tokens(data) -> None:
     view = token_view(sub)
     assert (view.present.sum(1) == view.present.shape[1]).all()  # every kept token has all its samples
     assert len(sub) <= 500
+
+
+def test_torch_runs_its_avx2_code_paths() -> None:
+    """routecast pins torch's CPU kernels to AVX2 (its __init__), so training is bit-identical across
+    x86 CPUs; this process imported routecast first (tests/conftest.py), as every stage script does."""
+    import os
+
+    if os.environ.get("ROUTECAST_NATIVE_ISA") == "1":
+        pytest.skip("ROUTECAST_NATIVE_ISA=1: native code paths asked for")
+    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    assert os.environ["MKL_CBWR"] == "AVX2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"

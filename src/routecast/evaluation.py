@@ -186,13 +186,18 @@ def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[Referen
 
     Always: frequency, lookup_1..3, boosted_trees. The oracle only for synthetic traces (it is
     rebuilt from `trace_meta.source_params`); the speculative gate only when `train` carries
-    `spec_logits`.
+    `spec_logits` and the target is the next layer (they are layer l + 1's router logits, so they
+    say nothing direct about layer l + 2 or later).
     """
     predictors: list[ReferencePredictor] = [FrequencyPredictor(), *lookup_ladder(3), BoostedTreesPredictor()]
     if trace_meta.source == "synthetic":
         predictors.append(OraclePredictor.from_trace_meta(trace_meta))
     if train.spec_logits is not None:
-        predictors.append(SpeculativeGatePredictor())
+        if train.meta.lookahead == 1:
+            predictors.append(SpeculativeGatePredictor())
+        else:
+            log.info("speculative_gate skipped: spec_logits are layer l + 1's router, the target is layer l + %d",
+                     train.meta.lookahead)
     fitted = []
     for predictor in predictors:
         start = time.perf_counter()
@@ -201,15 +206,19 @@ def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[Referen
     return fitted
 
 
-def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Features, test: Features,
-             params: EvaluateParams, features: FeaturesParams) -> EvaluationResult:
+def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Features, val: Features,
+             test: Features, params: EvaluateParams, features: FeaturesParams) -> EvaluationResult:
     """Score the models and every reference predictor (fitted on `fit`, the models' training
-    samples) on `test` and on each of `params.extra_tests`."""
+    samples) on `test` and on each of `params.extra_tests`; and, under `validation`, on the
+    validation sequences every choice was made on (kind, epochs, tune's trials)."""
     predictors: list[Any] = [ModelScorer(name, model, params.batch_size) for name, model in models.items()]
     references = reference_predictors(trace_meta, fit)
     predictors += references
     scored = score_all(predictors, test)
     metrics = summarise(scored, test, params)
+    if len(val):
+        metrics["validation"] = {name: {m: float(v.mean()) for m, v in s.hits.items()} | {"n": len(val)}
+                                 for name, s in score_all(predictors, val).items()}
     for name, m in metrics.items():
         log.info("%-16s top-1 %.4f  top-2 %.4f [%.4f, %.4f]  set recall %.4f", name, m["top1"], m["top2"],
                  m["top2_lo"], m["top2_hi"], m["set_recall"])

@@ -122,9 +122,9 @@ def starting_points(params: Params) -> list[tuple[str, ModelParams]]:
                                           smoothing=_clip(0.1, space.mixture.smoothing))
             points.append(("mixture_default", dataclasses.replace(base, kind=kind, mixture=mixture)))
         elif kind == "gru":
-            gru = dataclasses.replace(base.gru, hidden=_clip(256, space.gru.hidden), emb=_clip(32, space.gru.emb))
+            gru = dataclasses.replace(base.gru, hidden=_clip(128, space.gru.hidden), emb=_clip(32, space.gru.emb))
             points.append(("gru_default", dataclasses.replace(base, kind=kind, lr=_clip(3e-3, space.lr),
-                                                              dropout=_clip(0.2, space.dropout), gru=gru)))
+                                                              dropout=_clip(0.3, space.dropout), gru=gru)))
         else:
             points.append((f"{kind}_default", dataclasses.replace(SEED_BEST, kind=kind)))
     return [(origin, config) for origin, config in points if _inside(config, space)]
