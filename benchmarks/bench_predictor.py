@@ -1,11 +1,11 @@
-"""Latency of one predictor call (p50 / p99 / min, microseconds) for batches of 1, 64 and 512
-tokens at 1 and 2 threads: the eager training module vs the fused inference path
-(routecast.Predictor) and its exports (TorchScript .ts, torch.export .pt2).
+"""Latency of one predictor call (p50 / p99 / min, microseconds) for every kind, batches of 1 and
+64 tokens, 1 and 2 threads: the kind's eager module on encoded inputs, the engine path
+(`routecast.Predictor`: raw state in, top-k out) and its two exports (torch.export `.pt2`,
+TorchScript `.ts`). Weights are random (latency does not depend on them); shapes are the
+default trace's (32 layers, 8 experts, top-2) and each kind's default configuration.
 
 Each call is timed alone (perf_counter around it) after a warm-up; inputs are prepared int64 /
-float32 tensors, as an engine holds them. `floor_us` is the time the call's matmul FLOPs take at
-the dense fp32 matmul rate measured in the same run ([N x 512] @ [512 x 512] etc.): no fp32 path
-can beat it, whatever its overhead.
+float32 tensors, as an engine holds them.
 
     .venv/bin/python benchmarks/bench_predictor.py         # writes benchmarks/results/predictor.json
 """
@@ -19,39 +19,60 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
-from routecast.features import FeatureMeta
-from routecast.model import ModelConfig, RoutePredictor
-from routecast.params import ModelParams
-from routecast.predictor import Predictor
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+import torch  # noqa: E402
 
-META = FeatureMeta(num_layers=32, num_experts=8, top_k=2, history_len=32, lookahead=1, position_scale=2048.0)
-MODELS = {"tuned": ModelParams(0.000536, 5, 7, [512, 512], 0.18), "baseline": ModelParams(0.001, 10, 5, [256, 128, 64], 0.2)}
+from routecast.mixture import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
+from routecast.model import ModelConfig, build_model  # noqa: E402
+from routecast.predictor import Predictor  # noqa: E402
+
+L, E, K, H = 32, 8, 2, 32
 
 
-def inputs(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-    layer = torch.from_numpy(rng.integers(0, 31, n))
-    history = torch.from_numpy(rng.integers(0, 8, (n, 32)))
-    experts = torch.from_numpy(np.stack([rng.permutation(8)[:2] for _ in range(n)]))
+def models() -> dict[str, torch.nn.Module]:
+    """Each kind at the configuration tune starts it from (the mixture at 32 types)."""
+    torch.manual_seed(0)
+    shape = dict(num_layers=L, num_experts=E, top_k=K, history_len=H)
+    out = {
+        "mlp": build_model(ModelConfig("mlp", **shape, layer_emb=5, expert_emb=7, architecture=(512, 512))),
+        "baseline (mlp)": build_model(ModelConfig("mlp", **shape, layer_emb=10, expert_emb=5,
+                                                  architecture=(256, 128, 64))),
+        "lookup_mlp": build_model(ModelConfig("lookup_mlp", **shape, layer_emb=5, expert_emb=7,
+                                              architecture=(512, 512))),
+        "gru": build_model(ModelConfig("gru", **shape, expert_emb=32, hidden=128)),
+    }
+    rng = np.random.default_rng(0)
+    Z = 32
+    tables = MixtureTables(rng.dirichlet(np.ones(Z)), rng.dirichlet(np.ones(E), (Z,)),
+                           rng.dirichlet(np.ones(E), (Z, L - 1, E)), rng.dirichlet(np.ones(E), (Z, L, E)), None, 0.0)
+    out["mixture"] = MixtureModule(MixtureConfig(L, E, K, H, num_types=Z), tables)
+    return {name: m.eval() for name, m in out.items()}
+
+
+def engine_inputs(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+    layer = torch.from_numpy(rng.integers(0, L - 1, n))
+    history = torch.from_numpy(rng.integers(0, E, (n, H)))
+    experts = torch.from_numpy(np.stack([rng.permutation(E)[:K] for _ in range(n)]))
     w = rng.uniform(0.5, 1.0, n).astype(np.float32)
     weights = torch.from_numpy(np.stack([w, 1 - w], 1))
     token_pos = torch.from_numpy(rng.integers(0, 4096, n).astype(np.float32))
-    return layer, history, experts, weights, token_pos, torch.zeros((n, 0))
+    return layer, history, experts, weights, token_pos, torch.zeros((n, 0)), torch.zeros((n, 0), dtype=torch.long)
 
 
-def eager_inputs(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The same state as the training module's inputs (+1 encodings, masked history, position)."""
-    layer, history, experts, weights, token_pos, extra = args
-    hist = torch.where(torch.arange(32)[None] <= layer[:, None], history + 1, 0)
-    return layer, experts[:, 1] + 1, hist, weights, torch.clamp(token_pos / 2048.0, max=1.0), extra
+def module_inputs(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The same state as the kind module's inputs (+1 encodings, masked history, position)."""
+    layer, history, experts, weights, token_pos, extra, prev = args
+    hist = torch.where(torch.arange(H)[None] <= layer[:, None], history + 1, 0)
+    return (layer, experts[:, 0], experts[:, 1] + 1, hist, weights, torch.clamp(token_pos / 2048.0, max=1.0), prev,
+            extra)
 
 
 def latencies(fn, seconds: float, min_calls: int = 200) -> dict[str, float]:
-    for _ in range(50):
+    for _ in range(30):
         fn()
     times = []
     deadline = time.perf_counter() + seconds
@@ -64,57 +85,41 @@ def latencies(fn, seconds: float, min_calls: int = 200) -> dict[str, float]:
             "calls": len(t)}
 
 
-def floor_us(config: ModelConfig, n: int) -> float:
-    """Matmul time of the fused call's dense layers at the measured torch.mm rate (same threads)."""
-    widths = [*config.architecture, config.num_experts]
-    total = 0.0
-    for i, o in zip(widths[:-1], widths[1:]):
-        a, b = torch.randn(max(n, 1), i), torch.randn(i, o)
-        best = min(latencies(lambda: torch.mm(a, b), 0.2)["min_us"] for _ in range(2))
-        total += best
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     args = parser.parse_args()
     info = machine()
     rng = np.random.default_rng(0)
     results: dict[str, object] = {}
     tmp = Path(tempfile.mkdtemp())
-    for name, params in MODELS.items():
-        torch.manual_seed(0)
-        model = RoutePredictor(ModelConfig.build(META, params)).eval()
-        fused = Predictor.from_model(model)
-        ts = Predictor.load(fused.export(tmp / f"{name}.ts"))
-        pt2 = Predictor.load(fused.export(tmp / f"{name}.pt2"))
+    for name, model in models().items():
+        predictor = Predictor.from_model(model)
+        slug = name.split()[0]
+        ts = Predictor.load(predictor.export(tmp / f"{slug}.ts"))
+        pt2 = Predictor.load(predictor.export(tmp / f"{slug}.pt2"))
+        params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
         variants = {
-            "eager_module": lambda a, e: torch.softmax(model(*e), 1).topk(2),
-            "fused_eager": lambda a, e: fused.module.predict(*a, 2),
-            "torchscript": lambda a, e: ts.module.predict(*a, 2),
-            "torch_export_pt2": lambda a, e: pt2.module.predict(*a, 2),
-            "Predictor.predict(torchscript)": lambda a, e: ts.predict(*a),
+            "eager_module": lambda a, m: torch.softmax(model(*m), 1).topk(K),
+            "engine_eager": lambda a, m: predictor.module.predict(*a, K),
+            "torchscript": lambda a, m: ts.module.predict(*a, K),
+            "torch_export_pt2": lambda a, m: pt2.module.predict(*a, K),
+            "Predictor.predict(pt2)": lambda a, m: pt2.predict(*a[:5], k=K),
         }
-        if name != "tuned":
-            variants = {k: v for k, v in variants.items() if k in ("eager_module", "torchscript")}
         for threads in args.threads:
             torch.set_num_threads(threads)
             for n in args.batches:
-                a = inputs(n, rng)
-                e = eager_inputs(a)
+                a = engine_inputs(n, rng)
+                m = module_inputs(a)
                 with torch.inference_mode():
-                    row = {v: latencies(lambda fn=fn: fn(a, e), args.seconds) for v, fn in variants.items()}
-                    row["floor_us"] = floor_us(model.config, n)
-                results[f"{name}/threads{threads}/batch{n}"] = row
+                    row = {v: latencies(lambda fn=fn: fn(a, m), args.seconds) for v, fn in variants.items()}
+                results[f"{name}/threads{threads}/batch{n}"] = {**row, "parameters": params}
                 print(f"{name} threads={threads} batch={n}: " + ", ".join(
-                    f"{v} p50 {r['p50_us']:.0f}" for v, r in row.items() if isinstance(r, dict)) +
-                    f", floor {row['floor_us']:.0f} us", flush=True)
+                    f"{v} p50 {r['p50_us']:.0f}" for v, r in row.items()), flush=True)
     write_result("predictor", {
-        "what": "one predictor call: top-2 next-layer experts + probabilities; random weights (latency only)",
-        "target": "p50 <= 50 us for a batch of 64 (tuned model)",
+        "what": "one predictor call per kind: top-2 next-layer experts + probabilities; random weights",
         "results": results,
         "machine": info,
     })

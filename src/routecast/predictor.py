@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from routecast.artifacts import atomic_path
 from routecast.checkpoints import load_checkpoint
 from routecast.errors import InputError
 from routecast.features import Features
@@ -197,17 +198,14 @@ class Predictor:
             raise InputError(f"{path}: export to .pt2 (torch.export) or .ts (TorchScript)")
         if not isinstance(self.module, EngineModule):
             raise InputError("export from a checkpoint-built Predictor (Predictor.load of a .pt)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".pt2":
-            program = _export_program(self.module)
-            torch.export.save(program, str(tmp), extra_files={"routecast.json": json.dumps(self.info)})
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 steers to torch.export
-                torch.jit.save(torch.jit.script(self.module), str(tmp),
-                               _extra_files={"routecast.json": json.dumps(self.info)})
-        tmp.replace(path)
+        info = {"routecast.json": json.dumps(self.info)}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            if path.suffix == ".pt2":
+                torch.export.save(_export_program(self.module), fh, extra_files=info)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 steers to torch.export
+                    torch.jit.save(torch.jit.script(self.module), fh, _extra_files=info)
         return path
 
     # ------------------------------------------------------------------ calls
