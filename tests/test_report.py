@@ -119,7 +119,8 @@ def write_results(repo: Path, evaluate: dict[str, dict], shift: float, seed: int
     bounds_and_models = ["on_demand", "perfect", "baseline", "tuned"]
     write_csv(repo / "metrics" / "prefetch" / "stall_vs_slots.csv",
               ["slots", "predictor", "stall_ms_per_token", "hit_rate", "mb_per_token"],
-              [[s, n, 100.0 / s + i + shift, 0.5, 1000.0] for s in range(2, 9) for i, n in enumerate(bounds_and_models)])
+              [[s, n, 100.0 / s + i + shift, 0.5, 1000.0]
+               for s in range(2, 9) for i, n in enumerate(bounds_and_models)])
     write_csv(repo / "metrics" / "prefetch" / "hit_rate_vs_width.csv",
               ["width", "predictor", "hit_rate", "stall_ms_per_token", "prefetch_precision"],
               [[w, n, 0.1 * w + 0.05 * i, 50.0, 0.5] for w in range(1, 4) for i, n in enumerate(bounds_and_models)])
@@ -264,7 +265,8 @@ def test_change_cell_verdicts() -> None:
     few = Estimate(0.35, 0.34, 0.36, 4)
     assert change_cell(old, few, "main").endswith("(+5.0 pts, not judged: 4 test sequences in the workspace)")
     # a revision written before the intervals existed
-    assert change_cell(Estimate(0.30), new, "main") == "0.300 → 0.350 [0.340, 0.360] (+5.0 pts, not judged: no interval at `main`)"
+    assert change_cell(Estimate(0.30), new, "main") == \
+        "0.300 → 0.350 [0.340, 0.360] (+5.0 pts, not judged: no interval at `main`)"
     # touching intervals overlap
     assert change_cell(old, Estimate(0.32, 0.31, 0.33, 20), "main").endswith("(+2.0 pts, within noise)")
     assert change_cell(new, old, "main").endswith("**0.300 [0.290, 0.310]** (-5.0 pts, real)")
@@ -286,6 +288,9 @@ def test_split_line_warns_when_the_test_split_differs() -> None:
     line = split_line({"tuned": {"n_test": 336, "n_test_sequences": 1}}, AFTER, "main")
     assert line == ("Test split: 20 sequences, 4,000 samples. **The test split differs** (`main`: 1 sequence, "
                     "336 samples): the two sides are scored on different samples.")
+    # a revision from before the sequence count: compared by samples alone
+    assert split_line({"tuned": {"n_test": 4000}}, AFTER, "main") == "Test split: 20 sequences, 4,000 samples."
+    assert "(`main`: 336 samples)" in split_line({"tuned": {"n_test": 336}}, AFTER, "main")
 
 
 def test_read_series_joins_dvclive_tsvs_on_step(tmp_path: Path) -> None:
@@ -324,6 +329,31 @@ def test_report_on_an_unknown_revision_fails_clearly(two_commit_repo: Path, tmp_
                check=False)
     assert proc.returncode == 1
     assert "no-such-rev" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ci_params_hold_out_enough_test_sequences_to_judge() -> None:
+    """The pull-request report at the workflow's CI_PARAMS must be able to call a change real."""
+    from ruamel.yaml import YAML
+
+    from routecast.report import MIN_SEQUENCES
+    from routecast.split import _held_out
+
+    yaml = YAML(typ="safe", pure=True)
+    overrides = dict(re.findall(r"-S (\S+?)=(\S+)", yaml.load((ROOT / ".github/workflows/pr.yml").read_text())
+                                ["env"]["CI_PARAMS"]))
+    params = yaml.load((ROOT / "params.yaml").read_text())
+
+    def value(dotted: str) -> float:
+        if dotted in overrides:
+            return float(overrides[dotted])
+        node = params
+        for key in dotted.split("."):
+            node = node[key]
+        return float(node)
+
+    assert params["extract"]["source"] == "synthetic" and params["split"]["by"] == "sequence"
+    sequences = int(value("extract.synthetic.num_sequences"))
+    assert _held_out(sequences, value("split.test_fraction")) >= MIN_SEQUENCES
 
 
 @pytest.mark.slow

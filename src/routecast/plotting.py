@@ -105,15 +105,27 @@ def predictor_lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, reference: pd
                     label=reference_label(name, revision))
 
 
-def integer_x(ax: Axes, values: pd.Series) -> None:
-    ax.set_xlim(values.min() - 0.5, values.max() + 0.5)
-    ax.xaxis.set_major_locator(MultipleLocator(1 if values.nunique() <= 16 else 2))
-
-
-def predictor_legends(ax: Axes, labels: tuple[str, str], reference: pd.DataFrame | None) -> None:
+def by_predictor(frame: pd.DataFrame, x: str, y: str, reference: pd.DataFrame | None, labels: tuple[str, str],
+                 x_label: str, y_label: str, title: str, fraction: bool) -> Figure:
+    """A long-format frame as one line per predictor against an integer x; a `fraction` y spans 0..1."""
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    ax = fig.subplots()
+    predictor_lines(ax, frame, x, y, reference, labels[1])
+    if fraction:
+        accuracy_axis(ax, y_label)
+    else:
+        ax.set_ylim(bottom=0.0)
+        ax.set_ylabel(y_label)
+        ax.grid(True, alpha=0.3)
+    ax.set_xlim(frame[x].min() - 0.5, frame[x].max() + 0.5)
+    ax.xaxis.set_major_locator(MultipleLocator(1 if frame[x].nunique() <= 16 else 2))
+    ax.xaxis.set_minor_locator(MultipleLocator(1))
+    ax.set_xlabel(x_label)
     ax.legend(title="predictor", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     revision_legend(ax, labels[0], labels[1] if reference is not None else None,
                     loc="lower left", bbox_to_anchor=(1.01, 0.0))
+    ax.set_title(title)
+    return fig
 
 
 def training_curves(runs: Mapping[str, pd.DataFrame], reference: Mapping[str, pd.DataFrame] | None = None,
@@ -153,17 +165,11 @@ def per_layer_top2(per_layer: pd.DataFrame, reference: pd.DataFrame | None = Non
                    labels: tuple[str, str] = ("workspace", "reference"), lookahead: int | None = None) -> Figure:
     """Test top-2 per source layer for every predictor (metrics/evaluate/per_layer_top2.csv, long
     format: layer, predictor, top2)."""
-    fig = Figure(figsize=(11, 5.5), layout="constrained")
-    ax = fig.subplots()
-    predictor_lines(ax, per_layer, "layer", "top2", reference, labels[1])
-    accuracy_axis(ax, "top-2 accuracy (fraction of test samples)")
-    integer_x(ax, per_layer["layer"])
-    ax.xaxis.set_minor_locator(MultipleLocator(1))
     target = f"l + {lookahead}" if lookahead else "l + lookahead"
-    ax.set_xlabel(f"source layer l (predicting the primary expert at layer {target})")
-    predictor_legends(ax, labels, reference)
-    ax.set_title("Test top-2 accuracy per layer, every predictor")
-    return fig
+    return by_predictor(per_layer, "layer", "top2", reference, labels,
+                        f"source layer l (predicting the primary expert at layer {target})",
+                        "top-2 accuracy (fraction of test samples)", "Test top-2 accuracy per layer, every predictor",
+                        fraction=True)
 
 
 def confusion_matrix(pairs: pd.DataFrame, num_experts: int | None = None, model: str = "tuned") -> Figure:
@@ -233,29 +239,18 @@ def prefetch_stall(by_slots: pd.DataFrame, reference: pd.DataFrame | None = None
                    labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
     """Stall per token against cache slots per layer, every predictor and both bounds
     (metrics/prefetch/stall_vs_slots.csv, long format: slots, predictor, stall_ms_per_token, ...)."""
-    fig = Figure(figsize=(11, 5.5), layout="constrained")
-    ax = fig.subplots()
-    predictor_lines(ax, by_slots, "slots", "stall_ms_per_token", reference, labels[1])
-    ax.set_ylim(bottom=0.0)
-    ax.set_ylabel("stall (ms per token)")
-    ax.grid(True, alpha=0.3)
-    integer_x(ax, by_slots["slots"])
-    ax.set_xlabel("experts of each layer held on the GPU (cache slots per layer)")
-    predictor_legends(ax, labels, reference)
-    ax.set_title("Prefetch simulation: stall per token against cache slots (on_demand and perfect bound it)")
-    return fig
+    return by_predictor(by_slots, "slots", "stall_ms_per_token", reference, labels,
+                        "experts of each layer held on the GPU (cache slots per layer)", "stall (ms per token)",
+                        "Prefetch simulation: stall per token against cache slots (on_demand and perfect bound it)",
+                        fraction=False)
 
 
 def prefetch_hit_rate(by_width: pd.DataFrame, reference: pd.DataFrame | None = None,
                       labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
     """Hit rate against prefetch width, every predictor and both bounds
     (metrics/prefetch/hit_rate_vs_width.csv, long format: width, predictor, hit_rate, ...)."""
-    fig = Figure(figsize=(11, 5.5), layout="constrained")
-    ax = fig.subplots()
-    predictor_lines(ax, by_width, "width", "hit_rate", reference, labels[1])
-    accuracy_axis(ax, "hit rate (needed experts already resident)")
-    integer_x(ax, by_width["width"])
-    ax.set_xlabel("experts prefetched per layer (the predictor's best first)")
-    predictor_legends(ax, labels, reference)
-    ax.set_title("Prefetch simulation: hit rate against prefetch width, at the configured cache slots")
-    return fig
+    return by_predictor(by_width, "width", "hit_rate", reference, labels,
+                        "experts prefetched per layer (the predictor's best first)",
+                        "hit rate (needed experts already resident)",
+                        "Prefetch simulation: hit rate against prefetch width, at the configured cache slots",
+                        fraction=True)

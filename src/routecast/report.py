@@ -226,60 +226,75 @@ def entries(old: Mapping[str, Any], new: Mapping[str, Any], having: str, first: 
     return [n for n in names if any(isinstance(s.get(n), Mapping) and having in s[n] for s in (old, new))]
 
 
-def split_of(metrics: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(test sequences, test samples) of an evaluate.json block."""
+def split_of(metrics: Mapping[str, Any]) -> tuple[int | None, int] | None:
+    """(test sequences, None where the file predates the count; test samples) of an evaluate.json block."""
     for entry in metrics.values():
         if isinstance(entry, Mapping) and is_number(entry.get("n_test")):
-            return int(entry.get("n_test_sequences") or 0), int(entry["n_test"])
+            sequences = entry.get("n_test_sequences")
+            return int(sequences) if is_number(sequences) else None, int(entry["n_test"])
     return None
+
+
+def describe(split: tuple[int | None, int]) -> str:
+    sequences, samples = split
+    return ("" if sequences is None else f"{plural(sequences, 'sequence')}, ") + plural(samples, "sample")
 
 
 def split_line(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> str:
     before, after = split_of(old), split_of(new)
-    described = "?" if after is None else f"{plural(after[0], 'sequence')}, {plural(after[1], 'sample')}"
-    line = f"Test split: {described}."
-    if before is not None and after is not None and before != after:
-        line += (f" **The test split differs** (`{rev_label}`: {plural(before[0], 'sequence')}, "
-                 f"{plural(before[1], 'sample')}): "
-                 "the two sides are scored on different samples.")
-    if after is not None and after[0] < MIN_SEQUENCES:
+    line = f"Test split: {'?' if after is None else describe(after)}."
+    if before is not None and after is not None and (
+            before[1] != after[1] or None not in (before[0], after[0]) and before[0] != after[0]):
+        line += (f" **The test split differs** (`{rev_label}`: {describe(before)}): the two sides are scored "
+                 "on different samples.")
+    if after is not None and after[0] is not None and after[0] < MIN_SEQUENCES:
         line += (f" **Only {plural(after[0], 'test sequence')}**: a bootstrap over fewer than "
                  f"{MIN_SEQUENCES} is too narrow to trust, so no change is judged (more sequences, or a larger "
                  "`split.test_fraction`, make the intervals usable).")
     return line
 
 
-def evaluate_block(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> list[str]:
-    """The metrics table, the tuned model's paired differences and its share of the oracle."""
-    names = entries(old, new, "top2", MODELS)
-    rows = [[f"**{p}**" if p in MODELS else p,
-             *(change_cell(Estimate.of(old.get(p), m), Estimate.of(new.get(p), m), rev_label) for m in HEADLINE_METRICS)]
-            for p in names]
-    parts = [split_line(old, new, rev_label), "", table(["predictor", *HEADLINE_METRICS.values()], rows)]
+def metric_cell(old: Mapping[str, Any], new: Mapping[str, Any], predictor: str, metric: str, rev_label: str) -> str:
+    """The change cell of one predictor's metric in two evaluate.json blocks."""
+    return change_cell(Estimate.of(old.get(predictor), metric), Estimate.of(new.get(predictor), metric), rev_label)
 
-    def vs(side: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
-        tuned = side.get("tuned") if isinstance(side.get("tuned"), Mapping) else {}
-        return tuned.get("vs") if isinstance(tuned.get("vs"), Mapping) else {}, tuned.get("n_test_sequences")
 
-    (vs_old, n_old), (vs_new, n_new) = vs(old), vs(new)
+def tuned_vs(side: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
+    """The tuned model's paired differences (`tuned.vs`) and its test sequence count."""
+    tuned = side.get("tuned") if isinstance(side.get("tuned"), Mapping) else {}
+    return tuned.get("vs") if isinstance(tuned.get("vs"), Mapping) else {}, tuned.get("n_test_sequences")
+
+
+def paired_bullets(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> list[str]:
+    """One line per predictor the tuned model is compared with: the workspace's sentence, and the
+    revision's difference where it printed otherwise."""
+    (vs_old, n_old), (vs_new, n_new) = tuned_vs(old), tuned_vs(new)
     bullets = []
     for name in entries(vs_old, vs_new, "top2_diff", ()):
-        before, after = Estimate.of(vs_old.get(name), "top2_diff", n_old), Estimate.of(vs_new.get(name), "top2_diff", n_new)
+        before = Estimate.of(vs_old.get(name), "top2_diff", n_old)
+        after = Estimate.of(vs_new.get(name), "top2_diff", n_new)
         if after is None:
             bullets.append(f"- at `{rev_label}` only: {paired_sentence(name, before)}")
-            continue
-        line = f"- {paired_sentence(name, after)}"
-        if before is None:
-            line += f" (none at `{rev_label}`)"
+        elif before is None:
+            bullets.append(f"- {paired_sentence(name, after)} (none at `{rev_label}`)")
         elif str(before) != str(after):
-            line += f" (at `{rev_label}`: {', '.join(paired(before))})"
-        bullets.append(line)
-    if bullets:
+            bullets.append(f"- {paired_sentence(name, after)} (at `{rev_label}`: {', '.join(paired(before))})")
+        else:
+            bullets.append(f"- {paired_sentence(name, after)}")
+    return bullets
+
+
+def evaluate_block(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> list[str]:
+    """The metrics table, the tuned model's paired differences and the models' share of the oracle."""
+    rows = [[f"**{p}**" if p in MODELS else p, *(metric_cell(old, new, p, m, rev_label) for m in HEADLINE_METRICS)]
+            for p in entries(old, new, "top2", MODELS)]
+    parts = [split_line(old, new, rev_label), "", table(["predictor", *HEADLINE_METRICS.values()], rows)]
+    if bullets := paired_bullets(old, new, rev_label):
         parts += ["", "The tuned model's test top-2 against each other predictor, paired (the same resampled "
                   "sequences on both sides), workspace; a lead is stated only where its 95% interval excludes "
                   "zero:", "", *bullets]
-    shares = [f"**{m}** {change_cell(Estimate.of(old.get(m), 'top2_vs_oracle'), Estimate.of(new.get(m), 'top2_vs_oracle'), rev_label)}"
-              for m in MODELS if any(isinstance(s.get(m), Mapping) and "top2_vs_oracle" in s[m] for s in (old, new))]
+    shares = [f"**{m}** {metric_cell(old, new, m, 'top2_vs_oracle', rev_label)}"
+              for m in entries(old, new, "top2_vs_oracle", MODELS) if m in MODELS]
     if shares:
         parts += ["", "Top-2 as a share of the oracle's (synthetic traces): " + "; ".join(shares) + "."]
     return parts
@@ -333,7 +348,8 @@ def prefetch_section(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: 
                      f"{engine.get('compute_ms_per_layer', float('nan')):.2f} ms compute per layer; "
                      f"{engine.get('slots_per_layer')} cache slots per layer; prefetch width {engine.get('width')}.")
     if is_number(replay.get("tokens")):
-        described += f" Replay: {plural(int(replay.get('sequences') or 0), 'test sequence')}, {replay['tokens']:,} tokens."
+        sequences = plural(int(replay.get("sequences") or 0), "test sequence")
+        described += f" Replay: {sequences}, {replay['tokens']:,} tokens."
     return "\n".join([
         f"What each predictor buys an expert-offloading engine (`{PREFETCH_JSON}`, docs/prefetch.md).{described} "
         f"Each cell: `{rev_label}` → workspace (change). Gap closed: 0 = on_demand, 1 = perfect, negative = worse "
@@ -356,7 +372,9 @@ def shown_elsewhere(path: str, key: str) -> bool:
 
 def others_section(metrics_diff: Mapping[str, Mapping[str, Any]], rev_label: str) -> str:
     def fmt(value: Any) -> str:
-        return "—" if value is None else f"{value:.4g}" if is_number(value) and isinstance(value, float) else str(value)
+        if isinstance(value, float) and is_number(value):
+            return f"{value:.4g}"
+        return "—" if value is None else str(value)
 
     rows = [[f"`{path}`", key, fmt(entry.get("old")), fmt(entry.get("new")),
              f"{entry['diff']:+.4g}" if is_number(entry.get("diff")) else ""]
@@ -449,9 +467,8 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
     lines = [f"## routecast: workspace vs `{label}` (`{sha}`)", ""]
     if note:
         lines += [note, ""]
-    tuned = [Estimate.of(side.get("tuned"), "top2") for side in (evaluate_old, evaluate_new)]
-    if tuned[1] is not None:
-        lines += [f"Tuned model, test top-2: {change_cell(*tuned, label)}", ""]
+    if Estimate.of(evaluate_new.get("tuned"), "top2") is not None:
+        lines += [f"Tuned model, test top-2: {metric_cell(evaluate_old, evaluate_new, 'tuned', 'top2', label)}", ""]
     lines += ["### Test metrics", "", metrics_section(evaluate_old, evaluate_new, label), ""]
     if extra := extra_tests_section(evaluate_old, evaluate_new, label):
         lines += ["### Cross-trace tests", "", extra, ""]
