@@ -109,7 +109,8 @@ def read_json(repo: Path, path: str, rev: str | None = None) -> dict[str, Any]:
 
 
 def read_csv(repo: Path, path: str, columns: list[str], rev: str | None = None, sep: str = ",") -> pd.DataFrame | None:
-    """A CSV (or DVCLive's TSV) with at least `columns`; None where it is absent."""
+    """A CSV (or DVCLive's TSV) with at least `columns`, numbers in all of them but `predictor`
+    (empty or `nan` cells are NaN); None where it is absent."""
     text = read_text(repo, path, rev)
     if text is None:
         return None
@@ -120,6 +121,13 @@ def read_csv(repo: Path, path: str, columns: list[str], rev: str | None = None, 
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ReportError(f"{where(path, rev)}: no column {', '.join(missing)} (has {', '.join(frame.columns)})")
+    for column in (c for c in columns if c != "predictor"):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column][numbers.isna() & frame[column].notna()]
+        if len(bad):  # the header is line 1
+            raise ReportError(f"{where(path, rev)}: line {bad.index[0] + 2}, column {column}: "
+                              f"{bad.iloc[0]!r} is not a number")
+        frame[column] = numbers
     return frame
 
 
@@ -322,14 +330,14 @@ def extra_tests_section(old: Mapping[str, Any], new: Mapping[str, Any], rev_labe
 
 
 def number_cell(old: Any, new: Any, spec: str) -> str:
-    """`old → **new** (change)`; `new (=)` where both print the same."""
+    """`old → **new** (change to 3 significant digits)`; `new (=)` where both print the same."""
     def show(value: Any) -> str:
         return "—" if value is None else spec.format(value) if is_number(value) else str(value)
 
     if show(old) == show(new):
         return f"{show(new)} (=)"
     if is_number(old) and is_number(new):
-        return f"{show(old)} → **{show(new)}** ({spec.replace('{:', '{:+').format(new - old)})"
+        return f"{show(old)} → **{show(new)}** ({new - old:+.3g})"
     return f"{show(old)} → **{show(new)}**"
 
 
@@ -378,7 +386,7 @@ def others_section(metrics_diff: Mapping[str, Mapping[str, Any]], rev_label: str
 
     rows = [[f"`{path}`", key, fmt(entry.get("old")), fmt(entry.get("new")),
              f"{entry['diff']:+.4g}" if is_number(entry.get("diff")) else ""]
-            for path, found in metrics_diff.items() for key, entry in sorted(found.items())
+            for path, found in sorted(metrics_diff.items()) for key, entry in sorted(found.items())
             if entry.get("old") != entry.get("new") and not shown_elsewhere(path, key)]
     if not rows:
         return ""
