@@ -1,4 +1,5 @@
-"""The plot views in dvc.yaml render with the real `dvc plots show` / `dvc plots diff`."""
+"""The plot views in dvc.yaml render with the real `dvc plots show` / `dvc plots diff`; the report's
+PNG plots (routecast.plotting) draw exactly the series they are given."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 from ruamel.yaml import YAML
 
 from conftest import ROOT, run
@@ -20,8 +25,12 @@ def plots_json(repo: Path, *args: str) -> dict:
     return json.loads(run(["dvc", "plots", *args, "--json"], repo).stdout)
 
 
+def declared_views() -> dict[str, dict]:
+    return {next(iter(v)): next(iter(v.values())) for v in YAML().load((ROOT / "dvc.yaml").read_text())["plots"]}
+
+
 def test_dvc_yaml_declares_every_view_with_title_and_axis_labels() -> None:
-    views = {next(iter(v)): next(iter(v.values())) for v in YAML().load((ROOT / "dvc.yaml").read_text())["plots"]}
+    views = declared_views()
     assert set(VIEWS) <= set(views)
     for name in VIEWS:
         assert {"title", "x_label", "y_label"} <= set(views[name]), name
@@ -45,9 +54,8 @@ def test_plots_show_renders_every_view(pipeline_repo: Path, tmp_path: Path) -> N
     out = tmp_path / "html"
     run(["dvc", "plots", "show", "--out", str(out)], pipeline_repo)
     html = (out / "index.html").read_text()
-    for title in ("Training loss per epoch", "Validation top-1 and top-2 accuracy per epoch",
-                  "Test top-2 accuracy per source layer", "Tuned model on the test split", "Tune history"):
-        assert title in html, title
+    for name, view in declared_views().items():
+        assert view["title"] in html, name
     assert html.count("vegaEmbed(") >= len(VIEWS)
 
 
@@ -68,9 +76,111 @@ def test_per_layer_view_follows_whichever_predictors_ran(tmp_path: Path) -> None
     run(["git", "init", "-q", "-b", "main"], tmp_path)
     run(["dvc", "init", "-q"], tmp_path)
     shutil.copytree(ROOT / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
-    predictors = {k: v for k, v in AFTER.items() if k != "oracle"}
+    predictors = {k: v for k, v in AFTER.items() if k not in ("oracle", "extra_tests")}
     write_results(tmp_path, predictors, 0.0, seed=0)
     shown = plots_json(tmp_path, "show")  # other plots' files are absent here: only this view counts
     assert not [e for e in shown.get("errors", []) if e["name"] == "Test top-2 per layer"], shown["errors"]
     rows = shown["data"]["Test top-2 per layer"][0]["content"]["data"]["values"]
     assert {row["predictor"] for row in rows} == set(predictors)
+
+
+# The report's PNGs: each figure's lines before it is saved.
+
+def lines_of(ax: Axes) -> dict[str, Line2D]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def assert_line(line: Line2D, x: list, y: list, dashed: bool = False) -> None:
+    np.testing.assert_allclose(np.asarray(line.get_xdata(), float), x)
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), y)
+    assert (line.get_linestyle() == "--") is dashed
+
+
+def long_frame(x: str, y: str, series: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{x: i + 1, "predictor": name, y: v} for name, values in series.items()
+                         for i, v in enumerate(values)])
+
+
+def test_per_layer_plot_draws_every_predictor_and_only_the_changed_revision_lines() -> None:
+    from routecast import plotting
+
+    now = long_frame("layer", "top2", {"baseline": [0.5, 0.6, 0.7], "tuned": [0.55, 0.65, 0.75],
+                                        "oracle": [0.8, 0.8, 0.9]})
+    old = long_frame("layer", "top2", {"baseline": [0.5, 0.6, 0.7], "tuned": [0.45, 0.55, 0.65],
+                                        "lookup_1": [0.4, 0.4, 0.4]})
+    fig = plotting.per_layer_top2(now.sample(frac=1.0, random_state=0), old, ("workspace", "main"), lookahead=1)
+    lines = lines_of(fig.axes[0])
+    # unchanged baseline: no dashed twin; changed tuned and the revision-only lookup_1: dashed
+    assert set(lines) == {"baseline", "tuned", "oracle", "_tuned (main)", "_lookup_1 (main)"}
+    assert_line(lines["tuned"], [1, 2, 3], [0.55, 0.65, 0.75])
+    assert_line(lines["_tuned (main)"], [1, 2, 3], [0.45, 0.55, 0.65], dashed=True)
+    assert_line(lines["_lookup_1 (main)"], [1, 2, 3], [0.4, 0.4, 0.4], dashed=True)
+    assert lines["_tuned (main)"].get_color() == lines["tuned"].get_color()
+    assert lines["tuned"].get_linewidth() > lines["oracle"].get_linewidth()  # the models stand out
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["baseline", "tuned", "oracle"]
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)
+
+
+def test_training_curves_plot_every_dvclive_series_of_both_models() -> None:
+    from routecast import plotting
+
+    def run_(top2: list[float], loss: list[float] | None = None) -> pd.DataFrame:
+        frame = pd.DataFrame({"step": range(len(top2)), "val_top2": top2, "val_loss": [2.0] * len(top2),
+                              "val_set_recall": [0.3] * len(top2)})
+        return frame.assign(train_loss=loss) if loss else frame
+
+    runs = {"baseline": run_([0.3, 0.4, 0.5], [2.1, 2.0, 1.9]), "tuned": run_([0.45])}  # a mixture: one step
+    fig = plotting.training_curves(runs, {"baseline": run_([0.3, 0.4, 0.5]), "tuned": run_([0.40])},
+                                   ("workspace", "main"))
+    panels = {ax.get_title(): lines_of(ax) for ax in fig.axes}
+    assert set(panels["training loss"]) == {"baseline"}  # tuned has no train_loss series
+    assert_line(panels["training loss"]["baseline"], [0, 1, 2], [2.1, 2.0, 1.9])
+    top2 = panels["validation top-2 accuracy"]
+    assert set(top2) == {"baseline", "tuned", "_tuned (main)"}
+    assert_line(top2["tuned"], [0], [0.45])
+    assert_line(top2["_tuned (main)"], [0], [0.40], dashed=True)
+    assert set(panels["validation set recall"]) == {"baseline", "tuned"}  # unchanged: no dashed line
+
+
+def test_tune_history_marks_trials_without_a_value() -> None:
+    from routecast import plotting
+
+    history = pd.DataFrame({"step": [2, 0, 1, 3], "value": [0.5, 0.3, np.nan, np.nan],
+                            "best_so_far": [0.5, 0.3, 0.3, 0.5]})
+    reference = pd.DataFrame({"step": [0, 1], "value": [0.2, 0.25], "best_so_far": [0.2, 0.25]})
+    fig = plotting.tune_history(history, reference, ("workspace", "main"))
+    ax = fig.axes[0]
+    lines = lines_of(ax)
+    assert_line(lines["best so far (workspace)"], [0, 1, 2, 3], [0.3, 0.3, 0.5, 0.5])
+    assert_line(lines["best so far (main)"], [0, 1], [0.2, 0.25], dashed=True)
+    pruned = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert sorted(line.get_xdata()[0] for line in pruned) == [1, 3]
+    (points,) = ax.collections
+    np.testing.assert_allclose(points.get_offsets(), [[0, 0.3], [2, 0.5]])
+
+
+@pytest.mark.parametrize(("function", "x", "y"), [("prefetch_stall", "slots", "stall_ms_per_token"),
+                                                  ("prefetch_hit_rate", "width", "hit_rate")])
+def test_prefetch_plots_draw_the_bounds_and_every_predictor(function: str, x: str, y: str) -> None:
+    from routecast import plotting
+
+    series = {"on_demand": [0.9, 0.6, 0.3], "perfect": [0.5, 0.3, 0.1], "tuned": [0.8, 0.5, 0.2],
+              "lookup_3": [0.85, 0.55, 0.25]}
+    old = long_frame(x, y, {**series, "tuned": [0.82, 0.5, 0.2]})
+    fig = getattr(plotting, function)(long_frame(x, y, series), old, ("workspace", "main"))
+    lines = lines_of(fig.axes[0])
+    assert set(lines) == {*series, "_tuned (main)"}
+    for name, values in series.items():
+        assert_line(lines[name], [1, 2, 3], values)
+    assert_line(lines["_tuned (main)"], [1, 2, 3], [0.82, 0.5, 0.2], dashed=True)
+    assert lines["on_demand"].get_color() != lines["perfect"].get_color()
+
+
+def test_every_name_has_one_colour_and_unknown_names_take_spare_ones() -> None:
+    from routecast import plotting
+
+    colours = list(plotting.PREDICTOR_COLOURS.values())
+    assert len(set(colours)) == len(colours)
+    names = ["tuned", "new_a", "new_b"]
+    assert plotting.colour_of("new_b", names) == plotting.SPARE_COLOURS[1]
+    assert plotting.colour_of("new_b", names) not in colours
