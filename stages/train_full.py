@@ -28,6 +28,7 @@ if __name__ == "__main__":
         fit, val = split_train_val(read_features(args.train))
         with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False) as live:
             def log_epoch(epoch: int, row: dict[str, float]) -> None:
+                live.step = epoch  # DVCLive's step is the epoch (0: lookup_mlp's table before any step)
                 for key, value in row.items():
                     if key != "epoch":
                         live.log_metric(key, value)

@@ -124,11 +124,21 @@ def small_run():
     traces, _ = generate(params)
     train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
     fit = train.take(~train.is_val)
-    return traces, fit, test
+    return traces, fit, train.take(train.is_val), test
+
+
+def test_validation_scores_sit_beside_the_test_ones(small_run) -> None:
+    traces, fit, val, test = small_run
+    result = evaluate({}, traces.meta, fit, val, test, EvaluateParams(bootstrap=200), FeaturesParams())
+    validation = result.metrics["validation"]
+    assert set(validation) == {"frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle"}
+    assert validation["lookup_3"]["n"] == len(val)
+    from routecast.reference import LookupPredictor
+    assert validation["lookup_3"]["top2"] == pytest.approx(score_metrics(LookupPredictor(3).fit(fit).scores(val), val)["top2"])
 
 
 def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Path) -> None:
-    traces, fit, test = small_run
+    traces, fit, _, test = small_run
     other, _ = generate(SyntheticParams(num_sequences=6, tokens_per_sequence=16, num_layers=6, seed=9))
     write_traces(tmp_path / "other.parquet", other)
     params = EvaluateParams(bootstrap=200, extra_tests=[
@@ -143,7 +153,7 @@ def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Pa
 
 
 def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -> None:
-    traces, fit, test = small_run
+    traces, fit, _, test = small_run
     other, _ = generate(SyntheticParams(num_sequences=2, tokens_per_sequence=8, num_layers=6, num_experts=6))
     write_traces(tmp_path / "six.parquet", other)
     params = EvaluateParams(bootstrap=200, extra_tests=[

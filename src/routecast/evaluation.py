@@ -216,12 +216,12 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
     predictors += references
     scored = score_all(predictors, test)
     metrics = summarise(scored, test, params)
-    if len(val):
-        metrics["validation"] = {name: {m: float(v.mean()) for m, v in s.hits.items()} | {"n": len(val)}
-                                 for name, s in score_all(predictors, val).items()}
     for name, m in metrics.items():
         log.info("%-16s top-1 %.4f  top-2 %.4f [%.4f, %.4f]  set recall %.4f", name, m["top1"], m["top2"],
                  m["top2_lo"], m["top2_hi"], m["set_recall"])
+    if len(val):
+        metrics["validation"] = {name: {m: float(v.mean()) for m, v in s.hits.items()} | {"n": len(val)}
+                                 for name, s in score_all(predictors, val).items()}
     if params.extra_tests:
         metrics["extra_tests"] = {t.name: evaluate_extra(t, predictors, trace_meta, fit, features, params)
                                   for t in params.extra_tests}

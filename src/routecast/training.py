@@ -8,8 +8,9 @@ fitted by EM (`routecast.mixture`); the neural kinds by the loop below, read top
     distribution), ReduceLROnPlateau and early stopping on the validation objective, the best
     epoch's weights kept. Batches are slices of tensors already in memory, shuffled once per epoch:
     samples for the MLPs, tokens for the GRU (every layer of a token in one pass). bf16 autocast on
-    CUDA. `lookup_mlp` is scored before its first step too (epoch 0: the lookup table itself), so
-    early stopping can keep the table when training does not beat it on validation.
+    CUDA. `lookup_mlp` is scored before its first step too (epoch 0: the lookup table itself, reported to
+    `on_epoch` like any epoch), so early stopping can keep the table when training does not beat it
+    on validation.
 
 The objective is validation top-2 for `target: primary` and validation set recall for `set`.
 """
@@ -244,6 +245,8 @@ def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: Trai
                "lr": lr, "seconds": 0.0}
         history.append(row)
         best_state, best_value = copy.deepcopy(model.state_dict()), row[objective]
+        if on_epoch is not None:
+            on_epoch(0, row)
     seconds_training, samples_trained = 0.0, 0
     for epoch in (bar := tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False)):
         start = time.perf_counter()

@@ -245,6 +245,8 @@ def make_objective(params: Params, fit: Features, val: Features) -> Callable[[op
         config = suggest_config(trial, params.tune.search_space, params.baseline)
 
         def report(epoch: int, row: dict[str, float]) -> None:
+            if epoch == 0:
+                return  # lookup_mlp's table before training: no resource spent, nothing to prune on
             trial.report(row[objective_key], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {epoch}: {objective_key} {row[objective_key]:.4f}")
