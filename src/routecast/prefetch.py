@@ -6,7 +6,7 @@ model and why):
 - cache: the GPU holds `slots_per_layer` experts of each MoE layer (one cache per layer); the
   rest live in host memory. A full cache evicts the least recently used expert (`lru`) or the one
   this layer has used least often so far (`lfu`, ties to the least recent). The experts the
-  current layer uses, and the experts a prefetch is bringing in together, are never evicted.
+  current layer uses, and those a prefetch names, are never evicted to make room for it.
 - link: one host-to-GPU link moving one expert in `transfer_ms`, one transfer at a time in order
   of issue (FIFO, no pre-emption): a demand fetch waits behind the prefetches already issued.
 - compute: a layer computes for `compute_ms` once all its top-k experts have arrived; it waits
@@ -19,8 +19,8 @@ model and why):
 The replay is one compiled loop (numba) per configuration; `simulate` is arrays in, counters
 out, so tests build cases by hand. `build_replay` assembles the arrays from a trace and a
 predictions file, `run_all` runs the bounds `on_demand` (no prediction) and `perfect` (the true
-experts of layer l + lookahead, free) beside every predictor, and `prefetch_metrics` turns the
-counters into the stage's metrics.
+experts of layer l + lookahead, free) beside every predictor, `study` adds the plots' sweeps, and
+`prefetch_metrics` turns the counters into the stage's metrics.
 """
 
 from __future__ import annotations
