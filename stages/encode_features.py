@@ -11,8 +11,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("traces", help="canonical trace (Parquet)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/features.parquet")
-    parser.add_argument("--report", default="metrics/features.json", help="rows read, samples kept and dropped")
+    parser.add_argument("--out", required=True, help="encoded samples (Parquet)")
+    parser.add_argument("--report", required=True, help="JSON: rows read, samples kept and dropped")
     args = parser.parse_args()
     with stage("encode_features"):
         params = load_params(args.params)

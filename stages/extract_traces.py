@@ -9,7 +9,7 @@ from routecast.stage import stage
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/traces.parquet")
+    parser.add_argument("--out", required=True, help="the canonical trace (Parquet)")
     args = parser.parse_args()
     with stage("extract_traces"):
         params = load_params(args.params)

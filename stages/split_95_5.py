@@ -11,8 +11,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("features", help="encoded samples (Parquet)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--train", default="data/train.parquet")
-    parser.add_argument("--test", default="data/test.parquet")
+    parser.add_argument("--train", required=True, help="train split, validation sequences marked (Parquet)")
+    parser.add_argument("--test", required=True, help="test split (Parquet)")
     args = parser.parse_args()
     with stage("split_95_5"):
         params = load_params(args.params)

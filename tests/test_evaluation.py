@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routecast.evaluation import (METRICS, SequenceBootstrap, evaluate, per_layer_top2, ranked, sample_hits,
-                                  score_metrics, summarise, Scored)
+from routecast.evaluation import METRICS, Scored, SequenceBootstrap, evaluate, per_layer_top2, score_metrics, summarise
+from routecast.scoring import ranked, sample_hits
 from routecast.features import FeatureMeta, Features, encode_features
 from routecast.params import EvaluateParams, ExtraTest, FeaturesParams, LogsParams, SplitParams, SyntheticParams
 from routecast.split import split_features

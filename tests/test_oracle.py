@@ -14,6 +14,7 @@ from routecast.oracle import OraclePredictor, _complete_loglik, _forward_loglik,
     next_layer_probs, posterior_next_expert
 from routecast.params import FeaturesParams, SyntheticParams, load_params
 from routecast.reference import BoostedTreesPredictor, lookup_ladder
+from routecast.scoring import ranked
 from routecast.synthetic import generate
 from routecast.traces import TraceMeta, Traces, read_trace_meta, write_traces
 from conftest import ROOT
@@ -22,8 +23,7 @@ Z_SIGMA = 4.0  # how many standard errors count as "within sampling error"
 
 
 def topk_hits(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return (top == target[:, None].astype(np.int64)).any(axis=1)
+    return (ranked(scores, k) == target[:, None].astype(np.int64)).any(axis=1)
 
 
 def clustered_mean_and_se(values: np.ndarray, feats: Features) -> tuple[float, float]:

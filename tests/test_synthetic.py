@@ -11,6 +11,7 @@ import pytest
 from routecast.features import encode_features
 from routecast.params import FeaturesParams, SyntheticParams, load_params
 from routecast.reference import FrequencyPredictor, lookup_ladder
+from routecast.scoring import ranked
 from routecast.synthetic import build_router, generate
 from routecast.traces import validate_batch
 from conftest import ROOT
@@ -26,8 +27,7 @@ def default_params(**changes) -> SyntheticParams:
 
 
 def topk_hits(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return (top == target[:, None].astype(np.int64)).any(axis=1)
+    return (ranked(scores, k) == target[:, None].astype(np.int64)).any(axis=1)
 
 
 def ladder_accuracy(params: SyntheticParams, test_seqs_per_fold: list[np.ndarray]) -> dict[str, tuple[float, float]]:

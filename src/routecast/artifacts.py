@@ -19,8 +19,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from routecast import procs
 
@@ -99,18 +97,6 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[A
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def write_table(path: str | Path, table: pa.Table) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the stage that writes it first: dvc repro)")
-    return pq.read_table(path, columns=columns)
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

@@ -32,7 +32,9 @@ import torch
 from routecast.batches import predict_logits
 from routecast.features import Features, encode_features
 from routecast.params import EvaluateParams, ExtraTest, FeaturesParams
+from routecast.predictions import prediction_ranks
 from routecast.oracle import OraclePredictor
+from routecast.scoring import ranked, sample_hits
 from routecast.reference import (BoostedTreesPredictor, FrequencyPredictor, ReferencePredictor,
                                  SpeculativeGatePredictor, lookup_ladder)
 from routecast.traces import TraceError, TraceMeta, read_traces
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("top1", "top2", "set_recall", "exact_set")
 MODELS = ("baseline", "tuned")
-RANKED = 16  # experts per prediction kept for the prefetch simulation (all of them when fewer)
 
 
 @dataclass
@@ -57,29 +58,6 @@ class ModelScorer:
 
     def scores(self, test: Features) -> np.ndarray:
         return torch.softmax(predict_logits(self.model, test, self.batch_size), dim=1).numpy()
-
-
-def ranked(scores: np.ndarray, k: int) -> np.ndarray:
-    """The k best experts per row, best first; ties go to the lower expert id (stable)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def sample_hits(scores: np.ndarray, set_scores: np.ndarray, test: Features) -> dict[str, np.ndarray]:
-    """Per-sample values of each metric (their means are the metrics): float arrays [N]."""
-    k, E = test.meta.top_k, test.meta.num_experts
-    for s in (scores, set_scores):
-        if s.shape != (len(test), E):
-            raise ValueError(f"scores must be [{len(test)}, {E}], got {list(s.shape)}")
-    best = ranked(scores, 2)
-    target = test.target.astype(np.int64)[:, None]
-    pred_set = ranked(set_scores, k)
-    overlap = (pred_set[:, :, None] == test.target_set.astype(np.int64)[:, None, :]).any(axis=2).sum(axis=1)
-    return {
-        "top1": (best[:, 0:1] == target).any(axis=1).astype(float),
-        "top2": (best[:, :2] == target).any(axis=1).astype(float),
-        "set_recall": overlap / k,
-        "exact_set": (overlap == k).astype(float),
-    }
 
 
 def score_metrics(scores: np.ndarray, test: Features, set_scores: np.ndarray | None = None) -> dict[str, float]:
@@ -232,7 +210,7 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
         metrics=metrics,
         per_layer={name: per_layer_top2(s.scores, test) for name, s in scored.items()},
         confusion=confusion,
-        rankings={name: ranked(s.set_scores, min(RANKED, test.meta.num_experts)) for name, s in scored.items()},
+        rankings={name: ranked(s.set_scores, prediction_ranks(test.meta.num_experts)) for name, s in scored.items()},
     )
 
 

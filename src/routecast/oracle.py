@@ -39,8 +39,8 @@ from __future__ import annotations
 import numpy as np
 
 from routecast.features import Features
-from routecast.params import SyntheticParams
-from routecast.synthetic import POSITION_SCALE, SyntheticRouter, build_router
+from routecast.params import POSITION_SCALE, SyntheticParams
+from routecast.synthetic import SyntheticRouter, build_router
 from routecast.traces import TraceMeta
 
 _CHUNK = 32_768  # samples per chunk: bounds the [chunk, types, experts] temporaries

@@ -24,6 +24,9 @@ from routecast.artifacts import atomic_write_text
 from routecast.errors import InputError
 
 
+POSITION_SCALE = 2048.0  # positions past it read as 1.0: the seed's scale, the generator's and the default feature's
+
+
 class ParamsError(InputError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
@@ -230,7 +233,7 @@ class ExtractParams:
 class FeaturesParams:
     lookahead: int = 1
     history_len: int | None = None  # None: the number of layers
-    position_scale: float = 2048.0
+    position_scale: float = POSITION_SCALE
     prev_token: bool = False  # add the previous token's top-k at the target layer (decode-order traces only)
 
     def validate(self, key: str) -> None:

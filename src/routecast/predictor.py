@@ -40,8 +40,7 @@ from routecast.checkpoints import load_checkpoint
 from routecast.errors import InputError
 from routecast.features import Features
 from routecast.model import MLP
-
-DEFAULT_POSITION_SCALE = 2048.0
+from routecast.params import POSITION_SCALE
 
 
 class Prediction(NamedTuple):
@@ -163,7 +162,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model: nn.Module, position_scale: float = DEFAULT_POSITION_SCALE) -> Predictor:
+    def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
         config = model.config
         core = FusedMLP(model).eval() if getattr(config, "kind", None) == "mlp" else model.eval()
         engine = EngineModule(core, config, position_scale).eval()
@@ -187,7 +186,7 @@ class Predictor:
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files).eval()
             return cls(module, json.loads(extra_files["routecast.json"]))
         model, checkpoint = load_checkpoint(path)
-        scale = position_scale or float(checkpoint.get("position_scale", DEFAULT_POSITION_SCALE))
+        scale = position_scale or float(checkpoint.get("position_scale", POSITION_SCALE))
         return cls.from_model(model, scale)
 
     def export(self, path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """A seeded synthetic router with hidden structure: a mixture of Markov chains.
 
 Each token draws a latent type `z` (never a feature) from a prior tilted by its position,
-`P(z | pos) ~ exp(prior_logits[z] + pos_slope[z] * min(pos / 2048, 1))` (slopes spread by
+`P(z | pos) ~ exp(prior_logits[z] + pos_slope[z] * min(pos / POSITION_SCALE, 1))` (slopes spread by
 `position_effect`). Its primary expert at layer 0 comes from `init[z]`; at layer l+1 from
 `trans[z, l, e_l]`, a mix of a per-layer table shared by all types (weight `shared_weight`,
 Dirichlet `shared_concentration`) and a sharp per-type table (Dirichlet `type_concentration`).
@@ -27,12 +27,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from routecast.params import SyntheticParams
+from routecast.params import POSITION_SCALE, SyntheticParams
 from routecast.traces import TraceMeta, Traces
 
 log = logging.getLogger(__name__)
 
-POSITION_SCALE = 2048.0  # matches features.position_scale's default, so the oracle sees the same position
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from routecast.mixture import MixtureConfig, fit_mixture
 from routecast.model import LookupMLP, ModelConfig, build_model
 from routecast.params import ModelParams, TrainParams
 from routecast.reference import cross_fitted_lookup_scores, lookup_tables
+from routecast.scoring import sample_hits
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,10 @@ def model_config(params: ModelParams, feats: Features) -> ModelConfig | MixtureC
 
 def validation_metrics(logits: torch.Tensor, val: Features, target: str) -> dict[str, float]:
     """Loss, top-1, top-2 (next primary) and set recall (next top-k set) of `logits` on `val`."""
-    y = torch.from_numpy(val.target.astype(np.int64))
-    # Ties to the lower expert id, as routecast.evaluation.ranked.
-    ranked = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :max(2, val.meta.top_k)]
-    true_set = torch.from_numpy(val.target_set.astype(np.int64))
-    pred_set = ranked[:, : val.meta.top_k]
-    recall = (pred_set.unsqueeze(2) == true_set.unsqueeze(1)).any(2).float().mean(1)
-    return {
-        "val_loss": loss_fn(logits, targets(val, target), target).item(),
-        "val_top1": (ranked[:, 0] == y).float().mean().item(),
-        "val_top2": (ranked[:, :2] == y.unsqueeze(1)).any(1).float().mean().item(),
-        "val_set_recall": recall.mean().item(),
-    }
+    scores = logits.float().numpy()
+    hits = sample_hits(scores, scores, val)
+    return {"val_loss": loss_fn(logits, targets(val, target), target).item(),
+            **{f"val_{m}": float(hits[m].mean()) for m in ("top1", "top2", "set_recall")}}
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
