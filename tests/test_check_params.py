@@ -13,7 +13,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import ROOT, set_params
-from routecast.params import FloatRange, IntRange, Params, ParamsError, SearchSpace, UnitsRange, load_params
+from routecast.params import ModelParams, FloatRange, IntRange, Params, ParamsError, SearchSpace, UnitsRange, load_params
 from routecast.tuning import suggest_config
 
 
@@ -69,13 +69,16 @@ def space(first: list[int], later: list[int]) -> SearchSpace:
                        n_layers=IntRange(2, 4), units=UnitsRange(first, later), dropout=FloatRange(0.0, 0.5))
 
 
+BASE = ModelParams(lr=1e-3, layer_emb=3, expert_emb=3, architecture=[64], dropout=0.1)  # the MLP kind (the default)
+
+
 def widest_later_ratio(s: SearchSpace, n: int = 300) -> float:
     """The largest width[i] / width[i-1] over `n` random draws of `suggest_config`."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     ratio = 0.0
     for _ in range(n):
-        widths = suggest_config(study.ask(), s).architecture
+        widths = suggest_config(study.ask(), s, BASE).architecture
         ratio = max([ratio, *(b / a for a, b in zip(widths, widths[1:]))])
     return ratio
 

@@ -26,8 +26,8 @@ def test_repository_params_load(params_file: Path) -> None:
 
 def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
     # What `dvc exp run -S tuned.lr=1e-6` writes: the plain scalar 1e-06.
-    text = re.sub(r"(\ntuned:\n  lr: )\S+", r"\g<1>1e-06", params_file.read_text())
-    assert "\ntuned:\n  lr: 1e-06\n" in text
+    text = re.sub(r"(\ntuned:\n(?:  .*\n)*?  lr: )\S+", r"\g<1>1e-06", params_file.read_text())
+    assert "  lr: 1e-06\n" in text
     params_file.write_text(text)
     params = load_params(params_file)
     assert isinstance(params.tuned.lr, float) and params.tuned.lr == 1e-6
@@ -89,7 +89,8 @@ def test_stage_stops_before_any_work_naming_the_key(params_file: Path, tmp_path:
     set_params(params_file, {"tuned.dropout": 1.5})
     out = tmp_path / "models" / "tuned.pt"
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train_full.py"), "tuned", "--params", str(params_file),
-                           "--train", str(tmp_path / "absent.parquet"), "--out", str(out)],
+                           "--train", str(tmp_path / "absent.parquet"), "--out", str(out), "--live",
+                           str(tmp_path / "live")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1
     assert "tuned.dropout: must be in [0, 1), got 1.5" in proc.stderr
