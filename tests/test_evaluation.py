@@ -74,6 +74,11 @@ def test_bootstrap_resamples_sequences_not_samples() -> None:
     assert SequenceBootstrap(seq, 500, 0).interval(values) == (pytest.approx(0.7), pytest.approx(0.7))
 
 
+def test_no_interval_from_a_single_sequence() -> None:
+    values = np.array([1.0, 0.0, 1.0])
+    assert SequenceBootstrap(np.zeros(3), 200, 0).interval(values) == (None, None)
+
+
 def test_bootstrap_interval_covers_the_truth_at_about_95_percent() -> None:
     """Sequences with random per-sequence accuracy: the 95% interval holds the population mean in
     about 95% of repeated experiments (checked loosely: 85% to 100% of 60)."""

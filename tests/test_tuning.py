@@ -237,3 +237,28 @@ def test_sigkill_mid_trial_then_restart_continues_the_study(project: Path, tmp_p
         assert next(csv.reader(fh)) == ["param", "importance"]
     tuned = load_params(proj / "params.yaml").tuned
     assert dataclasses.asdict(tuned) == summary["best_params"]
+
+
+def test_median_pruning_compares_a_trial_with_its_own_kind_only() -> None:
+    """Finished lookup_mlp trials at 0.5 by epoch 1 (it starts at the table) must not prune a GRU
+    at 0.3 after its first epoch; a worse GRU than earlier GRUs is pruned."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize")
+    dist = {"kind": optuna.distributions.CategoricalDistribution(["lookup_mlp", "gru"])}
+
+    def finished(kind: str, values: list[float]) -> None:
+        study.add_trial(optuna.trial.create_trial(params={"kind": kind}, distributions=dist, value=max(values),
+                                                  intermediate_values=dict(enumerate(values, start=1))))
+
+    for v in (0.50, 0.52, 0.51):
+        finished("lookup_mlp", [v, v])
+    pruner = tuning.make_pruner(dataclasses.replace(load_params(ROOT / "params.yaml").tune, pruner="median"))
+    running = study.ask({"kind": dist["kind"]})
+    assert running.params["kind"] in ("lookup_mlp", "gru")
+    gru = optuna.trial.create_trial(params={"kind": "gru"}, distributions=dist, state=TrialState.RUNNING,
+                                    intermediate_values={1: 0.30, 2: 0.31})
+    assert not pruner.prune(study, gru)  # no other GRU yet: nothing to compare with
+    assert optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1).prune(study, gru)  # kind-blind: pruned
+    for v in (0.45, 0.46):
+        finished("gru", [0.40, v])
+    assert pruner.prune(study, gru)  # below the earlier GRUs at epoch 2

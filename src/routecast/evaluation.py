@@ -8,7 +8,8 @@ test split and on any `evaluate.extra_tests` traces, and returns one `Evaluation
     set_recall     share of the true next top-k set among its predicted top-k (set scores)
     exact_set      its predicted top-k set equals the true one
     *_lo, *_hi     the 95% interval of each, from a bootstrap over test sequences (samples of a
-                   sequence are correlated, so sequences, not samples, are resampled)
+                   sequence are correlated, so sequences, not samples, are resampled); null when
+                   the test split holds one sequence
     vs.<other>     for `tuned`: the paired difference in top-2 against every other predictor
                    (`top2_diff`, `_lo`, `_hi`: the same resampled sequences on both sides)
 
@@ -86,14 +87,20 @@ class SequenceBootstrap:
         self.counts = self.weights @ np.bincount(self.sequence_of, minlength=n)
         self.n_sequences = n
 
-    def interval(self, values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    def interval(self, values: np.ndarray, level: float = 0.95) -> tuple[float | None, float | None]:
+        """The percentile interval; None, None with one sequence (a resample of it is always itself)."""
+        if self.n_sequences < 2:
+            return None, None
         sums = np.bincount(self.sequence_of, weights=values, minlength=self.n_sequences)
         stats = self.weights @ sums / self.counts
         tail = (1 - level) / 2 * 100
         return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
-    def ratio_interval(self, numer: np.ndarray, denom: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    def ratio_interval(self, numer: np.ndarray, denom: np.ndarray,
+                       level: float = 0.95) -> tuple[float | None, float | None]:
         """The interval of mean(numer) / mean(denom) (e.g. tuned top-2 / oracle top-2), paired."""
+        if self.n_sequences < 2:
+            return None, None
         a = self.weights @ np.bincount(self.sequence_of, weights=numer, minlength=self.n_sequences)
         b = self.weights @ np.bincount(self.sequence_of, weights=denom, minlength=self.n_sequences)
         stats = a / np.maximum(b, 1e-12)
@@ -195,7 +202,7 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
     scored = score_all(predictors, test)
     metrics = summarise(scored, test, params)
     for name, m in metrics.items():
-        log.info("%-16s top-1 %.4f  top-2 %.4f [%.4f, %.4f]  set recall %.4f", name, m["top1"], m["top2"],
+        log.info("%-16s top-1 %.4f  top-2 %.4f [%s, %s]  set recall %.4f", name, m["top1"], m["top2"],
                  m["top2_lo"], m["top2_hi"], m["set_recall"])
     if len(val):
         metrics["validation"] = {name: {m: float(v.mean()) for m, v in s.hits.items()} | {"n": len(val)}

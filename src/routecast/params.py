@@ -385,7 +385,7 @@ class TuneParams:
     epochs: int = 10
     timeout: float | None = None  # seconds; None: no limit
     sampler: Literal["tpe", "gp", "random"] = "tpe"
-    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    pruner: Literal["hyperband", "median", "none"] = "median"
     max_train_samples: int | None = None  # subsample train per trial; None: all
     study_name: str = "routecast"
     # A journal file, or a database URL (postgresql://user@host/db, postgresql:///?service=NAME)

@@ -204,11 +204,37 @@ def make_sampler(tune: TuneParams, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
+    """`median` (the default) prunes a trial whose validation value at an epoch is below the median of
+    the earlier trials *of its own kind* there: kinds learn at different speeds (lookup_mlp starts at
+    the lookup table, the GRU from scratch), so comparing across kinds at epoch 1 would prune the slow
+    starters. `hyperband` compares every trial in its bracket, whatever its kind (use it with one kind)."""
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.epochs)
     if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return PerKindPruner(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
     return optuna.pruners.NopPruner()
+
+
+class PerKindPruner(optuna.pruners.BasePruner):
+    """Run `base` (a pruner that reads the study through `get_trials`) as if the study held only the
+    trials of the pruned trial's kind."""
+
+    def __init__(self, base: optuna.pruners.BasePruner) -> None:
+        self.base = base
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self.base.prune(_KindView(study, trial.params.get("kind")), trial)
+
+
+class _KindView:
+    """The study's trials of one kind (what MedianPruner reads: get_trials and direction)."""
+
+    def __init__(self, study: optuna.Study, kind: str | None) -> None:
+        self._study, self._kind = study, kind
+        self.direction = study.direction
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.params.get("kind") == self._kind]
 
 
 # --------------------------------------------------------------------------- running trials
