@@ -18,7 +18,8 @@ from routecast.traces import read_traces
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 torch = pytest.importorskip("torch")
 
-from routecast.hf_extract import UnsupportedModelError, find_routers, save_tiny_model  # noqa: E402
+from routecast.hf_extract import UnsupportedModelError, find_routers  # noqa: E402
+from routecast.tiny_model import save_tiny_model  # noqa: E402
 
 # Different lengths, so a batch of them is padded; one blank line (skipped).
 DOCS = ["def add(a, b):", "    return a + b  # the sum of two numbers, returned to the caller", "",

@@ -1,6 +1,7 @@
 """The `routecast` command: a table of subcommands, each a small function over the library.
 
     routecast report --rev main     # Markdown + PNGs comparing the workspace with a revision
+    routecast tiny-model DIR        # a tiny random MoE model to try extract.source: hf
 
 Add a subcommand by writing `add_<name>(subparsers)` that registers its parser with
 `set_defaults(func=...)`, and listing it in SUBCOMMANDS.
@@ -38,7 +39,30 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_report)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report]
+def run_tiny_model(args: argparse.Namespace) -> int:
+    from routecast.tiny_model import save_tiny_model  # imports transformers: the [hf] extra
+
+    path = save_tiny_model(args.path, args.family, args.seed, num_layers=args.layers, num_experts=args.experts,
+                           top_k=args.top_k)
+    print(f"saved a tiny {args.family} model ({args.layers} layers, {args.experts} experts, top-{args.top_k}) to {path}")
+    return 0
+
+
+def add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tiny-model", help="save a tiny random MoE model and tokenizer (for extract.source: hf)",
+                                   description="Save a tiny randomly initialised MoE causal LM and a byte-level "
+                                               "tokenizer to a directory, to try `extract.source: hf` without a "
+                                               "download. Its routing is random: for testing, not accuracy.")
+    parser.add_argument("path", help="directory to write")
+    parser.add_argument("--family", default="mixtral", choices=["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_tiny_model)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_tiny_model]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,15 +21,13 @@ Pad tokens produce no rows. MoE layers are numbered 0..L-1 in model order; their
 indices are recorded in the metadata (`moe_layers`), as Qwen2-MoE can interleave dense layers.
 
 transformers is an optional extra (`pip install -e ".[hf]"`): it is imported inside the
-functions here, never by the default pipeline. `save_tiny_model` builds a small random model
-(with a byte-level tokenizer) for tests and for trying the source without a download:
-
-    python -m routecast.hf_extract tiny-model models/tiny-mixtral --family mixtral
+functions here, never by the default pipeline. To try the source without a download,
+`routecast tiny-model models/tiny-mixtral --family mixtral` saves a tiny random model
+(`routecast.tiny_model`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Iterator
@@ -290,84 +288,3 @@ def extract_hf(params: HFParams, out: str | Path) -> dict[str, Any]:
     log.info("hf: %s over %s: %d documents, %d tokens, %d rows (%d MoE layers x %d experts, top-%d)",
              params.model, params.corpus, docs, tokens, tokens * L, L, num_experts, top_k)
     return report
-
-
-# --------------------------------------------------------------------------- tiny models
-
-
-def _byte_tokenizer() -> Any:
-    """A byte-level tokenizer (259 ids: <pad>, <s>, </s>, then the 256 bytes): any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 2,
-                hidden_size: int = 32, norm_topk_prob: bool = False, vocab_size: int = 264, **extra: Any) -> Any:
-    """A tiny config of `family` (mixtral, qwen2_moe, qwen3_moe, olmoe); `extra` goes to the config."""
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                  num_experts_per_tok=top_k, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=False, **extra)
-    if family == "mixtral":
-        return AutoConfig.for_model("mixtral", num_local_experts=num_experts, **common)
-    if family in ("qwen2_moe", "qwen3_moe"):
-        extra = {"shared_expert_intermediate_size": 2 * hidden_size} if family == "qwen2_moe" else {}
-        return AutoConfig.for_model(family, num_experts=num_experts, moe_intermediate_size=hidden_size,
-                                    norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, **extra, **common)
-    if family == "olmoe":
-        return AutoConfig.for_model("olmoe", num_experts=num_experts, norm_topk_prob=norm_topk_prob, **common)
-    raise UnsupportedModelError(f"no tiny config for {family!r}; supported: {', '.join(sorted(ROUTERS))}")
-
-
-def save_tiny_model(path: str | Path, family: str = "mixtral", seed: int = 0, **config_kwargs: Any) -> Path:
-    """Build a small randomly initialised MoE causal LM and its tokenizer, save both to `path`.
-
-    Router weights are drawn with a larger scale than the default init so that routing is
-    decisive (no near-ties). Random routing has no cross-layer structure: this model is for
-    testing the capture, not for accuracy.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, **config_kwargs)
-    model = AutoModelForCausalLM.from_config(config)
-    _, routers, _ = find_routers(model)
-    with torch.no_grad():
-        for r in routers:
-            r.weight.normal_(0.0, 2.0 / config.hidden_size ** 0.5)
-    path = Path(path)
-    model.save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m routecast.hf_extract", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny-model", help="save a tiny random MoE model and tokenizer to a directory")
-    tiny.add_argument("path")
-    tiny.add_argument("--family", default="mixtral", choices=sorted(ROUTERS))
-    tiny.add_argument("--layers", type=int, default=4)
-    tiny.add_argument("--experts", type=int, default=8)
-    tiny.add_argument("--top-k", type=int, default=2)
-    tiny.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = save_tiny_model(args.path, args.family, args.seed, num_layers=args.layers, num_experts=args.experts,
-                           top_k=args.top_k)
-    print(f"saved a tiny {args.family} model ({args.layers} layers, {args.experts} experts, top-{args.top_k}) "
-          f"to {path}")
-
-
-if __name__ == "__main__":
-    main()

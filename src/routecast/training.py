@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from routecast.batches import Inputs, predict_logits, sample_inputs, targets, token_view
 from routecast.features import Features
-from routecast.mixture import MixtureConfig, fit_mixture
+from routecast.em import fit_mixture
+from routecast.mixture import MixtureConfig
 from routecast.model import LookupMLP, ModelConfig, build_model
 from routecast.params import ModelParams, TrainParams
 from routecast.reference import cross_fitted_lookup_scores, lookup_tables
