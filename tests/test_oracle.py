@@ -47,23 +47,18 @@ def large_sample():
     held = np.isin(feats.seq_id, test_seqs)
     test = feats.take(held)
     oracle = OraclePredictor.from_trace_meta(traces.meta).fit(feats.take(~held))
-    start = time.perf_counter()
-    probs = oracle.scores(test)
-    oracle_s = time.perf_counter() - start
-    return feats.take(~held), test, probs, oracle_s
+    return feats.take(~held), test, oracle.scores(test)
 
 
 def test_oracle_analytic_accuracy_matches_measured(large_sample):
-    _, test, probs, oracle_s = large_sample
+    _, test, probs = large_sample
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     for k in (1, 2):
-        analytic = expected_topk_accuracy(probs, k)
         measured, se = clustered_mean_and_se(topk_hits(probs, test.target, k) - np.sort(probs, axis=1)[:, -k:].sum(1),
                                              test)
         assert abs(measured) < Z_SIGMA * se, f"top-{k}: measured - analytic = {measured:.4f}, se {se:.4f}"
     # Calibrated generator: a ceiling well above the ladder (about 59 / 79).
     assert 0.70 < expected_topk_accuracy(probs, 2) < 0.88
-    assert oracle_s < 30, f"oracle took {oracle_s:.1f}s on {len(test)} samples"
 
 
 def small_mlp_scores(train: Features, test: Features, seconds: float = 6.0) -> np.ndarray:
@@ -107,7 +102,7 @@ def small_mlp_scores(train: Features, test: Features, seconds: float = 6.0) -> n
 
 def test_nothing_beats_the_oracle(large_sample):
     """Paired per sample: predictor hit minus oracle hit, mean below Z_SIGMA clustered standard errors."""
-    train, test, probs, _ = large_sample
+    train, test, probs = large_sample
     oracle_hits = topk_hits(probs, test.target, 2).astype(float)
     contenders, seconds = {}, {}
     for name, fit_and_score in [

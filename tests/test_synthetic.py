@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -90,17 +89,6 @@ def test_gate_weights_are_sorted_and_type_independent():
     primary = traces.experts[:, 0]
     means = [w[primary == e, 0].mean() for e in np.unique(primary) if (primary == e).sum() > 200]
     assert max(means) - min(means) < 0.03
-
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    generate(default_params())
-    default_s = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(default_params(num_sequences=170))  # the seed's scale
-    seed_s = time.perf_counter() - start
-    # ~0.5 s and ~1.5 s on an idle 2-core machine; generous for a busy one.
-    assert default_s < 5 and seed_s < 15, (default_s, seed_s)
 
 
 def test_calibrated_to_published_mixtral_ladder():
