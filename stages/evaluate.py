@@ -11,8 +11,8 @@ from routecast.features import read_features
 from routecast.params import load_params
 from routecast.predictions import write_predictions
 from routecast.stage import stage
-from routecast.training import split_train_val
 from routecast.traces import read_trace_meta
+from routecast.training import split_train_val
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

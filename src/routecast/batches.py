@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from routecast.errors import InputError
 from routecast.features import Features, token_keys
 
 
@@ -48,10 +49,10 @@ def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = Fal
     """The model inputs of every sample of `feats` (see the module doc for the encodings)."""
     n = len(feats)
     if use_prev and feats.prev_experts is None:
-        raise ValueError("the model was trained with features.prev_token, but these samples have no prev_experts "
+        raise InputError("the model was trained with features.prev_token, but these samples have no prev_experts "
                          "column: encode them with features.prev_token: true")
     if use_extra and feats.spec_logits is None:
-        raise ValueError("the model was trained with spec_logits, but these samples have none")
+        raise InputError("the model was trained with spec_logits, but these samples have none")
     prev = feats.prev_experts if use_prev else np.zeros((n, 0), np.int64)
     extra = feats.spec_logits if use_extra else np.zeros((n, 0), np.float32)
     return Inputs(

@@ -32,11 +32,11 @@ import torch
 
 from routecast.batches import predict_logits
 from routecast.features import Features, encode_features
+from routecast.oracle import OraclePredictor
 from routecast.params import EvaluateParams, ExtraTest, FeaturesParams
 from routecast.predictions import prediction_ranks
-from routecast.oracle import OraclePredictor
-from routecast.scoring import ranked, sample_hits
 from routecast.reference import (BoostedTreesPredictor, FrequencyPredictor, ReferencePredictor,
+from routecast.scoring import ranked, sample_hits
                                  SpeculativeGatePredictor, lookup_ladder)
 from routecast.traces import TraceError, TraceMeta, read_traces
 

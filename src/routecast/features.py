@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
+from routecast.columns import meta_from_parquet, meta_to_parquet, take_rows
+from routecast.errors import InputError
 from routecast.params import FeaturesParams
 from routecast.traces import TraceError, Traces, read_trace_sequences
 
@@ -51,20 +53,11 @@ class FeatureMeta:
     source: str = "unknown"
 
     def to_metadata(self) -> dict[bytes, bytes]:
-        return {f.name.encode(): str(getattr(self, f.name)).encode() for f in fields(self)}
+        return meta_to_parquet(self)
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None, where: str) -> FeatureMeta:
-        metadata = metadata or {}
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = metadata.get(f.name.encode())
-            if raw is None:
-                if f.name == "source":
-                    continue
-                raise ValueError(f"{where}: Parquet metadata lacks {f.name!r}; was it written by encode_features?")
-            kwargs[f.name] = {"int": int, "float": float, "str": str}[f.type](raw.decode())
-        return cls(**kwargs)
+        return meta_from_parquet(cls, metadata, where)
 
 
 @dataclass
@@ -92,9 +85,7 @@ class Features:
 
     def take(self, index: np.ndarray) -> Features:
         """Rows `index` (an integer array or boolean mask)."""
-        arrays = {f.name: getattr(self, f.name)[index] for f in fields(self)
-                  if isinstance(getattr(self, f.name), np.ndarray)}
-        return replace(self, **arrays, report={})
+        return take_rows(self, index, report={})
 
 
 # --------------------------------------------------------------------------- encoding
@@ -144,7 +135,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
     L, k, E, la = meta.num_layers, meta.top_k, meta.num_experts, params.lookahead
     H = params.history_len or L
     if la >= L:
-        raise ValueError(f"features.lookahead={la} leaves no sample: the trace has {L} layers")
+        raise InputError(f"features.lookahead={la} leaves no sample: the trace has {L} layers")
     n_rows = len(traces)
     layer = np.asarray(traces.layer)
 
@@ -361,5 +352,5 @@ def read_features(path: str | Path) -> Features:
     missing = [f.name for f in fields(Features) if f.default is not None and f.name not in kwargs
                and f.name not in ("meta", "report")]
     if missing:
-        raise ValueError(f"{path}: missing feature column(s) {missing}")
+        raise InputError(f"{path}: missing feature column(s) {missing}; was it written by encode_features?")
     return Features(meta=meta, **kwargs)

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from routecast.errors import InputError
 from routecast.params import LogFields, LogsParams
 from routecast.traces import (SHAPE_LIMIT, RowNames, TraceError, TraceMeta, TraceWriter, int_error, iter_traces,
                               read_trace_meta, to_float32)
@@ -64,7 +65,7 @@ MAX_LINE_BYTES = 64 << 20  # a longer "line" means the file is not line-oriented
 def import_logs(params: LogsParams, out: str | Path) -> dict[str, Any]:
     """Write `out` (the canonical trace) from the logs `params.path`; return a report of counts."""
     if params.path is None:
-        raise ValueError("extract.logs.path: must be set to import logs")
+        raise InputError("extract.logs.path: must be set to import logs")
     readers = {"jsonl": import_jsonl, "flame_csv": import_flame_csv, "vllm_npy": import_vllm_npy,
                "parquet": import_parquet}
     report = readers[params.format](params, Path(out))

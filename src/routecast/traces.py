@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
+from routecast.columns import meta_from_parquet, meta_to_parquet, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TraceMeta:
     num_layers: int
     num_experts: int
     top_k: int
-    source: str  # the generator, model or importer that produced the trace
+    source: str = "unknown"  # the generator, model or importer that produced the trace
     source_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,32 +67,11 @@ class TraceMeta:
             )
 
     def to_metadata(self) -> dict[bytes, bytes]:
-        return {
-            b"num_layers": str(self.num_layers).encode(),
-            b"num_experts": str(self.num_experts).encode(),
-            b"top_k": str(self.top_k).encode(),
-            b"source": self.source.encode(),
-            b"source_params": json.dumps(self.source_params, sort_keys=True, default=str).encode(),
-        }
+        return meta_to_parquet(self)
 
     @classmethod
     def from_metadata(cls, metadata: dict[bytes, bytes] | None, where: str) -> TraceMeta:
-        metadata = metadata or {}
-        missing = [k for k in (b"num_layers", b"num_experts", b"top_k") if k not in metadata]
-        if missing:
-            raise TraceError(f"{where}: Parquet metadata lacks {', '.join(m.decode() for m in missing)}")
-        try:
-            shape = {name: int(metadata[name.encode()]) for name in ("num_layers", "num_experts", "top_k")}
-            source = metadata.get(b"source", b"unknown").decode()
-            source_params = json.loads(metadata.get(b"source_params", b"{}"))
-        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-            raise TraceError(f"{where}: bad Parquet metadata: {exc}") from None
-        if not isinstance(source_params, dict):
-            raise TraceError(f"{where}: bad Parquet metadata: source_params is not a JSON object")
-        try:
-            return cls(**shape, source=source, source_params=source_params)
-        except TraceError as exc:
-            raise TraceError(f"{where}: {exc}") from None
+        return meta_from_parquet(cls, metadata, where, TraceError)
 
 
 @dataclass
@@ -110,6 +89,10 @@ class Traces:
 
     def __len__(self) -> int:
         return len(self.seq_id)
+
+    def take(self, index: np.ndarray) -> Traces:
+        """Rows `index` (an integer array or boolean mask)."""
+        return take_rows(self, index)
 
 
 def trace_schema(meta: TraceMeta, with_token_id: bool, with_spec_logits: bool) -> pa.Schema:

@@ -31,8 +31,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from routecast.batches import Inputs, predict_logits, sample_inputs, targets, token_view
-from routecast.features import Features
 from routecast.em import fit_mixture
+from routecast.errors import InputError
+from routecast.features import Features
 from routecast.mixture import MixtureConfig
 from routecast.model import LookupMLP, ModelConfig, build_model
 from routecast.params import ModelParams, TrainParams
@@ -69,7 +70,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device: {device} asked for, but torch sees no CUDA device (use auto or cpu)")
+        raise InputError(f"train.device: {device} asked for, but torch sees no CUDA device (use auto or cpu)")
     return torch.device(device)
 
 
@@ -77,7 +78,7 @@ def split_train_val(train: Features, max_train_samples: int | None = None, seed:
     """Separate the validation sequences marked by split_95_5; optionally subsample the rest by token
     (whole tokens, so a sequence model still sees whole paths)."""
     if train.is_val is None or not train.is_val.any():
-        raise ValueError("the train split marks no validation samples (is_val); rerun split_95_5")
+        raise InputError("the train split marks no validation samples (is_val); rerun split_95_5")
     fit, val = train.take(~train.is_val), train.take(train.is_val)
     if max_train_samples is not None and len(fit) > max_train_samples:
         view = token_view(fit)
