@@ -36,8 +36,8 @@ from routecast.oracle import OraclePredictor
 from routecast.params import EvaluateParams, ExtraTest, FeaturesParams
 from routecast.predictions import prediction_ranks
 from routecast.reference import (BoostedTreesPredictor, FrequencyPredictor, ReferencePredictor,
-from routecast.scoring import ranked, sample_hits
                                  SpeculativeGatePredictor, lookup_ladder)
+from routecast.scoring import ranked, sample_hits
 from routecast.traces import TraceError, TraceMeta, read_traces
 
 log = logging.getLogger(__name__)
