@@ -264,3 +264,21 @@ def test_sigkill_in_a_stage_then_repro_gives_the_same_metrics(pipeline_repo: Pat
     assert tune["n_failed"] <= 1  # the killed trial, retried (0 if the kill came after its last epoch)
     assert (tune["best_params"], tune["best_value"]) == (reference["best_params"], reference["best_value"])
     assert list(repo.glob("data/**/.*.tmp")) == [] and list(repo.glob("metrics/**/.*.tmp")) == []
+
+
+def test_dvc_artifacts_get_fetches_the_tuned_predictor_by_name(pipeline_repo: Path, tmp_path: Path) -> None:
+    """dvc.yaml declares the tuned model as an artifact: once its results are committed and a version
+    is registered (a GTO tag), `dvc artifacts get <repo> tuned-predictor` fetches it from a clone."""
+    repo = clone_pipeline(pipeline_repo, tmp_path / "repo")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run([*git, "add", "-A"], repo)
+    run([*git, "commit", "-qm", "pipeline results"], repo)
+    run([*git, "tag", "-a", "tuned-predictor@v1.0.0", "-m", "Registering artifact tuned-predictor version v1.0.0"],
+        repo)
+    (tmp_path / "engine").mkdir()
+    run(["dvc", "artifacts", "get", str(repo), "tuned-predictor", "-o", "tuned.pt"], tmp_path / "engine")
+    fetched = (tmp_path / "engine" / "tuned.pt").read_bytes()
+    assert fetched == (repo / "data" / "models" / "tuned.pt").read_bytes()
+    from routecast import Predictor
+
+    assert Predictor.load(tmp_path / "engine" / "tuned.pt").top_k == 2  # a usable predictor, not just bytes
