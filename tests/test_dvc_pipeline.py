@@ -73,15 +73,21 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)
-    out = run(["dvc", "exp", "run", "-S", "tuned.lr=1e-6"], repro_repo).stdout
+    out = run(["dvc", "exp", "run", "-S", "tuned.kind=gru", "-S", "tuned.lr=1e-6"], repro_repo).stdout
     assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate", "simulate_prefetch"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
+    assert checkpoint["kind"] == "gru"
     first_epoch_lr = checkpoint["history"][0]["lr"]
     assert isinstance(first_epoch_lr, float) and first_epoch_lr == pytest.approx(1e-6)
     diff = run(["dvc", "metrics", "diff", "--md"], repro_repo).stdout
     assert re.search(r"tuned\.top2\s*\|", diff), diff
     assert "baseline.top2" not in diff  # unchanged metrics are not listed
+    # DVCLive's per-epoch metrics are experiment metrics: `dvc exp show` lists the tuned model's last step.
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repro_repo).stdout)
+    experiment = next(e for entry in shown for e in entry.get("experiments") or [])
+    live = experiment["revs"][0]["data"]["metrics"]["metrics/train/tuned/metrics.json"]["data"]
+    assert live["step"] == len(checkpoint["history"]) and live["kind"] == "gru"
 
 
 def committed_clone(pipeline_repo: Path, dest: Path) -> Path:

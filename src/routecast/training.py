@@ -160,17 +160,20 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
 
 
 class _SampleBatches:
-    """Shuffled slices of per-sample inputs (MLP kinds)."""
+    """Shuffled slices of per-sample inputs (MLP kinds), all on the training device: no host work
+    in an epoch but one shuffle of indices."""
 
-    def __init__(self, inputs: Inputs, y: torch.Tensor, batch_size: int, table: torch.Tensor | None) -> None:
-        self.inputs, self.y, self.batch_size, self.table = inputs, y, batch_size, table
+    def __init__(self, inputs: Inputs, y: torch.Tensor, batch_size: int, table: torch.Tensor | None,
+                 device: torch.device) -> None:
+        self.inputs, self.y, self.batch_size = inputs.to(device), y.to(device), batch_size
+        self.table = table.to(device) if table is not None else None
         n = len(y)
         self.n_used = n - 1 if n % batch_size == 1 else n  # BatchNorm cannot train on a batch of one
 
-    def epoch(self, generator: torch.Generator, device: torch.device):
-        perm = torch.randperm(len(self.y), generator=generator)[: self.n_used]
-        xs, ys = self.inputs.index(perm).to(device), self.y[perm].to(device)  # one gather, then slices
-        table = self.table[perm].to(device) if self.table is not None else None
+    def epoch(self, generator: torch.Generator):
+        perm = torch.randperm(len(self.y), generator=generator)[: self.n_used].to(self.y.device)
+        xs, ys = self.inputs.index(perm), self.y[perm]  # one gather, then slices
+        table = self.table[perm] if self.table is not None else None
         for i in range(0, self.n_used, self.batch_size):
             sl = slice(i, i + self.batch_size)
             yield xs.index(sl), ys[sl], (table[sl] if table is not None else None)
@@ -182,25 +185,25 @@ class _SampleBatches:
 
 
 class _TokenBatches:
-    """Shuffled batches of whole tokens (GRU): each token's path read once, all its samples scored."""
+    """Shuffled batches of whole tokens (GRU): each token's path read once, all its samples scored.
+    Everything stays on the training device."""
 
-    def __init__(self, feats: Features, inputs: Inputs, y: torch.Tensor, tokens_per_batch: int) -> None:
+    def __init__(self, feats: Features, inputs: Inputs, y: torch.Tensor, tokens_per_batch: int,
+                 device: torch.device) -> None:
         view = token_view(feats)
-        self.rows, self.inputs, self.y, self.per_batch = view.row, inputs, y, tokens_per_batch
-        self.history = torch.from_numpy(view.history.astype(np.int64))
+        self.rows = torch.from_numpy(view.row).to(device)  # [tokens, slots] -> sample row, -1: none
+        self.history = torch.from_numpy(view.history.astype(np.int64)).to(device)
+        self.inputs, self.y, self.per_batch = inputs.to(device), y.to(device), tokens_per_batch
         self.n_used = int((view.row >= 0).sum())
 
-    def epoch(self, generator: torch.Generator, device: torch.device):
-        perm = torch.randperm(len(self.rows), generator=generator).numpy()
+    def epoch(self, generator: torch.Generator):
+        perm = torch.randperm(len(self.rows), generator=generator).to(self.rows.device)
         for i in range(0, len(perm), self.per_batch):
             tokens = perm[i:i + self.per_batch]
             rows = self.rows[tokens]
-            token, _ = np.nonzero(rows >= 0)
-            sample = torch.from_numpy(rows[rows >= 0])
-            if len(sample) < 2:
-                continue  # BatchNorm cannot train on a batch of one
-            yield (self.history[tokens].to(device), torch.from_numpy(token).to(device),
-                   self.inputs.index(sample).to(device), self.y[sample].to(device))
+            present = rows >= 0
+            sample = rows[present]
+            yield (self.history[tokens], present.nonzero()[:, 0], self.inputs.index(sample), self.y[sample])
 
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         history, token, x, y = batch
@@ -223,8 +226,8 @@ def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: Trai
         table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit, train.target, seed=train.seed),
                                                    1e-12))).float()
     model.to(device)
-    batches = (_TokenBatches(fit, inputs, y, batch_tokens) if config.kind == "gru"
-               else _SampleBatches(inputs, y, train.batch_size, table))
+    batches = (_TokenBatches(fit, inputs, y, batch_tokens, device) if config.kind == "gru"
+               else _SampleBatches(inputs, y, train.batch_size, table, device))
     optimizer = configure_optimizer(model, lr, train.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.lr_factor,
                                                            patience=train.lr_patience)
@@ -247,7 +250,7 @@ def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: Trai
         start = time.perf_counter()
         model.train()
         total_loss, n_seen = torch.zeros((), device=device), 0
-        for batch in batches.epoch(generator, device):
+        for batch in batches.epoch(generator):
             with autocast:
                 logits, target = batches.forward(model, batch)
             loss = loss_fn(logits, target, train.target)
