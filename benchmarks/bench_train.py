@@ -7,11 +7,13 @@ FLOPs per training sample = 3 x forward, forward = 2 x sum(in_i x out_i) over th
 the backward pass is two matmuls per layer, grad-input and grad-weight). Embeddings, BatchNorm,
 activations, dropout and the optimizer count zero: the ratio is the share of time spent in
 useful matmul work. The matmul reference is torch.mm of [512 x in] @ [in x out] for each layer
-shape, FLOP-weighted. Also timed, same data and threads: the seed's loop (nn.Dropout, out-of-place
-LeakyReLU, unfused AdamW) and the baseline [256, 128, 64] model (for the seed-scale estimate).
-Rounds interleave all measurements; each figure is the best round (least disturbed by load).
+shape, FLOP-weighted. Also timed, same data and threads: the seed's loop (out-of-place LeakyReLU,
+unfused AdamW), the baseline [256, 128, 64] model and the GRU (hidden 256, its samples read a
+token at a time). Rounds interleave all measurements; each figure is the best round.
 
     .venv/bin/python benchmarks/bench_train.py             # writes benchmarks/results/train_threads<N>.json
+    ROUTECAST_NATIVE_ISA=1 .venv/bin/python benchmarks/bench_train.py   # ... train_threads<N>_native.json:
+                                                           # torch's own CPU code paths, not pinned to AVX2
     .venv/bin/python benchmarks/bench_train.py --profile   # torch.profiler table of 30 steps
 """
 
@@ -23,21 +25,27 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
-from routecast.features import encode_features
-from routecast.model import ModelConfig, RoutePredictor, SeededDropout, to_inputs
-from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.training import split_train_val, train_model
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from routecast.batches import sample_inputs  # noqa: E402
+from routecast.features import encode_features  # noqa: E402
+from routecast.model import ModelConfig, build_model  # noqa: E402
+from routecast.params import (FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams,  # noqa: E402
+                              TrainParams)
+from routecast.split import split_features  # noqa: E402
+from routecast.synthetic import generate  # noqa: E402
+from routecast.training import fit_predictor, model_config, split_train_val  # noqa: E402
 
 TUNED = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 BASELINE = ModelParams(lr=0.001, layer_emb=10, expert_emb=5, architecture=[256, 128, 64], dropout=0.2)
+GRU = ModelParams(lr=3e-3, layer_emb=5, expert_emb=7, architecture=[], dropout=0.2, kind="gru",
+                  gru=GRUParams(hidden=256, emb=32))
 
 
 def layer_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -69,17 +77,15 @@ def matmul_rate(shapes: list[tuple[int, int]], batch: int, seconds: float = 1.0)
 
 
 def seed_loop_rate(params: ModelParams, fit, batch: int, seed: int, steps: int) -> float:
-    """samples/s of the seed's inner loop (torch dropout, out-of-place LeakyReLU, unfused AdamW)."""
+    """samples/s of the seed's inner loop (out-of-place LeakyReLU, unfused AdamW on every parameter)."""
     torch.manual_seed(seed)
-    model = RoutePredictor(ModelConfig.build(fit.meta, params))
-    for i, m in enumerate(model.mlp):
-        if isinstance(m, SeededDropout):
-            model.mlp[i] = nn.Dropout(m.p)
-        elif isinstance(m, nn.LeakyReLU):
+    model = build_model(model_config(params, fit))
+    for m in model.mlp:
+        if isinstance(m, nn.LeakyReLU):
             m.inplace = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.01)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = to_inputs(fit, False), torch.from_numpy(fit.target.astype(np.int64))
+    x, y = sample_inputs(fit), torch.from_numpy(fit.target.astype(np.int64))
     model.train()
     steps = min(steps, len(y) // batch)
     start = time.perf_counter()
@@ -93,13 +99,13 @@ def seed_loop_rate(params: ModelParams, fit, batch: int, seed: int, steps: int) 
 
 
 def profile_steps(config: ModelConfig, fit, batch: int, steps: int = 30) -> None:
-    """torch.profiler over `steps` training steps (NumPy's dropout draws run outside torch ops)."""
+    """torch.profiler over `steps` training steps of the MLP."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
-    model = RoutePredictor(config)
+    model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=TUNED.lr, weight_decay=0.01, fused=True)
-    x, y = to_inputs(fit, False), torch.from_numpy(fit.target.astype(np.int64))
+    x, y = sample_inputs(fit), torch.from_numpy(fit.target.astype(np.int64))
 
     def step(s: int) -> None:
         i = (s * batch) % (len(y) - batch)
@@ -118,7 +124,7 @@ def profile_steps(config: ModelConfig, fit, batch: int, steps: int = 30) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-sequences", type=int, default=16, help="synthetic sequences of 256 tokens")
+    parser.add_argument("--num-sequences", type=int, default=64, help="synthetic sequences of 64 tokens")
     parser.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -127,12 +133,12 @@ def main() -> None:
     args = parser.parse_args()
     info = machine()
     torch.set_num_threads(args.threads)
-    traces, _ = generate(SyntheticParams(num_sequences=args.num_sequences, tokens_per_sequence=256))
+    traces, _ = generate(SyntheticParams(num_sequences=args.num_sequences, tokens_per_sequence=64))
     train, _ = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.05))
     fit, val = split_train_val(train)
     val = val.take(np.arange(min(len(val), 4096)))  # validation is not timed; keep it short
     train_params = TrainParams(epochs=1, batch_size=args.batch_size, threads=args.threads)
-    config = ModelConfig.build(fit.meta, TUNED)
+    config = model_config(TUNED, fit)
     flops_per_sample = 3 * forward_flops(config)
     shapes = layer_shapes(config)
 
@@ -143,18 +149,20 @@ def main() -> None:
     rounds: list[dict[str, float]] = []
     for _ in range(args.rounds):
         row = {"matmul_gflops": matmul_rate(shapes, args.batch_size)["gflops"]}
-        row["tuned_samples_per_second"] = train_model(TUNED, train_params, fit, val, desc="bench").samples_per_second
+        row["tuned_samples_per_second"] = fit_predictor(TUNED, train_params, fit, val, desc="bench").samples_per_second
         row["seed_loop_samples_per_second"] = seed_loop_rate(TUNED, fit, args.batch_size, 0, steps=150)
-        row["baseline_samples_per_second"] = train_model(BASELINE, train_params, fit, val,
-                                                         desc="bench").samples_per_second
+        row["baseline_samples_per_second"] = fit_predictor(BASELINE, train_params, fit, val,
+                                                           desc="bench").samples_per_second
+        row["gru_samples_per_second"] = fit_predictor(GRU, train_params, fit, val, desc="bench").samples_per_second
         row["matmul_gflops_after"] = matmul_rate(shapes, args.batch_size)["gflops"]
         rounds.append(row)
         print(row, flush=True)
     best = {key: max(r[key] for r in rounds) for key in rounds[0]}
     matmul = max(best["matmul_gflops"], best["matmul_gflops_after"])
     train_gflops = best["tuned_samples_per_second"] * flops_per_sample / 1e9
-    write_result(f"train_threads{args.threads}", {
-        "what": "train_model, tuned [512, 512] (emb 5/7, 32 layers, batch 512), one epoch per round, fp32",
+    native = "_native" if __import__("os").environ.get("ROUTECAST_NATIVE_ISA") == "1" else ""
+    write_result(f"train_threads{args.threads}{native}", {
+        "what": "fit_predictor, tuned [512, 512] (emb 5/7, 32 layers, batch 512), one epoch per round, fp32",
         "threads": args.threads,
         "fit_samples": len(fit),
         "layer_shapes": shapes,
@@ -169,6 +177,8 @@ def main() -> None:
         "seed_loop_samples_per_second": best["seed_loop_samples_per_second"],
         "speedup_vs_seed_loop": best["tuned_samples_per_second"] / best["seed_loop_samples_per_second"],
         "baseline_samples_per_second": best["baseline_samples_per_second"],
+        "gru_samples_per_second": best["gru_samples_per_second"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "rounds": rounds,
         "machine": info,
     })
