@@ -21,6 +21,7 @@ TINY_PARAMS = {
     "extract.synthetic.num_sequences": 12,
     "extract.synthetic.tokens_per_sequence": 48,
     "extract.synthetic.num_layers": 8,
+    "split.test_fraction": 0.25,  # 3 test sequences: enough for an interval (one gives none)
     "train.epochs": 3,
     "tune.n_trials": 3,
     "tune.epochs": 2,
