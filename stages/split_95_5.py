@@ -11,11 +11,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("features", help="encoded samples (Parquet)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--train", required=True, help="train split, validation sequences marked (Parquet)")
-    parser.add_argument("--test", required=True, help="test split (Parquet)")
+    parser.add_argument("--out", nargs=2, required=True, metavar=("TRAIN", "TEST"),
+                        help="the train split (validation sequences marked) and the test split (Parquet)")
     args = parser.parse_args()
     with stage("split_95_5"):
         params = load_params(args.params)
-        train, test = split_features(read_features(args.features), params.split)
-        write_features(args.train, train)
-        write_features(args.test, test)
+        for path, split in zip(args.out, split_features(read_features(args.features), params.split)):
+            write_features(path, split)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from routecast.errors import InputError
 
@@ -51,6 +55,49 @@ def meta_from_parquet(cls: type[T], metadata: dict[bytes, bytes] | None, where: 
         return cls(**kwargs)
     except error as exc:
         raise error(f"{where}: {exc}") from None
+
+
+class ParquetMeta:
+    """A metadata dataclass kept in a Parquet file's key-value metadata; bad metadata raises `error`."""
+
+    error: typing.ClassVar[type[Exception]] = InputError
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return meta_to_parquet(self)
+
+    @classmethod
+    def from_metadata(cls: type[T], metadata: dict[bytes, bytes] | None, where: str) -> T:
+        return meta_from_parquet(cls, metadata, where, cls.error)  # type: ignore[attr-defined]
+
+
+def open_parquet(path: str | Path, made_by: str, error: type[Exception] = InputError) -> pq.ParquetFile:
+    """The Parquet file at `path`; a missing file names the stage that makes it, an unreadable one
+    raises `error` naming the file (never a pyarrow traceback)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run {made_by} first: dvc repro {made_by})")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise error(f"{path}: not a Parquet file: {exc}") from None
+
+
+@dataclass
+class KeyedRows:
+    """NumPy columns of rows keyed by (sequence, token, layer), with the metadata describing them:
+    the base of the trace (`routecast.traces.Traces`) and the samples (`routecast.features.Features`)."""
+
+    meta: Any
+    seq_id: np.ndarray  # int32 [N]
+    token_pos: np.ndarray  # int32 [N]
+    layer: np.ndarray  # int16 [N]
+
+    def __len__(self) -> int:
+        return len(self.seq_id)
+
+    def take(self: T, index: np.ndarray) -> T:
+        """Rows `index` (an integer array or boolean mask)."""
+        return take_rows(self, index)
 
 
 def take_rows(columns: T, index: np.ndarray, **changes: Any) -> T:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
-from routecast.columns import meta_from_parquet, meta_to_parquet, take_rows
+from routecast.columns import KeyedRows, ParquetMeta, open_parquet, take_rows
 from routecast.errors import InputError
 from routecast.params import FeaturesParams
 from routecast.traces import TraceError, Traces, read_trace_sequences
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FeatureMeta:
+class FeatureMeta(ParquetMeta):
     num_layers: int
     num_experts: int
     top_k: int
@@ -52,22 +52,12 @@ class FeatureMeta:
     position_scale: float
     source: str = "unknown"
 
-    def to_metadata(self) -> dict[bytes, bytes]:
-        return meta_to_parquet(self)
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[bytes, bytes] | None, where: str) -> FeatureMeta:
-        return meta_from_parquet(cls, metadata, where)
-
 
 @dataclass
-class Features:
-    """Samples column by column (numpy), in (sequence, token, layer) order."""
+class Features(KeyedRows):
+    """Samples column by column (numpy), in (sequence, token, layer) order (`meta`: a FeatureMeta;
+    seq_id, token_pos, layer: the sample's token and source layer)."""
 
-    meta: FeatureMeta
-    seq_id: np.ndarray  # int32 [N]
-    token_pos: np.ndarray  # int32 [N]
-    layer: np.ndarray  # int16 [N]
     primary: np.ndarray  # int16 [N]
     secondary: np.ndarray  # int16 [N]
     gating: np.ndarray  # float32 [N, k]
@@ -79,9 +69,6 @@ class Features:
     prev_experts: np.ndarray | None = None  # int16 [N, k], +1 (0 = none)
     is_val: np.ndarray | None = None  # bool [N], set by split_95_5 in the train split
     report: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.target)
 
     def take(self, index: np.ndarray) -> Features:
         """Rows `index` (an integer array or boolean mask)."""
@@ -334,9 +321,8 @@ def _write_row_groups(writer: pq.ParquetWriter, pending: list[pa.Table], final: 
 
 def read_features(path: str | Path) -> Features:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run the stages before it: dvc repro)")
-    table = pq.read_table(path)
+    with open_parquet(path, "encode_features") as pf:
+        table = pf.read()
     meta = FeatureMeta.from_metadata(table.schema.metadata, str(path))
     kwargs: dict[str, Any] = {}
     for f in fields(Features):

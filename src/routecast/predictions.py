@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
+from routecast.columns import open_parquet
 
 if TYPE_CHECKING:
     from routecast.features import Features
@@ -148,12 +149,8 @@ def read_predictions(path: str | Path) -> Predictions:
     """Read and validate a predictions file; every problem raises PredictionsError naming the file."""
     path = Path(path)
     where = str(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run evaluate first: dvc repro evaluate)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise PredictionsError(f"{where}: not a Parquet file: {exc}") from None
+    with open_parquet(path, "evaluate", PredictionsError) as pf:
+        table = pf.read()
     metadata = table.schema.metadata or {}
     missing = [k for k in (*_META_KEYS, "predictors") if k.encode() not in metadata]
     if missing:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from routecast.artifacts import atomic_path
-from routecast.columns import meta_from_parquet, meta_to_parquet, take_rows
+from routecast.columns import KeyedRows, ParquetMeta, open_parquet
+from routecast.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,14 @@ SHAPE_LIMIT = int(np.iinfo(np.int16).max) + 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class TraceError(ValueError):
+class TraceError(InputError):
     """A trace (or the file it came from) breaks the canonical schema; the message names where."""
 
 
 @dataclass(frozen=True)
-class TraceMeta:
+class TraceMeta(ParquetMeta):
+    error: ClassVar[type[Exception]] = TraceError  # bad metadata in a file
+
     num_layers: int
     num_experts: int
     top_k: int
@@ -66,33 +69,16 @@ class TraceMeta:
                 f"(1 <= top_k <= num_experts; at most {SHAPE_LIMIT} layers and experts)"
             )
 
-    def to_metadata(self) -> dict[bytes, bytes]:
-        return meta_to_parquet(self)
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[bytes, bytes] | None, where: str) -> TraceMeta:
-        return meta_from_parquet(cls, metadata, where, TraceError)
-
 
 @dataclass
-class Traces:
-    """A whole trace in memory, column by column."""
+class Traces(KeyedRows):
+    """A whole trace in memory, column by column (`meta`: a TraceMeta; seq_id, token_pos, layer)."""
 
-    meta: TraceMeta
-    seq_id: np.ndarray  # int32 [N]
-    token_pos: np.ndarray  # int32 [N]
-    layer: np.ndarray  # int16 [N]
     experts: np.ndarray  # int16 [N, k]
     weights: np.ndarray  # float32 [N, k]
     token_id: np.ndarray | None = None  # int32 [N]
     spec_logits: np.ndarray | None = None  # float32 [N, E]
 
-    def __len__(self) -> int:
-        return len(self.seq_id)
-
-    def take(self, index: np.ndarray) -> Traces:
-        """Rows `index` (an integer array or boolean mask)."""
-        return take_rows(self, index)
 
 
 def trace_schema(meta: TraceMeta, with_token_id: bool, with_spec_logits: bool) -> pa.Schema:
@@ -562,13 +548,7 @@ def write_traces(path: str | Path, traces: Traces) -> None:
 @contextlib.contextmanager
 def _open_trace(path: str | Path) -> Iterator[tuple[pq.ParquetFile, TraceMeta]]:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found (run extract_traces first: dvc repro extract_traces)")
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise TraceError(f"{path}: not a Parquet file: {exc}") from None
-    with pf:
+    with open_parquet(path, "extract_traces", TraceError) as pf:
         meta = TraceMeta.from_metadata(pf.schema_arrow.metadata, str(path))
         required = ["seq_id", "token_pos", "layer", "experts", "weights"]
         missing = [c for c in required if c not in pf.schema_arrow.names]
