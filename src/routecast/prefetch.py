@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import njit
 from tqdm import tqdm
 
-from routecast.params import SimulateParams
+from routecast.params import ParamsError, SimulateParams
 from routecast.predictions import Predictions, PredictionsError
 from routecast.traces import Traces
 
@@ -432,3 +434,49 @@ def prefetch_metrics(results: dict[str, RunResult]) -> dict[str, dict[str, float
         "speedup_vs_on_demand": base_ms / r.ms_per_token,
         "gap_closed": gap_closed(results, name),
     } for name, r in results.items()}
+
+
+@dataclass
+class SimulationResult:
+    metrics: dict[str, Any]  # metrics/prefetch.json
+    slots_rows: list[list[Any]]  # (slots, predictor, stall_ms_per_token, hit_rate, mb_per_token)
+    width_rows: list[list[Any]]  # (width, predictor, hit_rate, stall_ms_per_token, prefetch_precision)
+
+
+def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulateParams, traces_where: str = "traces",
+                      predictions_where: str = "predictions") -> SimulationResult:
+    """The simulate_prefetch stage: every predictor and bound at the configured engine, and the sweeps."""
+    meta = predictions.meta
+    sim.check_shape(meta.num_experts, meta.top_k)
+    unknown = sorted(set(sim.prefetch.predictor_ms) - set(predictions.rankings))
+    if unknown:
+        raise ParamsError(f"simulate.prefetch.predictor_ms.{unknown[0]}",
+                          f"no such predictor in {predictions_where} (have {', '.join(predictions.rankings)})")
+    replay = build_replay(traces, predictions, traces_where, predictions_where)
+    engine = Engine.from_params(sim, meta.top_k)
+    predictor_ms = {name: sim.prefetch.ms_for(name) for name in predictions.rankings}
+    log.info("engine: preset %s, %s; one expert %.2f ms over the link, %.3f ms compute per layer",
+             sim.preset, engine, engine.transfer_ms, engine.compute_ms)
+    start = time.perf_counter()
+    done = study(replay, engine, predictor_ms, sim.sweep.slots, sim.sweep.width)
+    elapsed = time.perf_counter() - start
+    steps = done.replays * replay.tokens * replay.truth.shape[1]
+    log.info("%d replays of %d token-layer steps each in %.1fs (%.2fM steps/s, JIT compile or cache load included)",
+             done.replays, replay.tokens * replay.truth.shape[1], elapsed, steps / elapsed / 1e6)
+    metrics: dict[str, Any] = prefetch_metrics(done.results)
+    for name, m in metrics.items():
+        gap = "-" if m["gap_closed"] is None else f"{m['gap_closed']:.3f}"
+        log.info("%-16s hit %.3f  stall %8.2f ms/token  %8.1f MB/token  speedup %.3f  gap closed %s", name,
+                 m["hit_rate"], m["stall_ms_per_token"], m["mb_per_token"], m["speedup_vs_on_demand"], gap)
+    metrics["replay"] = {"sequences": replay.sequences, "tokens": replay.tokens,
+                         "missing_layers": replay.missing_layers, "predicted_share": replay.predicted_share}
+    metrics["engine"] = {"expert_mb": engine.expert_mb, "transfer_ms": engine.transfer_ms,
+                         "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
+                         "width": engine.width}
+    names = [*BOUNDS, *predictions.rankings]
+    return SimulationResult(
+        metrics,
+        [[s, n, r[n].stall_ms_per_token, r[n].hit_rate, r[n].mb_per_token]
+         for s, r in zip(done.slots, done.by_slots) for n in names],
+        [[w, n, r[n].hit_rate, r[n].stall_ms_per_token, r[n].prefetch_precision]
+         for w, r in zip(done.widths, done.by_width) for n in names])
