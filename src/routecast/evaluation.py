@@ -202,8 +202,9 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
     scored = score_all(predictors, test)
     metrics = summarise(scored, test, params)
     for name, m in metrics.items():
-        log.info("%-16s top-1 %.4f  top-2 %.4f [%s, %s]  set recall %.4f", name, m["top1"], m["top2"],
-                 m["top2_lo"], m["top2_hi"], m["set_recall"])
+        interval = "" if m["top2_lo"] is None else f" [{m['top2_lo']:.4f}, {m['top2_hi']:.4f}]"
+        log.info("%-16s top-1 %.4f  top-2 %.4f%s  set recall %.4f", name, m["top1"], m["top2"], interval,
+                 m["set_recall"])
     if len(val):
         metrics["validation"] = {name: {m: float(v.mean()) for m, v in s.hits.items()} | {"n": len(val)}
                                  for name, s in score_all(predictors, val).items()}

@@ -1,16 +1,16 @@
 """Fit any kind on the fit split, choosing on the validation split.
 
 `fit_predictor(params, train, fit, val)` is the one entry point (train_full, tune): the mixture is
-fitted by EM (`routecast.mixture`); the neural kinds by the loop below, read top to bottom:
+fitted by EM (`routecast.em`); the neural kinds by the loop below, read top to bottom:
 
     AdamW (weight decay on weight matrices only, as nanoGPT's configure_optimizers), cross-entropy
     on the next primary (or, with `train.target: set`, on the next top-k set as a uniform target
     distribution), ReduceLROnPlateau and early stopping on the validation objective, the best
     epoch's weights kept. Batches are slices of tensors already in memory, shuffled once per epoch:
-    samples for the MLPs, tokens for the GRU (every layer of a token in one pass). bf16 autocast on
-    CUDA. `lookup_mlp` is scored before its first step too (epoch 0: the lookup table itself, reported to
-    `on_epoch` like any epoch), so early stopping can keep the table when training does not beat it
-    on validation.
+    samples for the MLPs, tokens for the GRU (every layer of a token in one pass), on the training
+    device (`train.device`; bf16 autocast on CUDA). `lookup_mlp` is scored before its first step
+    too (epoch 0: the lookup table itself, reported to `on_epoch` like any epoch), so early stopping
+    can keep the table when training does not beat it on validation.
 
 The objective is validation top-2 for `target: primary` and validation set recall for `set`.
 """
