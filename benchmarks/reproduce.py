@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ def comparable(path: Path, name: str) -> object:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", default="HEAD")
+    parser.add_argument("--keep", help="copy the reproduced metrics/ folder here (to compare two revisions)")
     args = parser.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,6 +57,8 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         reproduced = {name: comparable(clone / name, name) for name in committed}
+        if args.keep:
+            shutil.copytree(clone / "metrics", args.keep, dirs_exist_ok=True)
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
     differ = [name for name in committed if committed[name] != reproduced[name]]
     write_result("reproduce", {

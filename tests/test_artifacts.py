@@ -9,13 +9,14 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from routecast import artifacts
+from routecast import artifacts, procs
 from routecast.artifacts import atomic_write_text, save_torch, write_csv, write_json
 from routecast.params import load_params, write_tuned
 
@@ -120,3 +121,41 @@ def test_a_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path:
     assert tmp.exists()  # what a SIGKILL leaves behind
     write_json(out, {"c": 3})
     assert sorted(p.name for p in out.parent.iterdir()) == ["traces.bin"]
+
+
+def test_an_unreaped_killed_writer_counts_as_gone(tmp_path: Path) -> None:
+    """A writer killed but never reaped (its parent died too, and a container's init does not
+    reap) stays a zombie that `kill(pid, 0)` still finds: its temporaries are stale all the same."""
+    out = tmp_path / "out.json"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    try:
+        deadline = time.monotonic() + 30
+        while procs._stat(zombie.pid)[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        assert not procs.is_running(zombie.pid)
+        stale = tmp_path / f".out.json.{zombie.pid}.abcd1234.tmp"
+        stale.write_text("partial")
+        write_json(out, {"a": 1})
+        assert not stale.exists()
+    finally:
+        zombie.wait()
+
+
+def test_a_killed_trace_writer_leaves_nothing_after_the_next_write(tmp_path: Path) -> None:
+    """The trace writer's scratch file of row keys is named like a temporary of the trace, so the
+    next write of the trace removes it along with the half-written trace."""
+    out = tmp_path / "data" / "traces.parquet"
+    code = ("import sys, time\nfrom routecast.traces import TraceMeta, TraceWriter\n"
+            "meta = TraceMeta(num_layers=2, num_experts=4, top_k=2, source='test', source_params={})\n"
+            "with TraceWriter(sys.argv[1], meta) as w:\n    print('open', flush=True)\n    time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert writer.stdout.readline().strip() == "open"
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert len(left) == 2 and any(name.endswith(".keys.tmp") for name in left), left
+    assert all(name.startswith(f".traces.parquet.{writer.pid}.") for name in left), left
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    write_json(out, {"c": 3})  # any write of the trace's path
+    assert sorted(p.name for p in out.parent.iterdir()) == ["traces.parquet"]

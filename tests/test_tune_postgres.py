@@ -103,9 +103,9 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
         summary = json.loads((proj / "metrics" / "tune.json").read_text())
         assert summary["storage"] == pg_url and summary["n_trials"] == len(trials)
         assert summary["best_trial"] == study.best_trial.number
-        tuned = load_params(proj / "params.yaml").tuned
-        assert tuned == config_from_trial(study.best_trial)
-        assert dataclasses.asdict(tuned) == summary["best_params"]
+        params = load_params(proj / "params.yaml")
+        assert params.tuned == config_from_trial(study.best_trial, params.baseline)
+        assert dataclasses.asdict(params.tuned) == summary["best_params"]
         password = os.environ.get(PASSWORD_ENV)
         if password:
             for path in [proj / "params.yaml", proj / "metrics" / "tune.json", proj / "data" / "tune" / "study.json"]:

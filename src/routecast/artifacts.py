@@ -71,7 +71,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     A live pid keeps its file, even if the pid was reused: a leftover kept a while longer does
     no harm, a live writer's file removed would.
     """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..+\.tmp")
     removed = []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = pattern.fullmatch(tmp.name)

@@ -3,8 +3,8 @@
     from routecast import Predictor
     predictor = Predictor.load("data/models/tuned.pt")          # a train_full checkpoint
     experts, scores = predictor.predict(layer, history, experts_now, weights_now, token_pos)
-    predictor.export("tuned.pt2")                                # torch.export, for engines
-    predictor = Predictor.load("tuned.pt2")                      # the export, without the checkpoint
+    predictor.export("tuned.ts")                                 # TorchScript (or .pt2: torch.export)
+    predictor = Predictor.load("tuned.ts")                       # the export, without the checkpoint
 
 The call takes the routing state of a batch of tokens once layer `l` has routed them (raw ids,
 -1 for unknown) and returns the top-k experts expected at layer `l + lookahead`, best first,
@@ -17,9 +17,12 @@ Linear before it and every embedding multiplied through the first Linear, so the
 one `embedding_bag` plus one small matmul; its logits equal the eager model's to float32
 rounding. The other kinds run their own eval-mode module.
 
-Exports: `.pt2` (torch.export: an ExportedProgram with a dynamic batch; `torch.export.load(path)
-.module()` runs it; AOTInductor can compile it for C++) is the default; `.ts` (TorchScript, which
-torch deprecates) is kept because it is the faster one on the CPU (docs/performance.md).
+Exports, both loadable with torch alone: `.ts` (TorchScript; `torch.jit.load(path).predict(...)`
+in Python or libtorch) and `.pt2` (torch.export: an ExportedProgram with a dynamic batch,
+`torch.export.load(path).module()`, which AOTInductor can compile for C++). torch deprecates
+TorchScript and steers to torch.export, but on the CPU the TorchScript call is 1.1 to 4.9x
+faster (p50, 1 thread) for every kind (benchmarks/bench_predictor.py), so both stay; an engine on a GPU or in C++ takes
+the `.pt2`.
 """
 
 from __future__ import annotations

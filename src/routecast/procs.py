@@ -60,5 +60,8 @@ def is_running(pid: int, start: int | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    now = start_ticks(pid)
+    fields = _stat(pid)
+    if fields and fields[0] == "Z":  # dead, waiting to be reaped (a parent that never reaps, a container's init)
+        return False
+    now = int(fields[19]) if fields else None
     return start is None or now is None or now == start

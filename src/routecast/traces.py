@@ -264,7 +264,8 @@ class _RowKeys:
     READ_ROWS = 2_000_000  # rows per read of the scratch file
 
     def __init__(self, beside: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=".keys.tmp", dir=beside.parent)
+        # named like atomic_path's temporaries (writer's pid), so a killed writer's file is removed too
+        fd, name = tempfile.mkstemp(prefix=f".{beside.name}.{os.getpid()}.", suffix=".keys.tmp", dir=beside.parent)
         self.path = Path(name)
         self._fh = os.fdopen(fd, "w+b")
         self.rows = 0
