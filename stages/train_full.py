@@ -5,6 +5,7 @@ restarts) on its validation sequences; per-epoch metrics go through DVCLive.
 """
 
 import argparse
+import math
 
 from dvclive import Live
 
@@ -30,7 +31,9 @@ if __name__ == "__main__":
             def log_epoch(epoch: int, row: dict[str, float]) -> None:
                 live.step = epoch  # DVCLive's step is the epoch (0: lookup_mlp's table before any step)
                 for key, value in row.items():
-                    if key != "epoch":
+                    # not the epoch's duration (in the log): committed metrics must reproduce byte for
+                    # byte; nor what a kind does not have (the mixture's train loss and lr are NaN)
+                    if key not in ("epoch", "seconds") and math.isfinite(value):
                         live.log_metric(key, value)
                 live.next_step()
 

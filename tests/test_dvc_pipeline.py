@@ -88,6 +88,10 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     experiment = next(e for entry in shown for e in entry.get("experiments") or [])
     live = experiment["revs"][0]["data"]["metrics"]["metrics/train/tuned/metrics.json"]["data"]
     assert live["step"] == len(checkpoint["history"]) and live["kind"] == "gru"
+    assert "seconds" not in live  # a duration would differ on every run of the same params
+    for name in ("baseline", "tuned"):  # no "nan" for what a kind lacks (the mixture's train loss and lr)
+        summary = json.loads((pipeline_repo / "metrics" / "train" / name / "metrics.json").read_text())
+        assert all(isinstance(v, (int, float)) for k, v in summary.items() if k != "kind"), summary
 
 
 def committed_clone(pipeline_repo: Path, dest: Path) -> Path:
