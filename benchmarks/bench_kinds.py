@@ -11,12 +11,15 @@ compares kinds rather than search luck; `dvc repro` reports what tune picks.
 
     .venv/bin/python benchmarks/bench_kinds.py                 # writes benchmarks/results/kinds.json
     .venv/bin/python benchmarks/bench_kinds.py --scales 1      # without the data-scaling runs
+    .venv/bin/python benchmarks/bench_kinds.py --steps-control 4   # the GRU on the default data, 4 x the epochs
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,8 +70,12 @@ def split(params, num_sequences: int, test_sequences: int):
     return traces, *split_train_val(train), test
 
 
-def run(kind: str, target: str, params, fit, val, test, oracle_top2: float, latency: bool) -> dict[str, object]:
-    train = dataclasses.replace(params.train, target=target, epochs=20)
+EPOCHS = 20
+
+
+def run(kind: str, target: str, params, fit, val, test, oracle_top2: float, latency: bool,
+        epochs: int = EPOCHS) -> dict[str, object]:
+    train = dataclasses.replace(params.train, target=target, epochs=epochs)
     start = time.perf_counter()
     result = fit_predictor(CONFIGS[kind], train, fit, val, desc=f"{kind} ({target})")
     seconds = time.perf_counter() - start
@@ -79,7 +86,7 @@ def run(kind: str, target: str, params, fit, val, test, oracle_top2: float, late
            sum(b.numel() for b in result.model.buffers())}
     if latency:
         row["engine_p50_us_batch64_1thread"] = engine_p50_us(result.model, test)
-    print(f"{kind:10s} {target:7s} top-2 {row['top2']:.4f} ({row['top2_vs_oracle']:.3f} of the oracle), "
+    print(f"{kind:10s} {target:7s} {epochs} epochs: top-2 {row['top2']:.4f} ({row['top2_vs_oracle']:.3f} of the oracle), "
           f"set recall {row['set_recall']:.4f}, {row['samples_per_second']:.0f} samples/s", flush=True)
     return row
 
@@ -87,11 +94,17 @@ def run(kind: str, target: str, params, fit, val, test, oracle_top2: float, late
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="multiples of the default data")
+    parser.add_argument("--steps-control", type=int, metavar="N",
+                        help="only the GRU on the default data for N x the epochs (as many steps as on N x the "
+                             "data), added to an existing kinds.json: is it data or optimisation steps?")
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     threads = params.train.threads
     base = params.extract.synthetic.num_sequences
     test_sequences = max(1, round(base * params.split.test_fraction))
+    if args.steps_control:
+        steps_control(args.steps_control, params, base, test_sequences, threads)
+        return
     out: dict[str, object] = {"machine": machine(), "configs": {k: dataclasses.asdict(v) for k, v in CONFIGS.items()},
                               "train_threads": threads, "kinds": {}, "scaling": {}}
     for scale in args.scales:
@@ -112,6 +125,22 @@ def main() -> None:
     if 1 in args.scales:
         out["scaling"][1].update({k: out["kinds"][k]["primary"] for k in ("gru", "mixture")})
     write_result("kinds", out)
+
+
+def steps_control(factor: int, params, base: int, test_sequences: int, threads: int | None) -> None:
+    path = HERE / "results" / "kinds.json"
+    out = json.loads(path.read_text())
+    info = machine()
+    traces, fit, val, test = split(params, base, test_sequences)
+    oracle = score_metrics(OraclePredictor.from_trace_meta(traces.meta).scores(test), test)
+    torch.set_num_threads(threads or 1)
+    row = run("gru", "primary", params, fit, val, test, oracle["top2"], latency=False, epochs=EPOCHS * factor)
+    out["steps_control"] = {"what": f"the GRU on the default data for {factor} x {EPOCHS} epochs (early stopping "
+                                    f"patience {params.train.early_stopping_patience}): as many steps as "
+                                    f"{EPOCHS} epochs on {factor} x the data", "epochs": EPOCHS * factor,
+                            "gru": row, "machine": {**info, "load_after": os.getloadavg()[0]},
+                            "command": f"python benchmarks/bench_kinds.py --steps-control {factor}"}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
