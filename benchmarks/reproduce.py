@@ -27,7 +27,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import machine, write_result  # noqa: E402
 
-METRICS = ("metrics/features.json", "metrics/tune.json", "metrics/evaluate.json", "metrics/prefetch.json")
+METRICS = ("metrics/features.json", "metrics/tune.json", "metrics/evaluate.json", "metrics/prefetch.json",
+           "metrics/train/baseline/metrics.json", "metrics/train/tuned/metrics.json",  # DVCLive's summaries
+           "metrics/tune/live/metrics.json")
 VOLATILE = {"metrics/tune.json": ("wall_seconds",)}  # a duration: never the same twice
 
 
