@@ -105,13 +105,18 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None
     assert json.loads(out.read_text()) == {"a": 1}
 
 
+def start_writer(code: str, out: Path) -> subprocess.Popen:
+    """A Python process running `code` with `out` as its argument; its stdout piped (text)."""
+    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
 def test_a_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path: Path) -> None:
     out = tmp_path / "data" / "traces.bin"
     code = ("import sys, time\nfrom routecast.artifacts import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('half')\n    print(tmp, flush=True)\n"
             "    time.sleep(60)\n")
-    writer = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    writer = start_writer(code, out)
     tmp = Path(writer.stdout.readline().strip())
     assert tmp.parent == out.parent and f".traces.bin.{writer.pid}." in tmp.name
     write_json(out, {"b": 2})  # a concurrent write leaves the live writer's temporary alone
@@ -149,8 +154,7 @@ def test_a_killed_trace_writer_leaves_nothing_after_the_next_write(tmp_path: Pat
     code = ("import sys, time\nfrom routecast.traces import TraceMeta, TraceWriter\n"
             "meta = TraceMeta(num_layers=2, num_experts=4, top_k=2, source='test', source_params={})\n"
             "with TraceWriter(sys.argv[1], meta) as w:\n    print('open', flush=True)\n    time.sleep(60)\n")
-    writer = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    writer = start_writer(code, out)
     assert writer.stdout.readline().strip() == "open"
     left = sorted(p.name for p in out.parent.iterdir())
     assert len(left) == 2 and any(name.endswith(".keys.tmp") for name in left), left

@@ -142,12 +142,18 @@ def test_validation_scores_sit_beside_the_test_ones(small_run) -> None:
     assert validation["lookup_3"]["top2"] == pytest.approx(score_metrics(LookupPredictor(3).fit(fit).scores(val), val)["top2"])
 
 
+def extra_test_params(tmp_path: Path, name: str, synthetic: SyntheticParams) -> EvaluateParams:
+    """Evaluate params with one extra test: a synthetic trace written as `<name>.parquet`."""
+    other, _ = generate(synthetic)
+    write_traces(tmp_path / f"{name}.parquet", other)
+    return EvaluateParams(bootstrap=200, extra_tests=[
+        ExtraTest(name, LogsParams(format="parquet", path=str(tmp_path / f"{name}.parquet")))])
+
+
 def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Path) -> None:
     traces, fit, _, test = small_run
-    other, _ = generate(SyntheticParams(num_sequences=6, tokens_per_sequence=16, num_layers=6, seed=9))
-    write_traces(tmp_path / "other.parquet", other)
-    params = EvaluateParams(bootstrap=200, extra_tests=[
-        ExtraTest("other", LogsParams(format="parquet", path=str(tmp_path / "other.parquet")))])
+    params = extra_test_params(tmp_path, "other", SyntheticParams(num_sequences=6, tokens_per_sequence=16,
+                                                                  num_layers=6, seed=9))
     result = evaluate({}, traces.meta, fit, fit.take(np.arange(0)), test, params, FeaturesParams())
     extra = result.metrics["extra_tests"]["other"]
     assert set(extra) >= {"frequency", "lookup_1", "lookup_3", "boosted_trees", "oracle"}
@@ -159,9 +165,7 @@ def test_extra_test_traces_are_scored_by_every_predictor(small_run, tmp_path: Pa
 
 def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -> None:
     traces, fit, _, test = small_run
-    other, _ = generate(SyntheticParams(num_sequences=2, tokens_per_sequence=8, num_layers=6, num_experts=6))
-    write_traces(tmp_path / "six.parquet", other)
-    params = EvaluateParams(bootstrap=200, extra_tests=[
-        ExtraTest("six", LogsParams(format="parquet", path=str(tmp_path / "six.parquet")))])
+    params = extra_test_params(tmp_path, "six", SyntheticParams(num_sequences=2, tokens_per_sequence=8,
+                                                                num_layers=6, num_experts=6))
     with pytest.raises(TraceError, match="six.*num_experts=6, the training trace 8"):
         evaluate({}, traces.meta, fit, fit.take(np.arange(0)), test, params, FeaturesParams())

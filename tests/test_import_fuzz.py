@@ -61,6 +61,14 @@ def names_where(message: str, file: str, whole_input: str) -> None:
     assert re.search(r"\b(line|row|token) \d+|" + whole_input, message), message
 
 
+def damaged_bytes(draw, raw: bytes, span: int, max_new: int) -> bytes:
+    """`raw` with up to `span` bytes at a drawn place replaced by up to `max_new` drawn bytes."""
+    out = bytearray(raw)
+    at = draw(st.integers(0, len(out)))
+    out[at:at + draw(st.integers(0, span))] = draw(st.binary(max_size=max_new))
+    return bytes(out)
+
+
 # --------------------------------------------------------------------------- jsonl
 
 
@@ -235,10 +243,7 @@ def flame_folders(draw: st.DrawFn) -> tuple[dict[str, bytes], int | None, bool]:
     if draw(st.booleans()) and draw(st.booleans()):
         damaged = True
         name = draw(st.sampled_from(sorted(out)))
-        raw = bytearray(out[name])
-        at = draw(st.integers(0, len(raw)))
-        raw[at:at + draw(st.integers(0, 5))] = draw(st.binary(max_size=4))
-        out[name] = bytes(raw)
+        out[name] = damaged_bytes(draw, out[name], span=5, max_new=4)
     return out, draw(st.none() | st.integers(1, 3)), damaged
 
 
@@ -335,10 +340,7 @@ def test_fuzz_vllm_npy(case: tuple[list[np.ndarray], bool, bool], data: st.DataO
         if data.draw(st.integers(0, 4)) == 0:  # bytes damaged in one file
             damaged = True
             file = data.draw(st.sampled_from(files))
-            raw = bytearray(file.read_bytes())
-            at = data.draw(st.integers(0, len(raw)))
-            raw[at:at + data.draw(st.integers(0, 40))] = data.draw(st.binary(max_size=3))
-            file.write_bytes(bytes(raw))
+            file.write_bytes(damaged_bytes(data.draw, file.read_bytes(), span=40, max_new=3))
         traces, error = attempt(LogsParams(format="vllm_npy", path=str(path)), work)
         if error is not None:
             assert damaged, f"undamaged arrays were refused: {error}"
@@ -422,10 +424,7 @@ def test_fuzz_parquet(case: tuple[pa.Table, bool], data: st.DataObject) -> None:
         pq.write_table(table, path)
         if data.draw(st.integers(0, 4)) == 0:  # bytes damaged
             damaged = True
-            raw = bytearray(path.read_bytes())
-            at = data.draw(st.integers(0, len(raw)))
-            raw[at:at + data.draw(st.integers(0, 40))] = data.draw(st.binary(max_size=3))
-            path.write_bytes(bytes(raw))
+            path.write_bytes(damaged_bytes(data.draw, path.read_bytes(), span=40, max_new=3))
         traces, error = attempt(LogsParams(format="parquet", path=str(path)), work)
         if error is not None:
             assert damaged, f"an undamaged trace was refused: {error}"
