@@ -19,10 +19,10 @@ import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routeca
 import torch  # noqa: E402
 
 from routecast import training  # noqa: E402
-from routecast.features import encode_features  # noqa: E402
-from routecast.params import load_params  # noqa: E402
-from routecast.split import split_features  # noqa: E402
-from routecast.synthetic import generate  # noqa: E402
+from routecast.data.features import encode_features  # noqa: E402
+from routecast.config.params import load_params  # noqa: E402
+from routecast.data.split import split_features  # noqa: E402
+from routecast.sources.synthetic import generate  # noqa: E402
 
 ROOT = HERE.parent
 
@@ -36,7 +36,7 @@ def main() -> None:
     traces, _ = generate(params.extract.synthetic)
     train, _ = split_features(encode_features(traces, params.features), params.split)
     fit, val = training.split_train_val(train)
-    from routecast.tuning import SEED_BEST
+    from routecast.fit.tuning import SEED_BEST
 
     grouped = training.configure_optimizer
     results = {}

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from routecast.model import ModelConfig, build_model  # noqa: E402
+from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
 
 MODELS = {"tuned [512, 512], emb 5/7": ((512, 512), 5, 7), "baseline [256, 128, 64], emb 10/5": ((256, 128, 64), 10, 5)}
 BATCH, ROUNDS, STEPS = 512, 6, 20

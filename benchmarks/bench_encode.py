@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the per-row reference encoder
 from common import best_of, machine, write_result  # noqa: E402
 
-from routecast.features import encode_features
+from routecast.data.features import encode_features
 from reference_encoder import encode_features_reference  # noqa: E402
-from routecast.params import FeaturesParams, SyntheticParams
-from routecast.synthetic import generate
-from routecast.traces import Traces
+from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.sources.synthetic import generate
+from routecast.data.traces import Traces
 
 
 def prefix(traces: Traces, num_sequences: int) -> Traces:

@@ -85,8 +85,8 @@ def generate_log(path: Path, sequences: int, tokens: int, seed: int = 0, chunk: 
 CHILD = """
 import json, resource, sys, time
 log, out, reference_rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
-from routecast.importers import import_logs
-from routecast.params import LogsParams
+from routecast.sources.importers import import_logs
+from routecast.config.params import LogsParams
 start = time.perf_counter()
 report = import_logs(LogsParams(path=log, model="bench"), out)
 seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Every predictor kind on the default synthetic trace: accuracy and cost, side by side.
 
 Per kind, trained for the next primary and for the next top-k set (`train.target`): test top-2,
-set recall and exact set (from `routecast.evaluation`), the ratio to the exact oracle's top-2,
+set recall and exact set (from `routecast.evaluate.evaluation`), the ratio to the exact oracle's top-2,
 training samples/s, parameters, and the engine call's p50 latency for 64 tokens (1 thread,
 `routecast.Predictor`, eager). Then what limits the neural kinds: the GRU (and the mixture beside
 it) retrained on 2x and 4x the default's sequences, same test split size, same oracle.
@@ -35,14 +35,14 @@ import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routeca
 import torch  # noqa: E402
 
 from bench_predictor import latencies  # noqa: E402
-from routecast.evaluation import ModelScorer, score_metrics  # noqa: E402
-from routecast.features import encode_features  # noqa: E402
-from routecast.oracle import OraclePredictor  # noqa: E402
-from routecast.params import GRUParams, MixtureParams, ModelParams, load_params  # noqa: E402
-from routecast.predictor import Predictor  # noqa: E402
-from routecast.split import split_features  # noqa: E402
-from routecast.synthetic import generate  # noqa: E402
-from routecast.training import fit_predictor, split_train_val  # noqa: E402
+from routecast.evaluate.evaluation import ModelScorer, score_metrics  # noqa: E402
+from routecast.data.features import encode_features  # noqa: E402
+from routecast.predictors.oracle import OraclePredictor  # noqa: E402
+from routecast.config.params import GRUParams, MixtureParams, ModelParams, load_params  # noqa: E402
+from routecast.predictors.serve import Predictor  # noqa: E402
+from routecast.data.split import split_features  # noqa: E402
+from routecast.sources.synthetic import generate  # noqa: E402
+from routecast.fit.training import fit_predictor, split_train_val  # noqa: E402
 
 SEED_MLP = ModelParams(lr=5.36e-4, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 CONFIGS = {

@@ -26,9 +26,9 @@ from common import machine, write_result  # noqa: E402
 import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 import torch  # noqa: E402
 
-from routecast.mixture import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
-from routecast.model import ModelConfig, build_model  # noqa: E402
-from routecast.predictor import Predictor  # noqa: E402
+from routecast.predictors.mixture import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
+from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
+from routecast.predictors.serve import Predictor  # noqa: E402
 
 L, E, K, H = 32, 8, 2, 32
 

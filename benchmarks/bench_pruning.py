@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from routecast.features import encode_features, write_features
-from routecast.params import load_params
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.training import set_threads
-from routecast.tuning import file_digest, tune
+from routecast.data.features import encode_features, write_features
+from routecast.config.params import load_params
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
+from routecast.fit.training import set_threads
+from routecast.fit.tuning import file_digest, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,14 +28,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine, write_result  # noqa: E402
 
-from routecast.params import SimulateParams, SyntheticParams
-from routecast.prefetch import Engine, Replay, perfect_candidates, simulate, study
-from routecast.synthetic import generate
+from routecast.config.params import SimulateParams, SyntheticParams
+from routecast.sim.prefetch import Engine, Replay, perfect_candidates, simulate, study
+from routecast.sources.synthetic import generate
 
 COMPILE_SNIPPET = """
 import time, numpy as np
 start = time.perf_counter()
-from routecast.prefetch import Engine, simulate
+from routecast.sim.prefetch import Engine, simulate
 imported = time.perf_counter()
 truth = np.zeros((2, 2, 2), np.int16); truth[..., 1] = 1
 simulate(truth, None, Engine(2, 2, "lru", 1.0, 1.0, 1.0), num_experts=2)
@@ -114,7 +114,7 @@ def main() -> None:
         "seconds_best": best, "seconds_all": times,
         "layer_steps_per_second": steps / best,
         "target": "the default simulation under 30 s on 2 cores",
-        "jit": {"what": "a fresh process, empty numba cache: import routecast.prefetch, then the first call "
+        "jit": {"what": "a fresh process, empty numba cache: import routecast.sim.prefetch, then the first call "
                         "(compile); later processes load the compiled loop from __pycache__",
                 "import_seconds": import_s, "first_call_compile_seconds": compile_s},
         "reference": {

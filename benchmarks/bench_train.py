@@ -33,14 +33,14 @@ import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routeca
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from routecast.batches import sample_inputs  # noqa: E402
-from routecast.features import encode_features  # noqa: E402
-from routecast.model import ModelConfig, build_model  # noqa: E402
-from routecast.params import (FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams,  # noqa: E402
+from routecast.data.batches import sample_inputs  # noqa: E402
+from routecast.data.features import encode_features  # noqa: E402
+from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
+from routecast.config.params import (FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams,  # noqa: E402
                               TrainParams)
-from routecast.split import split_features  # noqa: E402
-from routecast.synthetic import generate  # noqa: E402
-from routecast.training import fit_predictor, model_config, split_train_val  # noqa: E402
+from routecast.data.split import split_features  # noqa: E402
+from routecast.sources.synthetic import generate  # noqa: E402
+from routecast.fit.training import fit_predictor, model_config, split_train_val  # noqa: E402
 
 TUNED = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 BASELINE = ModelParams(lr=0.001, layer_emb=10, expert_emb=5, architecture=[256, 128, 64], dropout=0.2)

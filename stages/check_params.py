@@ -9,12 +9,12 @@ passing check reruns nothing downstream.
 
 import argparse
 
-from routecast.artifacts import atomic_write_text
-from routecast.params import load_params
-from routecast.stage import stage
+from routecast.pipeline.artifacts import atomic_write_text
+from routecast.config.params import load_params
+from routecast.pipeline.stage import stage
 
 # Never change this text: every stage depends on the file, and new content would rerun them all.
-CHECKED = "params.yaml passed routecast.params.load_params (stages/check_params.py)\n"
+CHECKED = "params.yaml passed routecast.config.params.load_params (stages/check_params.py)\n"
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

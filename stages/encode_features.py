@@ -2,10 +2,10 @@
 
 import argparse
 
-from routecast.artifacts import write_json
-from routecast.features import encode_features_file
-from routecast.params import load_params
-from routecast.stage import stage
+from routecast.pipeline.artifacts import write_json
+from routecast.data.features import encode_features_file
+from routecast.config.params import load_params
+from routecast.pipeline.stage import stage
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -4,15 +4,15 @@
 import argparse
 from pathlib import Path
 
-from routecast.artifacts import write_csv, write_json
-from routecast.checkpoints import load_checkpoint
-from routecast.evaluation import evaluate
-from routecast.features import read_features
-from routecast.params import load_params
-from routecast.predictions import write_predictions
-from routecast.stage import stage
-from routecast.traces import read_trace_meta
-from routecast.training import split_train_val
+from routecast.pipeline.artifacts import write_csv, write_json
+from routecast.predictors.checkpoints import load_checkpoint
+from routecast.evaluate.evaluation import evaluate
+from routecast.data.features import read_features
+from routecast.config.params import load_params
+from routecast.data.predictions import write_predictions
+from routecast.pipeline.stage import stage
+from routecast.data.traces import read_trace_meta
+from routecast.fit.training import split_train_val
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

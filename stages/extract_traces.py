@@ -2,9 +2,9 @@
 
 import argparse
 
-from routecast.params import load_params
-from routecast.sources import extract_traces
-from routecast.stage import stage
+from routecast.config.params import load_params
+from routecast.sources.extract import extract_traces
+from routecast.pipeline.stage import stage
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -2,12 +2,12 @@
 
 import argparse
 
-from routecast.artifacts import write_csv, write_json
-from routecast.params import load_params
-from routecast.predictions import read_predictions
-from routecast.prefetch import simulate_prefetch
-from routecast.stage import stage
-from routecast.traces import read_traces
+from routecast.pipeline.artifacts import write_csv, write_json
+from routecast.config.params import load_params
+from routecast.data.predictions import read_predictions
+from routecast.sim.prefetch import simulate_prefetch
+from routecast.pipeline.stage import stage
+from routecast.data.traces import read_traces
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

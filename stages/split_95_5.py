@@ -2,10 +2,10 @@
 
 import argparse
 
-from routecast.features import read_features, write_features
-from routecast.params import load_params
-from routecast.split import split_features
-from routecast.stage import stage
+from routecast.data.features import read_features, write_features
+from routecast.config.params import load_params
+from routecast.data.split import split_features
+from routecast.pipeline.stage import stage
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

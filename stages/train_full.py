@@ -9,11 +9,11 @@ import math
 
 from dvclive import Live
 
-from routecast.checkpoints import save_checkpoint
-from routecast.features import read_features
-from routecast.params import load_params
-from routecast.stage import stage
-from routecast.training import fit_predictor, split_train_val
+from routecast.predictors.checkpoints import save_checkpoint
+from routecast.data.features import read_features
+from routecast.config.params import load_params
+from routecast.pipeline.stage import stage
+from routecast.fit.training import fit_predictor, split_train_val
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

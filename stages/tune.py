@@ -11,12 +11,12 @@ import logging
 
 from dvclive import Live
 
-from routecast.artifacts import write_csv, write_json
-from routecast.features import read_features
-from routecast.params import load_params, write_tuned
-from routecast.stage import stage
-from routecast.study_storage import redact
-from routecast.tuning import file_digest, importance_rows, intermediate_rows, study_name, tune, tune_worker
+from routecast.pipeline.artifacts import write_csv, write_json
+from routecast.data.features import read_features
+from routecast.config.params import load_params, write_tuned
+from routecast.pipeline.stage import stage
+from routecast.fit.study_storage import redact
+from routecast.fit.tuning import file_digest, importance_rows, intermediate_rows, study_name, tune, tune_worker
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,14 +1,14 @@
 """A plain per-row Python encoder: the definition the vectorised `encode_features` must equal
 (tests/test_encode_exact.py, benchmarks/bench_encode.py). Slow on purpose: one dict lookup per
-(token, layer), written to be read against the feature table in `routecast.features`."""
+(token, layer), written to be read against the feature table in `routecast.data.features`."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from routecast.features import FeatureMeta, Features
-from routecast.params import FeaturesParams
-from routecast.traces import Traces
+from routecast.data.features import FeatureMeta, Features
+from routecast.config.params import FeaturesParams
+from routecast.data.traces import Traces
 
 
 def encode_features_reference(traces: Traces, params: FeaturesParams) -> Features:

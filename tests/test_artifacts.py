@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from routecast import artifacts, procs
-from routecast.artifacts import atomic_write_text, save_torch, write_csv, write_json
-from routecast.params import load_params, write_tuned
+from routecast.pipeline import artifacts
+from routecast.pipeline import procs
+from routecast.pipeline.artifacts import atomic_write_text, save_torch, write_csv, write_json
+from routecast.config.params import load_params, write_tuned
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda m: f"umask{m:03o}")
@@ -113,7 +114,7 @@ def start_writer(code: str, out: Path) -> subprocess.Popen:
 
 def test_a_killed_write_leaves_a_temporary_that_the_next_write_removes(tmp_path: Path) -> None:
     out = tmp_path / "data" / "traces.bin"
-    code = ("import sys, time\nfrom routecast.artifacts import atomic_path\n"
+    code = ("import sys, time\nfrom routecast.pipeline.artifacts import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('half')\n    print(tmp, flush=True)\n"
             "    time.sleep(60)\n")
     writer = start_writer(code, out)
@@ -151,7 +152,7 @@ def test_a_killed_trace_writer_leaves_nothing_after_the_next_write(tmp_path: Pat
     """The trace writer's scratch file of row keys is named like a temporary of the trace, so the
     next write of the trace removes it along with the half-written trace."""
     out = tmp_path / "data" / "traces.parquet"
-    code = ("import sys, time\nfrom routecast.traces import TraceMeta, TraceWriter\n"
+    code = ("import sys, time\nfrom routecast.data.traces import TraceMeta, TraceWriter\n"
             "meta = TraceMeta(num_layers=2, num_experts=4, top_k=2, source='test', source_params={})\n"
             "with TraceWriter(sys.argv[1], meta) as w:\n    print('open', flush=True)\n    time.sleep(60)\n")
     writer = start_writer(code, out)

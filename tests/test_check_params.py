@@ -13,8 +13,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import ROOT, set_params
-from routecast.params import ModelParams, FloatRange, IntRange, Params, ParamsError, SearchSpace, UnitsRange, load_params
-from routecast.tuning import suggest_config
+from routecast.config.params import ModelParams, FloatRange, IntRange, Params, ParamsError, SearchSpace, UnitsRange, load_params
+from routecast.fit.tuning import suggest_config
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import ROOT
-from routecast.codegraph import closure, imports_of
+from routecast.pipeline.codegraph import closure, imports_of
 
 SCRIPT = re.compile(r"python (stages/\w+\.py)")
 
@@ -62,6 +62,7 @@ def test_the_check_fails_when_a_dep_is_removed(tmp_path: Path) -> None:
 
 def test_import_graph_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "mod.py"
-    source.write_text("import os\nfrom routecast.params import load_params\n\n"
-                      "def later():\n    from routecast import oracle\n    import routecast.split\n")
-    assert imports_of(source) == {"routecast.params", "routecast", "routecast.oracle", "routecast.split"}
+    source.write_text("import os\nfrom routecast.config.params import load_params\n\n"
+                      "def later():\n    from routecast.predictors import oracle\n    import routecast.data.split\n")
+    assert imports_of(source) == {"routecast.config.params", "routecast.predictors", "routecast.predictors.oracle",
+                                  "routecast.data.split"}

@@ -8,10 +8,10 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from routecast.features import Features, encode_features
-from routecast.params import FeaturesParams, SyntheticParams
-from routecast.synthetic import generate
-from routecast.traces import TraceError, Traces
+from routecast.data.features import Features, encode_features
+from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceError, Traces
 from reference_encoder import encode_features_reference
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routecast.evaluation import METRICS, Scored, SequenceBootstrap, evaluate, per_layer_top2, score_metrics, summarise
-from routecast.scoring import ranked, sample_hits
-from routecast.features import FeatureMeta, Features, encode_features
-from routecast.params import EvaluateParams, ExtraTest, FeaturesParams, LogsParams, SplitParams, SyntheticParams
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.traces import TraceError, write_traces
+from routecast.evaluate.evaluation import METRICS, Scored, SequenceBootstrap, evaluate, per_layer_top2, score_metrics, summarise
+from routecast.evaluate.scoring import ranked, sample_hits
+from routecast.data.features import FeatureMeta, Features, encode_features
+from routecast.config.params import EvaluateParams, ExtraTest, FeaturesParams, LogsParams, SplitParams, SyntheticParams
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceError, write_traces
 
 
 def hand_features(target, target_set, layer=None, seq_id=None, num_experts=4) -> Features:
@@ -138,7 +138,7 @@ def test_validation_scores_sit_beside_the_test_ones(small_run) -> None:
     validation = result.metrics["validation"]
     assert set(validation) == {"frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle"}
     assert validation["lookup_3"]["n"] == len(val)
-    from routecast.reference import LookupPredictor
+    from routecast.predictors.references import LookupPredictor
     assert validation["lookup_3"]["top2"] == pytest.approx(score_metrics(LookupPredictor(3).fit(fit).scores(val), val)["top2"])
 
 

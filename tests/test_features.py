@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routecast.features import encode_features, read_features, write_features
-from routecast.params import FeaturesParams, SyntheticParams
-from routecast.synthetic import generate
-from routecast.traces import TraceError, Traces
+from routecast.data.features import encode_features, read_features, write_features
+from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceError, Traces
 
 
 @pytest.fixture(scope="module")

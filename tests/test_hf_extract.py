@@ -11,15 +11,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from routecast.params import ExtractParams, HFParams
-from routecast.sources import extract_traces
-from routecast.traces import read_traces
+from routecast.config.params import ExtractParams, HFParams
+from routecast.sources.extract import extract_traces
+from routecast.data.traces import read_traces
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 torch = pytest.importorskip("torch")
 
-from routecast.hf_extract import UnsupportedModelError, find_routers  # noqa: E402
-from routecast.tiny_model import save_tiny_model  # noqa: E402
+from routecast.sources.hf import UnsupportedModelError, find_routers  # noqa: E402
+from routecast.sources.tiny_model import save_tiny_model  # noqa: E402
 
 # Different lengths, so a batch of them is padded; one blank line (skipped).
 DOCS = ["def add(a, b):", "    return a + b  # the sum of two numbers, returned to the caller", "",
@@ -136,6 +136,6 @@ def test_unsupported_architecture_fails_clearly() -> None:
 
 
 def test_default_pipeline_does_not_import_transformers() -> None:
-    code = ("import sys, routecast.sources, routecast.importers, routecast.hf_extract, routecast.params; "
+    code = ("import sys, routecast.sources.extract, routecast.sources.importers, routecast.sources.hf, routecast.config.params; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

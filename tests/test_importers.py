@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from routecast import importers
-from routecast.features import encode_features
-from routecast.importers import import_logs
-from routecast.params import ExtractParams, FeaturesParams, LogFields, LogsParams, ParamsError, SyntheticParams
-from routecast.sources import extract_traces
-from routecast.synthetic import generate
-from routecast.traces import TraceError, TraceWriter, read_traces, write_traces
+from routecast.sources import importers
+from routecast.data.features import encode_features
+from routecast.sources.importers import import_logs
+from routecast.config.params import ExtractParams, FeaturesParams, LogFields, LogsParams, ParamsError, SyntheticParams
+from routecast.sources.extract import extract_traces
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceError, TraceWriter, read_traces, write_traces
 
 SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MIXTRAL_LOG = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from routecast.batches import predict_logits, sample_inputs, token_view
-from routecast.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from routecast.evaluation import ModelScorer
-from routecast.features import FeatureMeta, encode_features
-from routecast.model import ModelConfig, build_model
-from routecast.params import (FeaturesParams, GRUParams, MixtureParams, ModelParams, SplitParams, SyntheticParams,
+from routecast.data.batches import predict_logits, sample_inputs, token_view
+from routecast.predictors.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from routecast.evaluate.evaluation import ModelScorer
+from routecast.data.features import FeatureMeta, encode_features
+from routecast.predictors.neural import ModelConfig, build_model
+from routecast.config.params import (FeaturesParams, GRUParams, MixtureParams, ModelParams, SplitParams, SyntheticParams,
                               TrainParams)
-from routecast.predictor import Predictor
-from routecast.reference import LookupPredictor
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.traces import TraceMeta, Traces
-from routecast.training import fit_predictor, split_train_val
+from routecast.predictors.serve import Predictor
+from routecast.predictors.references import LookupPredictor
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceMeta, Traces
+from routecast.fit.training import fit_predictor, split_train_val
 
 KINDS = ["mlp", "lookup_mlp", "gru", "mixture"]
 

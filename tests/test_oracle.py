@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from routecast.features import Features, encode_features, token_keys
-from routecast.oracle import OraclePredictor, _complete_loglik, _forward_loglik, _Tables, expected_topk_accuracy, \
+from routecast.data.features import Features, encode_features, token_keys
+from routecast.predictors.oracle import OraclePredictor, _complete_loglik, _forward_loglik, _Tables, expected_topk_accuracy, \
     next_layer_probs, posterior_next_expert
-from routecast.params import FeaturesParams, SyntheticParams, load_params
-from routecast.reference import BoostedTreesPredictor, lookup_ladder
-from routecast.scoring import ranked
-from routecast.synthetic import generate
-from routecast.traces import TraceMeta, Traces, read_trace_meta, write_traces
+from routecast.config.params import FeaturesParams, SyntheticParams, load_params
+from routecast.predictors.references import BoostedTreesPredictor, lookup_ladder
+from routecast.evaluate.scoring import ranked
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceMeta, Traces, read_trace_meta, write_traces
 from conftest import ROOT
 
 Z_SIGMA = 4.0  # how many standard errors count as "within sampling error"

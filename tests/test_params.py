@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, set_params
-from routecast.params import ModelParams, ParamsError, load_params, write_tuned
+from routecast.config.params import ModelParams, ParamsError, load_params, write_tuned
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The plot views in dvc.yaml render with the real `dvc plots show` / `dvc plots diff`; the report's
-PNG plots (routecast.plotting) draw exactly the series they are given."""
+PNG plots (routecast.report.plotting) draw exactly the series they are given."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def long_frame(x: str, y: str, series: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def test_per_layer_plot_draws_every_predictor_and_only_the_changed_revision_lines() -> None:
-    from routecast import plotting
+    from routecast.report import plotting
 
     now = long_frame("layer", "top2", {"baseline": [0.5, 0.6, 0.7], "tuned": [0.55, 0.65, 0.75],
                                         "oracle": [0.8, 0.8, 0.9]})
@@ -123,7 +123,7 @@ def test_per_layer_plot_draws_every_predictor_and_only_the_changed_revision_line
 
 
 def test_training_curves_plot_every_dvclive_series_of_both_models() -> None:
-    from routecast import plotting
+    from routecast.report import plotting
 
     def run_(top2: list[float], loss: list[float] | None = None) -> pd.DataFrame:
         frame = pd.DataFrame({"step": range(len(top2)), "val_top2": top2, "val_loss": [2.0] * len(top2),
@@ -144,7 +144,7 @@ def test_training_curves_plot_every_dvclive_series_of_both_models() -> None:
 
 
 def test_tune_history_marks_trials_without_a_value() -> None:
-    from routecast import plotting
+    from routecast.report import plotting
 
     history = pd.DataFrame({"step": [2, 0, 1, 3], "value": [0.5, 0.3, np.nan, np.nan],
                             "best_so_far": [0.5, 0.3, 0.3, 0.5]})
@@ -163,7 +163,7 @@ def test_tune_history_marks_trials_without_a_value() -> None:
 @pytest.mark.parametrize(("function", "x", "y"), [("prefetch_stall", "slots", "stall_ms_per_token"),
                                                   ("prefetch_hit_rate", "width", "hit_rate")])
 def test_prefetch_plots_draw_the_bounds_and_every_predictor(function: str, x: str, y: str) -> None:
-    from routecast import plotting
+    from routecast.report import plotting
 
     series = {"on_demand": [0.9, 0.6, 0.3], "perfect": [0.5, 0.3, 0.1], "tuned": [0.8, 0.5, 0.2],
               "lookup_3": [0.85, 0.55, 0.25]}
@@ -178,7 +178,7 @@ def test_prefetch_plots_draw_the_bounds_and_every_predictor(function: str, x: st
 
 
 def test_every_name_has_one_colour_and_unknown_names_take_spare_ones() -> None:
-    from routecast import plotting
+    from routecast.report import plotting
 
     colours = list(plotting.PREDICTOR_COLOURS.values())
     assert len(set(colours)) == len(colours)

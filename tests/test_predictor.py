@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import routecast
-from routecast.checkpoints import save_checkpoint
+from routecast.predictors.checkpoints import save_checkpoint
 from routecast.errors import InputError
-from routecast.features import encode_features
-from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
-from routecast.predictor import Predictor
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.training import fit_predictor, split_train_val
+from routecast.data.features import encode_features
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
+from routecast.predictors.serve import Predictor
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
+from routecast.fit.training import fit_predictor, split_train_val
 
 
 @pytest.fixture(scope="module")

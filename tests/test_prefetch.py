@@ -1,4 +1,4 @@
-"""The prefetch simulator (routecast.prefetch): hand-computed replays and invariants on random traces."""
+"""The prefetch simulator (routecast.sim.prefetch): hand-computed replays and invariants on random traces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from routecast.prefetch import Engine, RunResult, gap_closed, perfect_candidates, prefetch_metrics, simulate
+from routecast.sim.prefetch import Engine, RunResult, gap_closed, perfect_candidates, prefetch_metrics, simulate
 
 # --------------------------------------------------------------------------- hand-computed cases
 

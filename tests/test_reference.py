@@ -8,13 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from routecast.features import FeatureMeta, Features, encode_features
-from routecast.params import FeaturesParams, SyntheticParams
-from routecast.evaluation import reference_predictors
-from routecast.reference import BoostedTreesPredictor, FrequencyPredictor, LookupPredictor, \
+from routecast.data.features import FeatureMeta, Features, encode_features
+from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.evaluate.evaluation import reference_predictors
+from routecast.predictors.references import BoostedTreesPredictor, FrequencyPredictor, LookupPredictor, \
     SpeculativeGatePredictor, lookup_ladder
-from routecast.synthetic import generate
-from routecast.traces import TraceMeta
+from routecast.sources.synthetic import generate
+from routecast.data.traces import TraceMeta
 
 
 def hand_features(layer, history, target, num_layers=4, num_experts=4) -> Features:  # noqa: PLR0913

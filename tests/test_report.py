@@ -257,7 +257,7 @@ def test_images_exist_are_valid_pngs_and_are_linked(report: Path) -> None:
 
 
 def test_change_cell_verdicts() -> None:
-    from routecast.report import Estimate, change_cell
+    from routecast.report.summary import Estimate, change_cell
 
     old, new = Estimate(0.30, 0.29, 0.31, 20), Estimate(0.35, 0.34, 0.36, 20)
     assert change_cell(old, new, "main") == "0.300 [0.290, 0.310] → **0.350 [0.340, 0.360]** (+5.0 pts, real)"
@@ -274,7 +274,7 @@ def test_change_cell_verdicts() -> None:
 
 
 def test_estimate_reads_the_file_shape() -> None:
-    from routecast.report import Estimate
+    from routecast.report.summary import Estimate
 
     assert Estimate.of(AFTER["tuned"], "top2") == Estimate(0.350, 0.335, 0.365, 20)
     assert Estimate.of(AFTER["tuned"]["vs"]["lookup_3"], "top2_diff", 20) == Estimate(0.012, 0.004, 0.020, 20)
@@ -283,7 +283,7 @@ def test_estimate_reads_the_file_shape() -> None:
 
 
 def test_split_line_warns_when_the_test_split_differs() -> None:
-    from routecast.report import split_line
+    from routecast.report.summary import split_line
 
     line = split_line({"tuned": {"n_test": 336, "n_test_sequences": 1}}, AFTER, "main")
     assert line == ("Test split: 20 sequences, 4,000 samples. **The test split differs** (`main`: 1 sequence, "
@@ -294,7 +294,7 @@ def test_split_line_warns_when_the_test_split_differs() -> None:
 
 
 def test_read_series_joins_dvclive_tsvs_on_step(tmp_path: Path) -> None:
-    from routecast.report import read_series
+    from routecast.report.summary import read_series
 
     live = tmp_path / "live" / "plots" / "metrics"
     write_csv(live / "a.tsv", ["step", "a"], [[1, 0.5], [0, 0.25]], delimiter="\t")
@@ -337,8 +337,8 @@ def test_ci_params_hold_out_enough_test_sequences_to_judge() -> None:
     """The pull-request report at the workflow's CI_PARAMS must be able to call a change real."""
     from ruamel.yaml import YAML
 
-    from routecast.report import MIN_SEQUENCES
-    from routecast.split import _held_out
+    from routecast.report.summary import MIN_SEQUENCES
+    from routecast.data.split import _held_out
 
     yaml = YAML(typ="safe", pure=True)
     overrides = dict(re.findall(r"-S (\S+?)=(\S+)", yaml.load((ROOT / ".github/workflows/pr.yml").read_text())
@@ -361,7 +361,7 @@ def test_ci_params_hold_out_enough_test_sequences_to_judge() -> None:
 @pytest.mark.slow
 def test_report_on_a_real_tiny_run(pipeline_repo: Path, tmp_path: Path) -> None:
     """The tiny pipeline's results against its first commit (which has no results yet)."""
-    from routecast.report import Estimate
+    from routecast.report.summary import Estimate
 
     out = tmp_path / "report.md"
     run(["routecast", "report", "--rev", "HEAD", "--out", str(out)], pipeline_repo)

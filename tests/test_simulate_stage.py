@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, set_params
-from routecast.features import encode_features
-from routecast.params import PRESETS, FeaturesParams, ParamsError, SyntheticParams, load_params
-from routecast.predictions import prediction_ranks, write_predictions
-from routecast.synthetic import generate
-from routecast.traces import write_traces
+from routecast.data.features import encode_features
+from routecast.config.params import PRESETS, FeaturesParams, ParamsError, SyntheticParams, load_params
+from routecast.data.predictions import prediction_ranks, write_predictions
+from routecast.sources.synthetic import generate
+from routecast.data.traces import write_traces
 
 
 @pytest.fixture

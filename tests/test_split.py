@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routecast.features import encode_features
-from routecast.params import FeaturesParams, SplitParams, SyntheticParams
-from routecast.split import split_features
-from routecast.synthetic import generate
+from routecast.data.features import encode_features
+from routecast.config.params import FeaturesParams, SplitParams, SyntheticParams
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`routecast.stage.stage`: bad input is one line, a bug keeps its traceback."""
+"""`routecast.pipeline.stage.stage`: bad input is one line, a bug keeps its traceback."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 
 from conftest import ROOT
 from routecast.errors import InputError
-from routecast.params import ParamsError, SplitParams
-from routecast.split import split_features
-from routecast.traces import TraceError
+from routecast.config.params import ParamsError, SplitParams
+from routecast.data.split import split_features
+from routecast.data.traces import TraceError
 
 
 def run_stage(body: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `body` inside `with stage("demo"):` in a fresh interpreter (not under DVC unless `env` says so)."""
-    code = ("from routecast.stage import stage\n"
+    code = ("from routecast.pipeline.stage import stage\n"
             "from routecast.errors import InputError\n"
-            "from routecast.traces import TraceError\n"
+            "from routecast.data.traces import TraceError\n"
             "def helper():\n"
             f"    {body}\n"
             "with stage('demo'):\n"

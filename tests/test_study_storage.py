@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy.exc
 
 from conftest import ROOT, set_params, stage_args
-from routecast import study_storage
-from routecast.params import ParamsError, load_params
-from routecast.study_storage import PASSWORD_ENV, make_storage, redact, storage_problem, url_secrets
+from routecast.fit import study_storage
+from routecast.config.params import ParamsError, load_params
+from routecast.fit.study_storage import PASSWORD_ENV, make_storage, redact, storage_problem, url_secrets
 
 SECRET = "s3cr3t-Value"
 
@@ -137,7 +137,7 @@ def test_a_journal_lock_held_by_a_killed_process_does_not_block(tmp_path: Path, 
     symlink lock and the default relative path it waited forever)."""
     monkeypatch.chdir(tmp_path)
     storage = make_storage("data/tune/journal.log")  # relative, as tune.storage's default
-    code = ("from pathlib import Path\nfrom routecast.study_storage import JournalFlock\n"
+    code = ("from pathlib import Path\nfrom routecast.fit.study_storage import JournalFlock\n"
             "lock = JournalFlock(Path('data/tune/journal.log'))\nlock.acquire()\nprint('held', flush=True)\n"
             "import time; time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

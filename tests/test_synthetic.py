@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from routecast.features import encode_features
-from routecast.params import FeaturesParams, SyntheticParams, load_params
-from routecast.reference import FrequencyPredictor, lookup_ladder
-from routecast.scoring import ranked
-from routecast.synthetic import build_router, generate
-from routecast.traces import validate_batch
+from routecast.data.features import encode_features
+from routecast.config.params import FeaturesParams, SyntheticParams, load_params
+from routecast.predictors.references import FrequencyPredictor, lookup_ladder
+from routecast.evaluate.scoring import ranked
+from routecast.sources.synthetic import build_router, generate
+from routecast.data.traces import validate_batch
 from conftest import ROOT
 
 # Published Mixtral-8x7B lookup ladder (shared/traces/README.md): test (top-1, top-2), held-out problems.

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from routecast.traces import (SHAPE_LIMIT, RowNames, TraceError, TraceMeta, Traces, TraceWriter, _RowKeys,
+from routecast.data.traces import (SHAPE_LIMIT, RowNames, TraceError, TraceMeta, Traces, TraceWriter, _RowKeys,
                               read_trace_meta, read_trace_sequences, read_traces, write_traces)
 
 META = TraceMeta(num_layers=3, num_experts=4, top_k=2, source="test")

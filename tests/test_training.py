@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from routecast.batches import predict_logits, token_view
-from routecast.features import encode_features
-from routecast.model import ModelConfig, build_model
-from routecast.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
-from routecast.split import split_features
-from routecast.synthetic import generate
-from routecast.training import configure_optimizer, fit_predictor, pick_device, split_train_val, validation_metrics
+from routecast.data.batches import predict_logits, token_view
+from routecast.data.features import encode_features
+from routecast.predictors.neural import ModelConfig, build_model
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
+from routecast.data.split import split_features
+from routecast.sources.synthetic import generate
+from routecast.fit.training import configure_optimizer, fit_predictor, pick_device, split_train_val, validation_metrics
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from conftest import ROOT, stage_args
-from routecast.params import load_params
-from routecast.study_storage import PASSWORD_ENV, driver_url, make_storage
-from routecast.tuning import config_from_trial
+from routecast.config.params import load_params
+from routecast.fit.study_storage import PASSWORD_ENV, driver_url, make_storage
+from routecast.fit.tuning import config_from_trial
 from test_tuning import tiny_project
 
 DEFAULT_URL = "postgresql://routecast@localhost:5432/routecast_test"

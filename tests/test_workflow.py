@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 
 from conftest import ROOT, set_params
 from routecast import cli
-from routecast.params import load_params
+from routecast.config.params import load_params
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pr.yml"
 

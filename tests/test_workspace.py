@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from routecast import procs
-from routecast.workspace import CLAIM, WorkspaceBusyError, claim, run_owner
+from routecast.pipeline import procs
+from routecast.pipeline.workspace import CLAIM, WorkspaceBusyError, claim, run_owner
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_outside_a_dvc_workspace_nothing_is_claimed(tmp_path: Path) -> None:
 
 def test_under_dvc_the_run_is_the_process_above_the_shell(tmp_path: Path) -> None:
     """DVC runs `$SHELL -c cmd`: the owner is DVC (here: this test process), not the shell."""
-    code = "from routecast.workspace import run_owner; print(run_owner())"
+    code = "from routecast.pipeline.workspace import run_owner; print(run_owner())"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "DVC_STAGE": "tune"}
     # `; true` keeps bash alive above python (no exec of the last command).
     out = subprocess.run(["bash", "-c", f"{sys.executable} -c '{code}'; true"], env=env, capture_output=True,
@@ -96,7 +96,7 @@ def test_under_dvc_the_run_is_the_process_above_the_shell(tmp_path: Path) -> Non
 
 def test_a_second_stage_script_stops_in_one_line(workspace: Path) -> None:
     """Two stage scripts by hand: the second stops before its body runs; after the first ends, it passes."""
-    body = ("import sys, time\nfrom pathlib import Path\nfrom routecast.stage import stage\n"
+    body = ("import sys, time\nfrom pathlib import Path\nfrom routecast.pipeline.stage import stage\n"
             "with stage(sys.argv[1]):\n    Path(sys.argv[1]).write_text('ran')\n    time.sleep(float(sys.argv[2]))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")} | {"PYTHONPATH": str(ROOT / "src")}
     first = subprocess.Popen([sys.executable, "-c", body, "first", "30"], cwd=workspace, env=env)

@@ -17,7 +17,7 @@ if os.environ.get("ROUTECAST_NATIVE_ISA") != "1":
 def __getattr__(name: str):
     # Lazy, so `import routecast` stays light (no torch until a Predictor is asked for).
     if name in ("Predictor", "Prediction"):
-        from routecast import predictor
+        from routecast.predictors import serve as predictor
 
         return getattr(predictor, name)
     raise AttributeError(f"module 'routecast' has no attribute {name!r}")

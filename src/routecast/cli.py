@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from routecast.report import ReportError, build_report
+    from routecast.report.summary import ReportError, build_report
 
     try:
         report = build_report(args.rev, args.out, args.repo, args.rev_label, args.note)
@@ -40,7 +40,7 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tiny_model(args: argparse.Namespace) -> int:
-    from routecast.tiny_model import save_tiny_model  # imports transformers: the [hf] extra
+    from routecast.sources.tiny_model import save_tiny_model  # imports transformers: the [hf] extra
 
     path = save_tiny_model(args.path, args.family, args.seed, num_layers=args.layers, num_experts=args.experts,
                            top_k=args.top_k)

@@ -1,0 +1,1 @@
+"""The params schema (typed dataclasses), and reading and writing `params.yaml`."""

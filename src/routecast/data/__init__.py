@@ -1,0 +1,1 @@
+"""The artifacts between stages: the canonical trace, the encoded samples, the split, the predictions."""

@@ -1,0 +1,342 @@
+"""Encode a canonical trace into samples: the seed's features and the next layer's target.
+
+One sample per (token, layer l) with `l + lookahead < num_layers`, both layer l and layer
+l + lookahead routed for that token. Features are what is known once layer l has routed:
+
+    layer        l
+    primary      the 1st expert at layer l (also history entry l when l < history_len; kept
+                 on its own so a history shorter than the layers never loses it)
+    secondary    the 2nd expert at layer l (-1 when top_k = 1)
+    gating       the k gate weights at layer l
+    history      primary expert at layers 0..l, stored +1 (0 = padding or a missing row),
+                 right-padded to history_len; entry j is always layer j
+    position     min(token_pos / position_scale, 1)
+    spec_logits  (optional) the next layer's router logits on layer l's hidden state
+    prev_experts (optional, `features.prev_token`) the previous token's top-k at layer
+                 l + lookahead, stored +1 (0 = no previous token or no row). In decode the
+                 previous token has finished every layer before this one starts, so this is
+                 known; valid for decode-order traces only (a prefill trace's tokens run together).
+
+Target: the primary expert at layer l + lookahead; target_set: the whole top-k there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from routecast.pipeline.artifacts import atomic_path
+from routecast.data.parquet import KeyedRows, ParquetMeta, open_parquet, take_rows
+from routecast.errors import InputError
+from routecast.config.params import FeaturesParams
+from routecast.data.traces import TraceError, Traces, read_trace_sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureMeta(ParquetMeta):
+    num_layers: int
+    num_experts: int
+    top_k: int
+    history_len: int
+    lookahead: int
+    position_scale: float
+    source: str = "unknown"
+
+
+@dataclass
+class Features(KeyedRows):
+    """Samples column by column (numpy), in (sequence, token, layer) order (`meta`: a FeatureMeta;
+    seq_id, token_pos, layer: the sample's token and source layer)."""
+
+    primary: np.ndarray  # int16 [N]
+    secondary: np.ndarray  # int16 [N]
+    gating: np.ndarray  # float32 [N, k]
+    history: np.ndarray  # int16 [N, history_len]
+    position: np.ndarray  # float32 [N]
+    target: np.ndarray  # int16 [N]
+    target_set: np.ndarray  # int16 [N, k]
+    spec_logits: np.ndarray | None = None  # float32 [N, E]
+    prev_experts: np.ndarray | None = None  # int16 [N, k], +1 (0 = none)
+    is_val: np.ndarray | None = None  # bool [N], set by split_95_5 in the train split
+    report: dict[str, int] = field(default_factory=dict)
+
+    def take(self, index: np.ndarray) -> Features:
+        """Rows `index` (an integer array or boolean mask)."""
+        return take_rows(self, index, report={})
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def token_keys(seq_id: np.ndarray, token_pos: np.ndarray) -> np.ndarray:
+    """One int64 per token, ordered as (seq_id, token_pos): `seq_id << 32 | token_pos`. Both are
+    non-negative int32 in a valid trace, so the key is unique and `split_token_keys` inverts it."""
+    return (np.asarray(seq_id, dtype=np.int64) << 32) | np.asarray(token_pos, dtype=np.int64)
+
+
+def split_token_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(seq_id, token_pos) as int32 from `token_keys`."""
+    return (keys >> 32).astype(np.int32), (keys & 0xFFFFFFFF).astype(np.int32)
+
+
+
+def _rank_keys(seq_id: np.ndarray, token_pos: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(key, return_inverse=True) for unordered rows. When the (seq_id, token_pos) box is
+    small (a few times the row count, as in every real trace) a presence table and a cumulative
+    sum rank the keys in O(rows) instead of sorting them."""
+    if len(key) == 0:
+        return np.unique(key, return_inverse=True)
+    s_min, p_min = int(seq_id.min()), int(token_pos.min())
+    span = int(token_pos.max()) - p_min + 1
+    box = (int(seq_id.max()) - s_min + 1) * span
+    if box > 4 * len(key) + 1024:
+        return np.unique(key, return_inverse=True)
+    dense = (seq_id - np.int64(s_min)) * span + (token_pos - np.int64(p_min))
+    seen = np.zeros(box, dtype=bool)
+    seen[dense] = True
+    rank = np.cumsum(seen, dtype=np.int64) - 1
+    occupied = np.flatnonzero(seen)
+    tokens = token_keys(occupied // span + s_min, occupied % span + p_min)
+    return tokens, rank[dense]
+
+
+def encode_features(traces: Traces, params: FeaturesParams) -> Features:
+    """Vectorised encoder (numpy only, no per-row Python loop).
+
+    Builds dense [token, layer] grids, then takes every sample as a slice of them. A trace
+    already in (seq_id, token_pos, layer) order (every source writes one) skips the sort, and a
+    complete one (every token routed at every layer) skips the scatter into the grids too.
+    """
+    start = time.perf_counter()
+    meta = traces.meta
+    L, k, E, la = meta.num_layers, meta.top_k, meta.num_experts, params.lookahead
+    H = params.history_len or L
+    if la >= L:
+        raise InputError(f"features.lookahead={la} leaves no sample: the trace has {L} layers")
+    n_rows = len(traces)
+    layer = np.asarray(traces.layer)
+
+    # A token is a (seq_id, token_pos) pair; number them in sorted key order.
+    key = token_keys(traces.seq_id, traces.token_pos)
+    new_token = np.empty(n_rows, dtype=bool)
+    new_token[:1] = True
+    np.not_equal(key[1:], key[:-1], out=new_token[1:])
+    # Sorted by (token, layer) with no repeated layer: no sort, no duplicate check needed.
+    in_order = n_rows > 0 and bool((key[1:] >= key[:-1]).all()) and bool(
+        (new_token[1:] | (layer[1:] > layer[:-1])).all())
+    if in_order:
+        tokens = key[new_token]
+        n_tokens = len(tokens)
+        complete = n_rows == n_tokens * L and bool((layer.reshape(n_tokens, L) == np.arange(L)).all())
+    else:
+        tokens, token_idx = _rank_keys(traces.seq_id, traces.token_pos, key)
+        n_tokens, complete = len(tokens), False
+        cell = token_idx.astype(np.int64) * L + layer
+        counts = np.bincount(cell, minlength=n_tokens * L)
+        if (counts > 1).any():
+            bad = int(np.flatnonzero(counts > 1)[0])
+            t, bad_layer = divmod(bad, L)
+            seq, pos = split_token_keys(tokens[t:t + 1])
+            raise TraceError(f"duplicate rows for seq_id={seq[0]}, token_pos={pos[0]}, "
+                             f"layer={bad_layer}")
+    if not complete and in_order:
+        cell = (np.cumsum(new_token, dtype=np.int64) - 1) * L + layer
+
+    def grid(values: np.ndarray, fill: float, dtype: type) -> np.ndarray:
+        """values [rows, w] as a dense [n_tokens, L, w] grid (`fill` where a row is missing)."""
+        width = values.shape[1]
+        if complete:
+            return np.asarray(values, dtype=dtype).reshape(n_tokens, L, width)
+        out = np.full((n_tokens * L, width), fill, dtype=dtype)
+        out[cell] = values
+        return out.reshape(n_tokens, L, width)
+
+    if complete:
+        present = np.ones((n_tokens, L), dtype=bool)
+    else:
+        present = np.zeros(n_tokens * L, dtype=bool)
+        present[cell] = True
+        present = present.reshape(n_tokens, L)
+    experts = grid(traces.experts, -1, np.int16)
+    gates = grid(traces.weights, 0.0, np.float32)
+
+    # Sample grid: (token, layer l) for l < L - la, kept where layer l and l + la are both routed.
+    n_src = L - la
+    have_layer = present[:, :n_src]
+    have_target = present[:, la:]
+    keep = (have_layer & have_target).ravel()
+    keep_all = bool(keep.all())
+
+    def samples(block: np.ndarray, fresh: bool = False) -> np.ndarray:
+        """A [n_tokens, n_src, ...] block as [samples, ...] (row-major: token, then layer), in its own
+        memory (never a view of the trace's arrays); `fresh`: block is already a private array."""
+        flat = block.reshape(n_tokens * n_src, *block.shape[2:])
+        if not keep_all:
+            return flat[keep]
+        return flat if fresh or not np.may_share_memory(flat, block) else flat.copy()
+
+    # History: entry j = primary at layer j (+1), only for j <= l. One broadcast write of
+    # [n_tokens, n_src, H] (no [samples, H] gather followed by a masked copy).
+    hist_token = np.zeros((n_tokens, H), dtype=np.int16)
+    hw = min(H, L)
+    np.add(experts[:, :hw, 0], 1, out=hist_token[:, :hw], where=present[:, :hw])
+    visible = np.arange(H)[None, :] <= np.arange(n_src)[:, None]  # [n_src, H]
+    history = samples(hist_token[:, None, :] * visible[None].astype(np.int16), fresh=True)
+
+    token_of_sample = np.repeat(tokens, n_src) if keep_all else np.repeat(tokens, n_src)[keep]
+    seq_id, token_pos = split_token_keys(token_of_sample)
+    layers = np.broadcast_to(np.arange(n_src, dtype=np.int16), (n_tokens, n_src))
+    spec = None
+    if traces.spec_logits is not None:
+        spec = samples(grid(traces.spec_logits, 0.0, np.float32)[:, :n_src])
+    prev = None
+    if params.prev_token:
+        # The previous token of the same sequence is the previous row of `tokens` with position - 1.
+        has_prev = np.zeros(n_tokens, dtype=bool)
+        has_prev[1:] = tokens[1:] - 1 == tokens[:-1]
+        prev_grid = np.zeros((n_tokens, n_src, k), dtype=np.int16)
+        routed = has_prev[1:, None] & present[:-1, la:]  # [n_tokens - 1, n_src]
+        np.add(experts[:-1, la:], 1, out=prev_grid[1:], where=routed[:, :, None])
+        prev = samples(prev_grid, fresh=True)
+
+    feats = Features(
+        meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source),
+        seq_id=seq_id,
+        token_pos=token_pos,
+        layer=samples(layers),
+        primary=samples(experts[:, :n_src, 0]),
+        secondary=samples(experts[:, :n_src, 1]) if k > 1 else np.full(len(seq_id), -1, dtype=np.int16),
+        gating=samples(gates[:, :n_src]),
+        history=history,
+        position=np.minimum(token_pos / params.position_scale, 1.0).astype(np.float32),
+        target=samples(experts[:, la:, 0]),
+        target_set=samples(experts[:, la:]),
+        spec_logits=spec,
+        prev_experts=prev,
+    )
+    candidates = n_tokens * n_src
+    feats.report = {
+        "trace_rows": n_rows,
+        "tokens": n_tokens,
+        "candidate_samples": candidates,
+        "samples": len(feats),
+        "dropped_missing_layer": int((~have_layer).sum()),
+        "dropped_missing_target": int((have_layer & ~have_target).sum()),
+        "history_entries_missing": int((~present[:, : L - 1]).sum()),
+    }
+    log.info("encoded %d samples from %d trace rows (%d tokens) in %.2fs; dropped %d (layer row missing) "
+             "and %d (target row missing)", len(feats), n_rows, n_tokens, time.perf_counter() - start,
+             feats.report["dropped_missing_layer"], feats.report["dropped_missing_target"])
+    return feats
+
+
+# --------------------------------------------------------------------------- Parquet I/O
+
+_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts")
+
+
+def features_to_table(feats: Features) -> pa.Table:
+    columns: dict[str, pa.Array] = {}
+    for f in fields(feats):
+        value = getattr(feats, f.name)
+        if not isinstance(value, np.ndarray):
+            continue
+        if f.name in _MATRIX_COLUMNS:
+            columns[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(value.ravel()), value.shape[1])
+        else:
+            columns[f.name] = pa.array(value)
+    table = pa.table(columns)
+    return table.replace_schema_metadata(feats.meta.to_metadata())
+
+
+def write_features(path: str | Path, feats: Features) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(features_to_table(feats), tmp, compression="zstd")
+
+
+# pq.write_table's default row-group length: encode_features_file writes row groups of exactly this
+# many rows, so its file equals write_features(encode_features(...)) byte for byte.
+FEATURE_ROW_GROUP = 1024 * 1024
+ENCODE_GROUP_ROWS = 2_000_000  # trace rows encoded at a time by encode_features_file
+
+
+def encode_features_file(trace_path: str | Path, params: FeaturesParams, out_path: str | Path,
+                         max_rows: int = ENCODE_GROUP_ROWS) -> dict[str, int]:
+    """`write_features(out_path, encode_features(read_traces(trace_path), params))` for a trace of
+    any size, in bounded memory; returns the same report. The same file, byte for byte.
+
+    Samples are independent across sequences and ordered by (sequence, token, layer), so the
+    trace is encoded in groups of whole sequences of about `max_rows` rows, in increasing seq_id
+    order (`read_trace_sequences`: a trace not sorted by seq_id is read once per group, logged),
+    and the samples are written as they come in row groups of FEATURE_ROW_GROUP rows.
+    """
+    from tqdm import tqdm
+
+    report: dict[str, int] = {}
+    pending: list[pa.Table] = []
+    with atomic_path(out_path) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for traces in tqdm(read_trace_sequences(trace_path, max_rows), desc="encode_features", unit="group"):
+                feats = encode_features(traces, params)
+                for key, value in feats.report.items():
+                    report[key] = report.get(key, 0) + value
+                table = features_to_table(feats)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                pending.append(table)
+                pending = _write_row_groups(writer, pending, final=False)
+            assert writer is not None  # read_trace_sequences yields at least one group
+            _write_row_groups(writer, pending, final=True)
+        finally:
+            if writer is not None:
+                writer.close()
+    log.info("encode_features_file: %s -> %s: %d samples from %d trace rows", trace_path, out_path,
+             report.get("samples", 0), report.get("trace_rows", 0))
+    return report
+
+
+def _write_row_groups(writer: pq.ParquetWriter, pending: list[pa.Table], final: bool) -> list[pa.Table]:
+    """Write full row groups of FEATURE_ROW_GROUP rows from `pending` (all of it if `final`, as
+    pq.write_table would, an empty table included); return what is left."""
+    rows = sum(t.num_rows for t in pending)
+    if rows < FEATURE_ROW_GROUP and not final:
+        return pending
+    table = pa.concat_tables(pending).combine_chunks()
+    full = rows if final else rows - rows % FEATURE_ROW_GROUP
+    if full or (final and rows == 0):
+        writer.write_table(table.slice(0, full), row_group_size=FEATURE_ROW_GROUP)
+    return [table.slice(full)] if full < rows else []
+
+
+def read_features(path: str | Path) -> Features:
+    path = Path(path)
+    with open_parquet(path, "encode_features") as pf:
+        table = pf.read()
+    meta = FeatureMeta.from_metadata(table.schema.metadata, str(path))
+    kwargs: dict[str, Any] = {}
+    for f in fields(Features):
+        if f.name in ("meta", "report") or f.name not in table.column_names:
+            continue
+        col = table.column(f.name).combine_chunks()
+        if f.name in _MATRIX_COLUMNS:
+            width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
+            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+            kwargs[f.name] = flat.reshape(len(col), width or (len(flat) // max(len(col), 1)))
+        else:
+            kwargs[f.name] = col.to_numpy(zero_copy_only=False)
+    missing = [f.name for f in fields(Features) if f.default is not None and f.name not in kwargs
+               and f.name not in ("meta", "report")]
+    if missing:
+        raise InputError(f"{path}: missing feature column(s) {missing}; was it written by encode_features?")
+    return Features(meta=meta, **kwargs)

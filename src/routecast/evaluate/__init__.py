@@ -1,0 +1,1 @@
+"""Scoring predictors on held-out sequences: hits, bootstrap intervals, paired differences."""

@@ -1,0 +1,1 @@
+"""Fitting: the training loop, the Optuna search across kinds, and where the study is stored."""

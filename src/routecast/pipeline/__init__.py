@@ -1,0 +1,1 @@
+"""Running stages: the stage wrapper, the workspace claim, processes, atomic artifact writes, the code graph."""

@@ -1,0 +1,61 @@
+"""Model files (`data/models/*.pt`): any kind as its plain config plus a state dict.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`: a file that needs anything else is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from routecast.pipeline.artifacts import save_torch
+from routecast.errors import InputError
+from routecast.predictors.mixture import MixtureConfig, MixtureModule
+from routecast.predictors.neural import ModelConfig, build_model
+
+
+class CheckpointError(InputError):
+    """A file given as a model is not a readable routecast checkpoint; the message names it."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    config = model.config
+    kind = "mixture" if isinstance(config, MixtureConfig) else config.kind
+    save_torch(path, {"kind": kind, "config": asdict(config), "state_dict": model.state_dict(), **(extra or {})})
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model (eval mode, CPU) and the whole checkpoint dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run train_full first: dvc repro)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refused a Python object: whatever this is, it is not a routecast checkpoint.
+        raise CheckpointError(f"{path}: not a routecast model: it holds Python objects a routecast checkpoint never "
+                              "has, so it was not loaded") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable routecast model (truncated or not a torch file: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); rebuild it with "
+                              f"`dvc repro` or restore it with `dvc checkout {path}`") from None
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        raise CheckpointError(f"{path}: not a routecast model (no config and state_dict)")
+    try:
+        config = checkpoint["config"]
+        kind = checkpoint.get("kind", "mlp")
+        if kind == "mixture":
+            model: nn.Module = MixtureModule(MixtureConfig(**config))
+        else:
+            model = build_model(ModelConfig(**{"kind": kind, **config}))
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: a routecast model this version cannot rebuild: {exc}") from None
+    return model.eval(), checkpoint

@@ -1,0 +1,164 @@
+"""Fit the `mixture` kind (`routecast.predictors.mixture`) by expectation-maximisation on the training tokens.
+
+    E step  r[t, z] = P(z | token t's whole path)   (log-space sum of its table entries)
+    M step  tables  = responsibility-weighted counts, smoothed towards the pooled (all-types)
+                      table with weight `smoothing`; the pooled table itself backs off to the
+                      next layer's frequency, so a context never seen in training predicts that.
+
+`config.restarts` runs from random starts; the best training likelihood wins. Each token's path
+is reassembled from its samples (the training targets are known), so one token counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from routecast.data.batches import token_view
+from routecast.data.features import Features
+from routecast.predictors.mixture import MixtureConfig, MixtureModule, MixtureTables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Paths:
+    """Each training token's whole observed path (-1: unknown): the EM's data."""
+
+    primary: np.ndarray  # int64 [T, L]
+    secondary: np.ndarray  # int64 [T, L]
+    prev: np.ndarray | None  # int64 [T, L]: the previous token's primary at each layer
+
+
+def token_paths(feats: Features) -> Paths:
+    """Reassemble every token's path from its samples: history and layer l's experts from the
+    features, layer l + lookahead's from the targets (training data: the targets are known)."""
+    view = token_view(feats)
+    meta = feats.meta
+    T, L, la = len(view), meta.num_layers, meta.lookahead
+    primary = np.full((T, L), -1, dtype=np.int64)
+    secondary = np.full((T, L), -1, dtype=np.int64)
+    prev = np.full((T, L), -1, dtype=np.int64) if feats.prev_experts is not None else None
+    h = min(view.history.shape[1], L)
+    primary[:, :h] = view.history[:, :h].astype(np.int64) - 1
+    t, slot = np.nonzero(view.present)
+    rows = view.row[t, slot]
+    primary[t, slot] = feats.primary[rows]
+    primary[t, slot + la] = feats.target[rows]
+    if meta.top_k > 1:
+        secondary[t, slot] = feats.secondary[rows]
+        secondary[t, slot + la] = feats.target_set[rows, 1]
+    if prev is not None:
+        prev[t, slot + la] = feats.prev_experts[rows, 0].astype(np.int64) - 1
+    return Paths(primary, secondary, prev)
+
+
+class _Counts:
+    """Sparse one-hot designs (token x table cell), built once: a table's weighted counts are one
+    sparse-dense product with the responsibilities."""
+
+    def __init__(self, cells: np.ndarray, valid: np.ndarray, size: int) -> None:
+        t, j = np.nonzero(valid)
+        self.design = sp.csr_matrix((np.ones(len(t)), (t, cells[t, j])), shape=(valid.shape[0], size))
+        self.cells, self.valid = cells, valid
+
+    def counts(self, resp: np.ndarray) -> np.ndarray:
+        return np.asarray(self.design.T @ resp).T  # [Z, size]
+
+    def loglik(self, log_table: np.ndarray) -> np.ndarray:
+        """sum over a token's valid cells of log_table[:, cell]: [T, Z]."""
+        out = np.zeros((self.valid.shape[0], log_table.shape[0]))
+        for j in range(self.valid.shape[1]):
+            rows = np.flatnonzero(self.valid[:, j])
+            out[rows] += log_table[:, self.cells[rows, j]].T
+        return out
+
+
+def _smooth(counts: np.ndarray, backoff: np.ndarray, weight: float) -> np.ndarray:
+    """(counts + weight * backoff) / (row total + weight), over the last axis."""
+    return (counts + weight * backoff) / (counts.sum(axis=-1, keepdims=True) + weight)
+
+
+def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
+    """EM with `config.restarts` random starts; the run with the best training likelihood."""
+    Z, L, E, k = config.num_types, config.num_layers, config.num_experts, config.top_k
+    P, S = paths.primary, paths.secondary
+    T = len(P)
+    init_c = _Counts(P[:, :1].clip(0), P[:, :1] >= 0, E)
+    trans_cells = np.arange(L - 1) * E * E + P[:, :-1].clip(0) * E + P[:, 1:].clip(0)
+    trans_c = _Counts(trans_cells, (P[:, :-1] >= 0) & (P[:, 1:] >= 0), (L - 1) * E * E)
+    second_c = _Counts(np.arange(L) * E * E + P.clip(0) * E + S.clip(0), (P >= 0) & (S >= 0), L * E * E) \
+        if k > 1 else None
+    prev_c = _Counts(np.arange(L) * E + paths.prev.clip(0), paths.prev >= 0, L * E) \
+        if config.num_prev and paths.prev is not None else None
+
+    # Type-independent backoffs: per-layer frequency of each expert, then the pooled tables.
+    freq = np.bincount((np.arange(L) * E + P.clip(0))[P >= 0], minlength=L * E).reshape(L, E) + 1.0
+    freq /= freq.sum(axis=1, keepdims=True)
+    pooled_trans = _smooth(trans_c.counts(np.ones((T, 1)))[0].reshape(L - 1, E, E), freq[1:, None, :], 1.0)
+    pooled_init = _smooth(init_c.counts(np.ones((T, 1)))[0], freq[0], 1.0)
+    if second_c is not None:
+        off = 1.0 - np.eye(E)
+        pooled_second = second_c.counts(np.ones((T, 1)))[0].reshape(L, E, E) * off
+        pooled_second = _smooth(pooled_second, freq[:, None, :] * off / (freq[:, None, :] * off).sum(-1, keepdims=True),
+                                1.0)
+    if prev_c is not None:
+        pooled_prev = _smooth(prev_c.counts(np.ones((T, 1)))[0].reshape(L, E), freq, 1.0)
+
+    def m_step(resp: np.ndarray) -> MixtureTables:
+        a = config.smoothing
+        prior = resp.sum(axis=0) + 1.0
+        trans = _smooth(trans_c.counts(resp).reshape(Z, L - 1, E, E), pooled_trans[None], a)
+        second = _smooth(second_c.counts(resp).reshape(Z, L, E, E) * off, pooled_second[None], a) \
+            if second_c is not None else np.full((Z, L, E, E), 1.0 / E)
+        prev = _smooth(prev_c.counts(resp).reshape(Z, L, E), pooled_prev[None], a) if prev_c is not None else None
+        return MixtureTables(prior / prior.sum(), _smooth(init_c.counts(resp), pooled_init[None], a), trans, second,
+                             prev, float("nan"))
+
+    def e_step(tables: MixtureTables) -> tuple[np.ndarray, float]:
+        with np.errstate(divide="ignore"):
+            ll = np.log(tables.prior)[None] + init_c.loglik(np.log(tables.init))
+            ll += trans_c.loglik(np.log(tables.trans).reshape(Z, -1))
+            if second_c is not None:
+                ll += second_c.loglik(np.log(tables.second).reshape(Z, -1))
+            if prev_c is not None:
+                ll += prev_c.loglik(np.log(tables.prev).reshape(Z, -1))
+        top = ll.max(axis=1, keepdims=True)
+        w = np.exp(ll - top)
+        total = w.sum(axis=1, keepdims=True)
+        return w / total, float((np.log(total) + top).mean())
+
+    best: MixtureTables | None = None
+    rng = np.random.default_rng(seed)
+    for restart in range(config.restarts):
+        start = time.perf_counter()
+        tables = m_step(rng.dirichlet(np.ones(Z), size=T))
+        previous = -np.inf
+        for it in range(config.iterations):
+            resp, loglik = e_step(tables)
+            tables = m_step(resp)
+            if loglik - previous < config.tolerance:
+                break
+            previous = loglik
+        tables.loglik = loglik
+        log.info("mixture: restart %d, %d types, %d iterations, log-likelihood %.4f per token, %.1fs", restart, Z,
+                 it + 1, loglik, time.perf_counter() - start)
+        if best is None or tables.loglik > best.loglik:
+            best = tables
+    assert best is not None
+    return best
+
+
+def fit_mixture(config: MixtureConfig, fit: Features, seed: int = 0) -> MixtureModule:
+    start = time.perf_counter()
+    paths = token_paths(fit)
+    with tqdm(total=1, desc=f"mixture EM ({config.num_types} types)", leave=False):
+        tables = fit_em(paths, config, seed)
+    log.info("mixture: fitted %d types on %d tokens in %.1fs", config.num_types, len(paths.primary),
+             time.perf_counter() - start)
+    return MixtureModule(config, tables).eval()

@@ -1,0 +1,106 @@
+"""A latent-type mixture of per-layer Markov chains: the `mixture` kind's model (fitted by EM in
+`routecast.predictors.em`).
+
+Each token is taken to have a hidden type z (one of `num_types`); given z, its primary expert
+walks a Markov chain over the layers with per-layer tables, and the secondary at each layer
+depends on (z, layer, primary). With `features.prev_token`, the previous token's primary at each
+layer is one more per-type emission.
+
+A prediction for layer l + lookahead filters the type posterior along what the sample shows
+(the primaries at layers 0..l, the secondary at l, the previous token's expert), then pushes it
+through the type's transition(s): exactly the synthetic oracle's computation with fitted tables.
+A transition with an unseen end (a missing row, a truncated history) is skipped. Gate weights
+and position are not used (in the synthetic generator they carry nothing about the type).
+
+The model is a torch module of table look-ups (`MixtureModule`), so it is scored, served and
+exported like the neural kinds; an engine can also run it as plain table look-ups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    history_len: int
+    lookahead: int = 1
+    num_types: int = 32
+    smoothing: float = 0.1  # weight of the pooled table in each type's (a Dirichlet pseudo-count)
+    iterations: int = 200  # EM iterations at most (stops earlier once the log-likelihood settles)
+    restarts: int = 3  # EM runs from different random starts; the best training likelihood wins
+    tolerance: float = 1e-5  # stop when the mean log-likelihood per token gains less than this
+    num_prev: int = 0  # width of the previous-token feature (0: off; the mixture reads its primary)
+    num_extra: int = 0  # extra dense features: none are used (kept for the common call)
+    target: str = "primary"  # primary | set: what the module's output ranks
+
+
+@dataclass
+class MixtureTables:
+    prior: np.ndarray  # [Z]
+    init: np.ndarray  # [Z, E]
+    trans: np.ndarray  # [Z, L-1, E, E]
+    second: np.ndarray  # [Z, L, E, E]
+    prev: np.ndarray | None  # [Z, L, E]
+    loglik: float  # mean training log-likelihood per token
+
+
+class MixtureModule(nn.Module):
+    """The fitted mixture as look-ups: the same call as the neural kinds, returning log P(target)."""
+
+    def __init__(self, config: MixtureConfig, tables: MixtureTables | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.lookahead = config.lookahead  # a plain attribute for TorchScript
+        Z, L, E, la = config.num_types, config.num_layers, config.num_experts, config.lookahead
+        shapes = {"log_prior": (Z,), "log_init": (E, Z), "log_trans": (L - 1, E, E, Z), "log_second": (L, E, E, Z),
+                  "log_prev": (L, E, Z) if config.num_prev else (0,), "out_table": (L - la, E, Z, E)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape))
+        if tables is not None:
+            self.load_tables(tables)
+
+    def load_tables(self, tables: MixtureTables) -> None:
+        c = self.config
+        L, la = c.num_layers, c.lookahead
+        with np.errstate(divide="ignore"):
+            self.log_prior = torch.from_numpy(np.log(tables.prior)).float()
+            self.log_init = torch.from_numpy(np.log(tables.init).T.copy()).float()
+            self.log_trans = torch.from_numpy(np.log(tables.trans).transpose(1, 2, 3, 0).copy()).float()
+            self.log_second = torch.from_numpy(np.log(tables.second).transpose(1, 2, 3, 0).copy()).float()
+            if tables.prev is not None and c.num_prev:
+                self.log_prev = torch.from_numpy(np.log(tables.prev).transpose(1, 2, 0).copy()).float()
+        ahead = tables.trans[:, 0:L - la]  # [Z, S, E, E]: lookahead-step transition from layer l
+        for d in range(1, la):
+            ahead = np.einsum("zlab,zlbc->zlac", ahead, tables.trans[:, d:L - la + d])
+        if c.target == "set" and c.top_k > 1:  # P(e in the target layer's top-k): primary or first secondary
+            ahead = ahead + np.einsum("zlab,zlbc->zlac", ahead, tables.second[:, la:])
+        self.out_table = torch.from_numpy(ahead.transpose(1, 2, 0, 3).copy()).float()  # [S, E, Z, E]
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        e = history - 1  # -1: unknown
+        H = e.shape[1]
+        first = e[:, 0].clamp(min=0)
+        ll = self.log_prior + torch.where((e[:, :1] >= 0), self.log_init[first], torch.zeros_like(self.log_init[first]))
+        if H > 1:
+            j = torch.arange(H - 1, device=e.device)
+            steps = self.log_trans[j, e[:, :-1].clamp(min=0), e[:, 1:].clamp(min=0)]  # [N, H-1, Z]
+            valid = (e[:, :-1] >= 0) & (e[:, 1:] >= 0) & (j.unsqueeze(0) < layer.unsqueeze(1))
+            ll = ll + (steps * valid.unsqueeze(2)).sum(1)
+        has_second = (secondary > 0).unsqueeze(1)
+        second = self.log_second[layer, primary, (secondary - 1).clamp(min=0)]
+        ll = ll + torch.where(has_second, second, torch.zeros_like(second))
+        if self.log_prev.dim() == 3 and prev.shape[1] > 0:
+            emitted = self.log_prev[layer + self.lookahead, (prev[:, 0] - 1).clamp(min=0)]
+            ll = ll + torch.where((prev[:, :1] > 0), emitted, torch.zeros_like(emitted))
+        post = torch.softmax(ll, dim=1)  # P(type | what the sample shows)
+        probs = torch.einsum("nz,nze->ne", post, self.out_table[layer, primary])
+        return torch.log(probs.clamp_min(1e-12))

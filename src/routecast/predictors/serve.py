@@ -1,0 +1,351 @@
+"""The trained predictor, any kind, as an inference engine calls it once per MoE layer.
+
+    from routecast import Predictor
+    predictor = Predictor.load("data/models/tuned.pt")          # a train_full checkpoint
+    experts, scores = predictor.predict(layer, history, experts_now, weights_now, token_pos)
+    predictor.export("tuned.ts")                                 # TorchScript (or .pt2: torch.export)
+    predictor = Predictor.load("tuned.ts")                       # the export, without the checkpoint
+
+The call takes the routing state of a batch of tokens once layer `l` has routed them (raw ids,
+-1 for unknown) and returns the top-k experts expected at layer `l + lookahead`, best first,
+with their probabilities. `EngineModule` turns the raw state into the model's inputs (history
+entries past `l` ignored, +1 id encodings, position scaling) in front of the kind's own module,
+so the export holds the whole path from raw state to experts.
+
+The `mlp` kind runs a fused form of its eval-mode MLP (`FusedMLP`): BatchNorm folded into the
+Linear before it and every embedding multiplied through the first Linear, so the first layer is
+one `embedding_bag` plus one small matmul; its logits equal the eager model's to float32
+rounding. The other kinds run their own eval-mode module.
+
+Exports, both loadable with torch alone: `.ts` (TorchScript; `torch.jit.load(path).predict(...)`
+in Python or libtorch) and `.pt2` (torch.export: an ExportedProgram with a dynamic batch,
+`torch.export.load(path).module()`, which AOTInductor can compile for C++). torch deprecates
+TorchScript and steers to torch.export, but on the CPU the TorchScript call is 1.1 to 4.9x
+faster (p50, 1 thread) for every kind (benchmarks/bench_predictor.py), so both stay; an engine on a GPU or in C++ takes
+the `.pt2`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from routecast.pipeline.artifacts import atomic_path
+from routecast.predictors.checkpoints import load_checkpoint
+from routecast.errors import InputError
+from routecast.data.features import Features
+from routecast.predictors.neural import MLP
+from routecast.config.params import POSITION_SCALE
+
+
+class Prediction(NamedTuple):
+    experts: torch.Tensor  # int64 [N, k], best first
+    scores: torch.Tensor  # float32 [N, k], their probabilities
+
+
+class FusedMLP(nn.Module):
+    """The eval-mode `mlp` kind as embedding_bag + (Linear with BatchNorm folded) + LeakyReLU: the
+    same call and logits as `routecast.predictors.neural.MLP`."""
+
+    def __init__(self, model: MLP) -> None:
+        super().__init__()
+        c = model.config
+        L, E, H, k, X, P = c.num_layers, c.num_experts, c.history_len, c.top_k, c.num_extra, c.num_prev
+        self.sees_primary = c.sees_primary
+        linears = [m for m in model.mlp if isinstance(m, nn.Linear)]
+        norms = [m for m in model.mlp if isinstance(m, nn.BatchNorm1d)]
+        slopes = {m.negative_slope for m in model.mlp if isinstance(m, nn.LeakyReLU)}
+        assert len(linears) == len(norms) + 1 and len(slopes) <= 1
+        self.negative_slope = float(slopes.pop()) if slopes else 0.01
+        ids = 1 + H + P + (0 if c.sees_primary else 1)  # secondary, history, prev, [primary]: as MLP.features
+        with torch.no_grad():
+            folded = [_fold(lin, bn) for lin, bn in zip(linears, norms)] + [
+                (linears[-1].weight.double(), linears[-1].bias.double())]
+            w1, b1 = folded[0]
+            layer_emb, expert_emb = model.layer_emb.weight.double(), model.expert_emb.weight.double()
+            blocks = torch.split(w1, [c.layer_emb] + [c.expert_emb] * ids + [k, 1, X], dim=1)
+            rows = [layer_emb @ blocks[0].T] + [expert_emb @ blocks[1 + j].T for j in range(ids)]  # [L|E+1, U]
+            dense = torch.cat(blocks[1 + ids:], dim=1).T  # gating, position, extra
+        self.register_buffer("table", torch.cat(rows).float())
+        self.register_buffer("dense_weight", dense.float().contiguous())
+        self.register_buffer("bias", b1.float())
+        self.register_buffer("offsets", (L + torch.arange(ids) * (E + 1)).unsqueeze(0))  # each id block's rows
+        self.hidden = nn.ModuleList()
+        for w, b in folded[1:]:
+            lin = nn.Linear(w.shape[1], w.shape[0])
+            lin.weight.data, lin.bias.data = w.float().contiguous(), b.float()
+            lin.requires_grad_(False)
+            self.hidden.append(lin)
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        ids = [secondary.unsqueeze(1), history, prev]
+        if not self.sees_primary:
+            ids.append(primary.unsqueeze(1) + 1)
+        index = torch.cat([layer.unsqueeze(1), torch.cat(ids, 1) + self.offsets], 1)
+        dense = torch.cat([gating, position.unsqueeze(1), extra], 1)
+        x = torch.addmm(self.bias, dense, self.dense_weight) + F.embedding_bag(index, self.table, mode="sum")
+        for lin in self.hidden:
+            x = lin(F.leaky_relu(x, self.negative_slope))
+        return x
+
+
+def _fold(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear followed by eval-mode BatchNorm as one Linear (float64 while folding)."""
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    weight = linear.weight.double() * scale[:, None]
+    bias = (linear.bias.double() - norm.running_mean.double()) * scale + norm.bias.double()
+    return weight, bias
+
+
+class EngineModule(nn.Module):
+    """Raw routing state -> the kind's inputs -> logits over the next layer's experts.
+
+    forward(layer [N], history [N, <=H] (expert ids at layers 0..; -1 unknown; entries past
+    `layer` ignored), experts [N, k] (the top-k at `layer`, best first), weights [N, k],
+    token_pos [N], extra [N, X], prev [N, P] (the previous token's top-k at the target layer,
+    -1 unknown; P = 0 unless trained with features.prev_token))."""
+
+    def __init__(self, core: nn.Module, config: Any, position_scale: float) -> None:
+        super().__init__()
+        self.core = core
+        self.num_layers, self.num_experts, self.top_k = config.num_layers, config.num_experts, config.top_k
+        self.history_len, self.lookahead = config.history_len, config.lookahead
+        self.num_prev, self.num_extra = config.num_prev, config.num_extra
+        self.position_scale = float(position_scale)
+        self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0))
+
+    def forward(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        layer = layer.long()
+        history = history.long()
+        if history.shape[1] < self.history_len:
+            history = F.pad(history, (0, self.history_len - history.shape[1]), value=-1.0)
+        hist = torch.where(self.slot <= layer.unsqueeze(1), history[:, : self.history_len] + 1, 0).clamp(min=0)
+        primary = experts[:, 0].long()
+        if self.top_k > 1:
+            secondary = experts[:, 1].long() + 1
+        else:
+            secondary = torch.zeros_like(primary)
+        position = torch.clamp(token_pos.float() / self.position_scale, max=1.0)
+        return self.core(layer, primary, secondary, hist, weights.float(), position, (prev.long() + 1).clamp(min=0),
+                         extra.float())
+
+    @torch.jit.export
+    def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        """Top-k experts at the next layer, best first, and their probabilities (softmax over all)."""
+        probs = torch.softmax(self.forward(layer, history, experts, weights, token_pos, extra, prev), dim=1)
+        scores, best = probs.topk(k, dim=1)
+        return best, scores
+
+
+def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == dtype else value.to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
+
+
+class Predictor:
+    """Predict the next layer's experts from the current routing state (see the module doc)."""
+
+    def __init__(self, module: Any, info: dict[str, Any]) -> None:
+        self.module = module
+        self.info = info  # num_layers, num_experts, top_k, history_len, lookahead, num_prev, num_extra, position_scale
+        self._empty: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
+        config = model.config
+        core = FusedMLP(model).eval() if getattr(config, "kind", None) == "mlp" else model.eval()
+        engine = EngineModule(core, config, position_scale).eval()
+        return cls(engine, _info(engine))
+
+    @classmethod
+    def load(cls, path: str | Path, position_scale: float | None = None) -> Predictor:
+        """A train_full checkpoint (`.pt`), or an export written by `export` (`.pt2`, `.ts`)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found")
+        if path.suffix == ".pt2":
+            extra_files = {"routecast.json": ""}
+            program = torch.export.load(str(path), extra_files=extra_files)
+            info = json.loads(extra_files["routecast.json"])
+            return cls(_ExportedModule(program.module()), info)
+        if _is_torchscript(path):
+            extra_files = {"routecast.json": ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files).eval()
+            return cls(module, json.loads(extra_files["routecast.json"]))
+        model, checkpoint = load_checkpoint(path)
+        scale = position_scale or float(checkpoint.get("position_scale", POSITION_SCALE))
+        return cls.from_model(model, scale)
+
+    def export(self, path: str | Path) -> Path:
+        """Write the predictor for an engine; the suffix picks the format: `.pt2` (torch.export) or
+        `.ts` (TorchScript). Either loads back with `Predictor.load(path)`, or with torch alone."""
+        path = Path(path)
+        if path.suffix not in (".pt2", ".ts"):
+            raise InputError(f"{path}: export to .pt2 (torch.export) or .ts (TorchScript)")
+        if not isinstance(self.module, EngineModule):
+            raise InputError("export from a checkpoint-built Predictor (Predictor.load of a .pt)")
+        info = {"routecast.json": json.dumps(self.info)}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            if path.suffix == ".pt2":
+                torch.export.save(_export_program(self.module), fh, extra_files=info)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 steers to torch.export
+                    torch.jit.save(torch.jit.script(self.module), fh, _extra_files=info)
+        return path
+
+    # ------------------------------------------------------------------ calls
+    @property
+    def top_k(self) -> int:
+        return int(self.info["top_k"])
+
+    @torch.inference_mode()
+    def logits(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any = None,
+               prev: Any = None) -> torch.Tensor:
+        """Logits [N, num_experts] for the expert at the next layer."""
+        return self.module(*self._args(layer, history, experts, weights, token_pos, extra, prev))
+
+    @torch.inference_mode()
+    def predict(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any = None,
+                prev: Any = None, k: int | None = None) -> Prediction:
+        """The k (default top_k) experts expected at the next layer, best first, with probabilities.
+
+        layer [N] int: the layer l that just routed each token; history [N, <=H] int: its primary
+        expert at layers 0..l (-1 = unknown; columns past l are ignored); experts [N, top_k] int and
+        weights [N, top_k] float: the top-k chosen at layer l, best first; token_pos [N] (int or float);
+        extra [N, X] float: spec_logits, when the model was trained with them; prev [N, top_k] int: the
+        previous token's top-k at layer l + lookahead (-1 = none), when trained with features.prev_token.
+        Tensors or NumPy arrays; tensors of the right dtype (int64, float32) skip a conversion.
+        """
+        k = k or self.top_k
+        if not 1 <= k <= self.info["num_experts"]:
+            raise InputError(f"k={k}: must be in [1, num_experts={self.info['num_experts']}]")
+        best, scores = self.module.predict(*self._args(layer, history, experts, weights, token_pos, extra, prev), k)
+        return Prediction(best, scores)
+
+    def predict_features(self, feats: Features, k: int | None = None) -> Prediction:
+        """Offline: predict for encoded samples (the evaluate stage's inputs)."""
+        history = feats.history.astype(np.int64) - 1  # stored +1, 0 = padding -> -1 = unknown
+        experts = np.zeros((len(feats), feats.meta.top_k), dtype=np.int64)
+        experts[:, 0] = feats.primary
+        if feats.meta.top_k > 1:
+            experts[:, 1] = feats.secondary
+        extra = feats.spec_logits if self.info["num_extra"] else None
+        prev = feats.prev_experts.astype(np.int64) - 1 if self.info["num_prev"] else None
+        # The samples' own position feature, whatever position_scale encoded them.
+        token_pos = feats.position.astype(np.float32) * np.float32(self.info["position_scale"])
+        return self.predict(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k)
+
+    def _args(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any,
+              prev: Any) -> tuple[torch.Tensor, ...]:
+        info = self.info
+        layer, history = _as_tensor(layer, torch.int64), _as_tensor(history, torch.int64)
+        experts, weights = _as_tensor(experts, torch.int64), _as_tensor(weights, torch.float32)
+        n, L, E, k = layer.shape[0], info["num_layers"], info["num_experts"], info["top_k"]
+        extra = self._optional(extra, n, info["num_extra"], torch.float32, "extra (spec_logits)")
+        prev = self._optional(prev, n, info["num_prev"], torch.int64, "prev (the previous token's experts)")
+        _check_shape("history", history, (n, None))
+        if history.shape[1] > info["history_len"]:
+            raise InputError(f"history has {history.shape[1]} columns, the model reads {info['history_len']} layers")
+        _check_shape("experts", experts, (n, k))
+        _check_shape("weights", weights, (n, k))
+        token_pos = _as_tensor(token_pos, torch.float32)
+        _check_shape("token_pos", token_pos, (n,))
+        _check_range("layer", layer, 0, L - info["lookahead"] - 1)
+        _check_range("experts", experts, 0, E - 1)
+        _check_range("history", history, -1, E - 1)
+        _check_range("prev", prev, -1, E - 1)
+        return layer, history, experts, weights, token_pos, extra, prev
+
+    def _optional(self, value: Any, n: int, width: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+        if value is None:
+            if width:
+                raise InputError(f"this model was trained with {width} columns of {what}: pass them")
+            key = (n, 0 if dtype == torch.float32 else 1)
+            if key not in self._empty:
+                self._empty[key] = torch.zeros((n, 0), dtype=dtype)
+            return self._empty[key]
+        tensor = _as_tensor(value, dtype)
+        _check_shape(what, tensor, (n, width))
+        return tensor
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int | None, ...]) -> None:
+    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+        raise InputError(f"{name} must have shape [{', '.join('*' if s is None else str(s) for s in shape)}], "
+                         f"got {list(tensor.shape)}")
+
+
+def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
+    if tensor.numel() and (int(tensor.min()) < low or int(tensor.max()) > high):
+        bad = tensor[(tensor < low) | (tensor > high)][0].item()
+        raise InputError(f"{name}: {bad} out of range [{low}, {high}]")
+
+
+def _info(engine: EngineModule) -> dict[str, Any]:
+    return {name: getattr(engine, name) for name in ("num_layers", "num_experts", "top_k", "history_len",
+                                                     "lookahead", "num_prev", "num_extra", "position_scale")}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save archives hold a code/ folder; torch.save checkpoints do not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+class _PredictAll(nn.Module):
+    """EngineModule.predict with k = num_experts (the full ranking; a caller slices its k)."""
+
+    def __init__(self, engine: EngineModule) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine.predict(layer, history, experts, weights, token_pos, extra, prev, self.engine.num_experts)
+
+
+def _export_program(engine: EngineModule) -> torch.export.ExportedProgram:
+    n = 4
+    example = (torch.zeros(n, dtype=torch.long), torch.zeros((n, engine.history_len), dtype=torch.long),
+               torch.zeros((n, engine.top_k), dtype=torch.long), torch.full((n, engine.top_k), 1.0 / engine.top_k),
+               torch.zeros(n), torch.zeros((n, engine.num_extra)),
+               torch.zeros((n, engine.num_prev), dtype=torch.long))
+    batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    return torch.export.export(_PredictAll(engine), example, dynamic_shapes=tuple({0: batch} for _ in example))
+
+
+class _ExportedModule:
+    """A loaded .pt2 program behind the EngineModule interface Predictor calls."""
+
+    def __init__(self, program: Any) -> None:
+        self.program = program
+
+    def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        best, scores = self.program(layer, history, experts, weights, token_pos, extra, prev)
+        return best[:, :k], scores[:, :k]
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a .pt2 export returns ranked experts and probabilities, not logits; "
+                                  "use predict(), or the .pt checkpoint / a TorchScript export for logits")

@@ -1,0 +1,1 @@
+"""The offloading-engine simulation: hardware presets, the cache and link, the replay."""

@@ -1,0 +1,482 @@
+"""What a prediction buys: replay routing through a model of an expert-offloading engine.
+
+The engine decodes at batch 1, token by token, layer by layer (docs/prefetch.md has the whole
+model and why):
+
+- cache: the GPU holds `slots_per_layer` experts of each MoE layer (one cache per layer); the
+  rest live in host memory. A full cache evicts the least recently used expert (`lru`) or the one
+  this layer has used least often so far (`lfu`, ties to the least recent). The experts the
+  current layer uses, and those a prefetch names, are never evicted to make room for it.
+- link: one host-to-GPU link moving one expert in `transfer_ms`, one transfer at a time in order
+  of issue (FIFO, no pre-emption): a demand fetch waits behind the prefetches already issued.
+- compute: a layer computes for `compute_ms` once all its top-k experts have arrived; it waits
+  for a missing one (a demand fetch) and for one still in flight (a late prefetch).
+- prediction: when layer l starts, the predictor names the experts of layer l + lookahead; it
+  runs beside the layer's compute for `predictor_ms`, then the engine issues transfers for those
+  of its best `width` that are not resident, best first. Time the predictor takes beyond the
+  layer's compute delays the next layer (it cannot overlap).
+
+The replay is one compiled loop (numba) per configuration; `simulate` is arrays in, counters
+out, so tests build cases by hand. `build_replay` assembles the arrays from a trace and a
+predictions file, `run_all` runs the bounds `on_demand` (no prediction) and `perfect` (the true
+experts of layer l + lookahead, free) beside every predictor, `study` adds the plots' sweeps, and
+`prefetch_metrics` turns the counters into the stage's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit
+from tqdm import tqdm
+
+from routecast.config.params import ParamsError, SimulateParams
+from routecast.data.predictions import Predictions, PredictionsError
+from routecast.data.traces import Traces
+
+log = logging.getLogger(__name__)
+
+BOUNDS = ("on_demand", "perfect")
+MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values over its range
+
+# Counters `_replay` returns, by index.
+(_HITS, _IN_FLIGHT, _ACCESSES, _FETCHES, _PREFETCHES, _USEFUL, _REFETCHES, _WAIT, _OVERHEAD, _TOTAL, _LAYERS,
+ _MISSING) = range(12)
+_N_COUNTERS = 12
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine configuration (times in ms, sizes in MB)."""
+
+    slots_per_layer: int
+    width: int  # prefetched experts per layer: the predictor's best `width` that are not resident
+    eviction: str  # lru | lfu
+    transfer_ms: float  # one expert over the link
+    compute_ms: float  # one layer's compute once its experts are resident
+    expert_mb: float
+
+    @classmethod
+    def from_params(cls, params: SimulateParams, top_k: int) -> Engine:
+        hw = params.hardware()
+        return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k), eviction=params.cache.eviction,
+                   # MB / (GB/s) is ms; an infinite bandwidth moves an expert in no time
+                   transfer_ms=hw.expert_mb / hw.gb_per_s, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Counters of one replay, and the metrics derived from them."""
+
+    engine: Engine
+    tokens: int
+    layers: int  # (token, layer) steps computed
+    missing_layers: int  # (token, layer) steps the trace has no row for: skipped
+    accesses: int  # experts the layers needed
+    hits: int  # ... already resident when the layer asked for them
+    in_flight: int  # ... prefetched but still on the link (the layer waits; no demand fetch)
+    fetches: int  # transfers, demand and prefetch
+    prefetches: int
+    useful_prefetches: int  # prefetched experts used before they were evicted
+    refetches: int  # transfers of an expert this layer's cache had held before
+    wait_ms: float  # layers waiting for experts
+    predictor_overhead_ms: float  # predictor time beyond the layers' compute
+    total_ms: float
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        return self.useful_prefetches / self.prefetches if self.prefetches else None
+
+    @property
+    def mb_per_token(self) -> float:
+        return self.fetches * self.engine.expert_mb / self.tokens
+
+    @property
+    def stall_ms(self) -> float:
+        """Critical-path time not spent computing: waiting for experts plus predictor overhead."""
+        return self.wait_ms + self.predictor_overhead_ms
+
+    @property
+    def stall_ms_per_token(self) -> float:
+        return self.stall_ms / self.tokens
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.total_ms / self.tokens
+
+
+@njit(cache=True)
+def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out):
+    """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full."""
+    if count[layer] >= slots:
+        victim = -1
+        for v in range(resident.shape[1]):
+            if not resident[layer, v] or protect[v]:
+                continue
+            if victim < 0:
+                victim = v
+            elif lfu and uses[layer, v] != uses[layer, victim]:
+                if uses[layer, v] < uses[layer, victim]:
+                    victim = v
+            elif stamp[layer, v] < stamp[layer, victim]:
+                victim = v
+        if victim < 0:
+            raise RuntimeError("every cached expert is protected: slots_per_layer < top_k or width > slots")
+        resident[layer, victim] = False
+        pending[layer, victim] = False  # a prefetch evicted unused: wasted
+    else:
+        count[layer] += 1
+    resident[layer, expert] = True
+    if fetched[layer, expert]:
+        out[_REFETCHES] += 1
+    fetched[layer, expert] = True
+
+
+@njit(cache=True)
+def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, compute_ms, predictor_ms):
+    """One replay. truth: [T, L, K] true experts (-1: no row); cand: [T, L, W] the experts to prefetch
+    for layer l + lookahead, decided at layer l, best first (-1: none). Returns the counters."""
+    n_tokens, n_layers, k = truth.shape
+    width = cand.shape[2]
+    out = np.zeros(_N_COUNTERS)
+    resident = np.zeros((n_layers, num_experts), np.bool_)
+    count = np.zeros(n_layers, np.int64)  # resident experts per layer
+    ready = np.zeros((n_layers, num_experts))  # when the expert's latest transfer lands
+    stamp = np.zeros((n_layers, num_experts), np.int64)  # last insertion or use (LRU order)
+    uses = np.zeros((n_layers, num_experts), np.int64)  # uses so far, kept across evictions (LFU)
+    pending = np.zeros((n_layers, num_experts), np.bool_)  # prefetched, not used since
+    fetched = np.zeros((n_layers, num_experts), np.bool_)  # ever transferred
+    protect = np.zeros(num_experts, np.bool_)
+    clock = 0.0  # when the next layer may start
+    link = 0.0  # when the link has moved everything issued so far
+    tick = 0
+    for t in range(n_tokens):
+        for layer in range(n_layers):
+            if truth[t, layer, 0] < 0:
+                out[_MISSING] += 1
+                continue
+            # Demand: every needed expert not resident (nor on its way) queues behind the link.
+            for j in range(k):
+                protect[truth[t, layer, j]] = True
+            for j in range(k):
+                e = truth[t, layer, j]
+                out[_ACCESSES] += 1
+                if resident[layer, e]:
+                    out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
+                else:
+                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out)
+                    tick += 1
+                    stamp[layer, e] = tick
+                    link = max(clock, link) + transfer_ms
+                    ready[layer, e] = link
+                    out[_FETCHES] += 1
+            # The layer starts once all its experts have landed.
+            start = clock
+            for j in range(k):
+                e = truth[t, layer, j]
+                start = max(start, ready[layer, e])
+                tick += 1
+                stamp[layer, e] = tick
+                uses[layer, e] += 1
+                if pending[layer, e]:
+                    pending[layer, e] = False
+                    out[_USEFUL] += 1
+                protect[e] = False
+            out[_WAIT] += start - clock
+            busy = compute_ms
+            # Prefetch for layer + lookahead, issued once the predictor has run.
+            target = layer + lookahead
+            if width > 0 and target < n_layers and cand[t, layer, 0] >= 0:
+                busy = max(compute_ms, predictor_ms)
+                issue = start + predictor_ms
+                for j in range(width):
+                    if cand[t, layer, j] >= 0:
+                        protect[cand[t, layer, j]] = True
+                for j in range(width):
+                    e = cand[t, layer, j]
+                    if e >= 0 and not resident[target, e]:
+                        _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out)
+                        tick += 1
+                        stamp[target, e] = tick
+                        pending[target, e] = True
+                        link = max(issue, link) + transfer_ms
+                        ready[target, e] = link
+                        out[_FETCHES] += 1
+                        out[_PREFETCHES] += 1
+                for j in range(width):
+                    if cand[t, layer, j] >= 0:
+                        protect[cand[t, layer, j]] = False
+            out[_OVERHEAD] += busy - compute_ms
+            out[_LAYERS] += 1
+            clock = start + busy
+    out[_TOTAL] = clock
+    return out
+
+
+def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, num_experts: int,
+             lookahead: int = 1, predictor_ms: float = 0.0, compiled: bool = True) -> RunResult:
+    """Replay `truth` ([T tokens, L layers, k] true experts, -1 for a missing row) through `engine`.
+
+    `candidates` ([T, L, >= width], -1 for none) holds, for each token and layer l, the ranking made
+    during layer l for layer l + lookahead; its first `engine.width` columns are prefetched. None:
+    no prediction (on demand). `compiled=False` runs the same loop as plain Python (the benchmark's
+    reference).
+    """
+    truth = np.ascontiguousarray(truth, dtype=np.int16)
+    if truth.ndim != 3:
+        raise ValueError(f"truth must be [tokens, layers, top_k], got shape {list(truth.shape)}")
+    top_k = truth.shape[2]
+    if not top_k <= engine.slots_per_layer <= num_experts:
+        raise ValueError(f"slots_per_layer must be in [top_k, num_experts] = [{top_k}, {num_experts}], "
+                         f"got {engine.slots_per_layer}")
+    if candidates is None:
+        cand = np.full(truth.shape[:2] + (0,), -1, dtype=np.int16)
+    else:
+        if not 1 <= engine.width <= min(engine.slots_per_layer, candidates.shape[2]):
+            raise ValueError(f"width must be in [1, min(slots_per_layer, ranked experts)] = "
+                             f"[1, {min(engine.slots_per_layer, candidates.shape[2])}], got {engine.width}")
+        if candidates.shape[:2] != truth.shape[:2]:
+            raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R], got {list(candidates.shape)}")
+        cand = np.ascontiguousarray(candidates[:, :, :engine.width], dtype=np.int16)
+    for name, arr in (("truth", truth), ("candidates", cand)):
+        if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
+            raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
+    replay = _replay if compiled else _replay.py_func
+    out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, engine.eviction == "lfu",
+                 float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
+    counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
+                                                ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
+                                                ("fetches", _FETCHES),
+                                                ("prefetches", _PREFETCHES), ("useful_prefetches", _USEFUL),
+                                                ("refetches", _REFETCHES))}
+    return RunResult(engine=engine, tokens=truth.shape[0], wait_ms=float(out[_WAIT]),
+                     predictor_overhead_ms=float(out[_OVERHEAD]), total_ms=float(out[_TOTAL]), **counts)
+
+
+def perfect_candidates(truth: np.ndarray, lookahead: int) -> np.ndarray:
+    """The `perfect` bound's prefetch: at layer l, the true experts of layer l + lookahead (-1 past the end)."""
+    cand = np.full_like(truth, -1)
+    cand[:, : truth.shape[1] - lookahead] = truth[:, lookahead:]
+    return cand
+
+
+# --------------------------------------------------------------------------- the replay's arrays
+
+
+@dataclass
+class Replay:
+    """The test sequences as the engine decodes them: one row per token, sequence after sequence."""
+
+    truth: np.ndarray  # int16 [T, L, k]: true experts, highest weight first; -1 where the trace has no row
+    rankings: dict[str, np.ndarray]  # name -> int16 [T, L, R]: the ranking made at layer l for l + lookahead; -1: none
+    num_experts: int
+    lookahead: int
+    sequences: int
+    predicted_share: float  # of the steps that could carry a prediction (row present, l + lookahead < L), those that do
+
+    @property
+    def tokens(self) -> int:
+        return self.truth.shape[0]
+
+    @property
+    def missing_layers(self) -> int:
+        return int((self.truth[:, :, 0] < 0).sum())
+
+
+def build_replay(traces: Traces, predictions: Predictions, traces_where: str = "traces",
+                 predictions_where: str = "predictions") -> Replay:
+    """The test sequences' true experts at every layer (from the trace) and each predictor's rankings.
+
+    The sequences are those of the predictions file, in its order; each sequence's tokens are
+    replayed in token_pos order, every token the trace has for it.
+    """
+    tm, pm = traces.meta, predictions.meta
+    for name in ("num_layers", "num_experts", "top_k"):
+        if getattr(tm, name) != getattr(pm, name):
+            raise PredictionsError(f"{predictions_where}: {name} = {getattr(pm, name)}, but {traces_where} has "
+                                   f"{getattr(tm, name)}: were they written from the same trace?")
+    if len(predictions) == 0:
+        raise PredictionsError(f"{predictions_where}: no test samples to replay")
+    _, first = np.unique(predictions.seq_id, return_index=True)
+    seqs = predictions.seq_id[np.sort(first)]
+    absent = np.setdiff1d(seqs, traces.seq_id)
+    if len(absent):
+        raise PredictionsError(f"{predictions_where}: sequence {absent[0]} is not in {traces_where}")
+    # Rank each trace row's sequence by its place in the test order; rows of other sequences drop out.
+    order = np.argsort(seqs, kind="stable")
+    pos = np.searchsorted(seqs[order], traces.seq_id)
+    in_test = np.zeros(len(traces), dtype=bool)
+    inside = pos < len(seqs)
+    in_test[inside] = seqs[order][pos[inside]] == traces.seq_id[inside]
+    seq_rank = order[pos[in_test]].astype(np.int64)
+    token_key = (seq_rank << 32) | traces.token_pos[in_test].astype(np.int64)
+    tokens, token_index = np.unique(token_key, return_inverse=True)
+    num_layers, k = tm.num_layers, tm.top_k
+    truth = np.full((len(tokens), num_layers, k), -1, dtype=np.int16)
+    truth[token_index, traces.layer[in_test].astype(np.int64)] = traces.experts[in_test]
+
+    p_rank = order[np.searchsorted(seqs[order], predictions.seq_id)].astype(np.int64)
+    p_key = (p_rank << 32) | predictions.token_pos.astype(np.int64)
+    p_token = np.minimum(np.searchsorted(tokens, p_key), len(tokens) - 1)
+    unknown = tokens[p_token] != p_key
+    p_layer = predictions.layer.astype(np.int64)
+    unknown |= truth[p_token, p_layer, 0] < 0
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise PredictionsError(f"{predictions_where}: row {row}: (seq_id {predictions.seq_id[row]}, token_pos "
+                               f"{predictions.token_pos[row]}, layer {predictions.layer[row]}) has no row in {traces_where}")
+    rankings = {}
+    for name, ranks in predictions.rankings.items():
+        grid = np.full((len(tokens), num_layers, ranks.shape[1]), -1, dtype=np.int16)
+        grid[p_token, p_layer] = ranks
+        rankings[name] = grid
+    eligible = int((truth[:, : num_layers - pm.lookahead, 0] >= 0).sum())
+    replay = Replay(truth=truth, rankings=rankings, num_experts=tm.num_experts, lookahead=pm.lookahead,
+                    sequences=len(seqs), predicted_share=len(predictions) / eligible if eligible else 0.0)
+    log.info("replay: %d sequences, %d tokens x %d layers; %d (token, layer) rows missing from the trace (skipped); "
+             "%.1f%% of the steps that could carry a prediction have one", replay.sequences, replay.tokens, num_layers,
+             replay.missing_layers, 100 * replay.predicted_share)
+    return replay
+
+
+# --------------------------------------------------------------------------- runs, sweeps, metrics
+
+
+def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | None = None) -> dict[str, RunResult]:
+    """The bounds and every predictor under one engine; `predictor_ms` by name (absent: 0)."""
+    predictor_ms = predictor_ms or {}
+    common = {"num_experts": replay.num_experts, "lookahead": replay.lookahead}
+    results = {
+        "on_demand": simulate(replay.truth, None, engine, **common),
+        "perfect": simulate(replay.truth, perfect_candidates(replay.truth, replay.lookahead),
+                            dataclasses.replace(engine, width=replay.truth.shape[2]), **common),
+    }
+    for name, grid in replay.rankings.items():
+        results[name] = simulate(replay.truth, grid, engine, predictor_ms=predictor_ms.get(name, 0.0), **common)
+    return results
+
+
+def sweep_values(low: int, high: int, values: list[int] | None) -> list[int]:
+    """`values` as given, or every integer in [low, high] (at most MAX_SWEEP_VALUES, evenly spread)."""
+    if values is not None:
+        return sorted(values)
+    if high - low + 1 <= MAX_SWEEP_VALUES:
+        return list(range(low, high + 1))
+    return sorted({int(round(v)) for v in np.linspace(low, high, MAX_SWEEP_VALUES)})
+
+
+def sweep(replay: Replay, engines: list[Engine], predictor_ms: dict[str, float] | None = None,
+          desc: str = "sweep") -> list[dict[str, RunResult]]:
+    """`run_all` for each engine, with a progress bar."""
+    return [run_all(replay, engine, predictor_ms) for engine in tqdm(engines, desc=desc, unit="config")]
+
+
+@dataclass
+class Study:
+    """What the stage reports: every predictor at the engine, and the two sweeps the plots draw."""
+
+    results: dict[str, RunResult]
+    slots: list[int]
+    by_slots: list[dict[str, RunResult]]  # at the engine's width
+    widths: list[int]
+    by_width: list[dict[str, RunResult]]  # at the engine's slots
+
+    @property
+    def replays(self) -> int:
+        return len(self.results) * (1 + len(self.slots) + len(self.widths))
+
+
+def study(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | None = None,
+          slots: list[int] | None = None, widths: list[int] | None = None) -> Study:
+    """`run_all` at `engine`, then over cache slots (default: max(top_k, width) .. num_experts) and over
+    prefetch widths (default: 1 .. slots_per_layer)."""
+    slots = sweep_values(max(replay.truth.shape[2], engine.width), replay.num_experts, slots)
+    widths = sweep_values(1, engine.slots_per_layer, widths)
+    return Study(
+        results=run_all(replay, engine, predictor_ms),
+        slots=slots,
+        by_slots=sweep(replay, [dataclasses.replace(engine, slots_per_layer=s) for s in slots], predictor_ms,
+                       desc="slots sweep"),
+        widths=widths,
+        by_width=sweep(replay, [dataclasses.replace(engine, width=w) for w in widths], predictor_ms,
+                       desc="width sweep"),
+    )
+
+
+def gap_closed(results: dict[str, RunResult], name: str) -> float | None:
+    """(stall on_demand - stall name) / (stall on_demand - stall perfect); None when perfect stalls no less
+    than on_demand (nothing to close: a fast link or a cache holding every needed expert)."""
+    base, best = results["on_demand"].stall_ms, results["perfect"].stall_ms
+    gap = base - best
+    if gap <= 1e-9 * max(base, 1.0):
+        return None
+    return (base - results[name].stall_ms) / gap
+
+
+def prefetch_metrics(results: dict[str, RunResult]) -> dict[str, dict[str, float | None]]:
+    """Per bound and predictor: what `metrics/prefetch.json` holds."""
+    base_ms = results["on_demand"].ms_per_token
+    return {name: {
+        "hit_rate": r.hit_rate,
+        "prefetch_precision": r.prefetch_precision,
+        "mb_per_token": r.mb_per_token,
+        "stall_ms_per_token": r.stall_ms_per_token,
+        "ms_per_token": r.ms_per_token,
+        "speedup_vs_on_demand": base_ms / r.ms_per_token,
+        "gap_closed": gap_closed(results, name),
+    } for name, r in results.items()}
+
+
+@dataclass
+class SimulationResult:
+    metrics: dict[str, Any]  # metrics/prefetch.json
+    slots_rows: list[list[Any]]  # (slots, predictor, stall_ms_per_token, hit_rate, mb_per_token)
+    width_rows: list[list[Any]]  # (width, predictor, hit_rate, stall_ms_per_token, prefetch_precision)
+
+
+def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulateParams, traces_where: str = "traces",
+                      predictions_where: str = "predictions") -> SimulationResult:
+    """The simulate_prefetch stage: every predictor and bound at the configured engine, and the sweeps."""
+    meta = predictions.meta
+    sim.check_shape(meta.num_experts, meta.top_k)
+    unknown = sorted(set(sim.prefetch.predictor_ms) - set(predictions.rankings))
+    if unknown:
+        raise ParamsError(f"simulate.prefetch.predictor_ms.{unknown[0]}",
+                          f"no such predictor in {predictions_where} (have {', '.join(predictions.rankings)})")
+    replay = build_replay(traces, predictions, traces_where, predictions_where)
+    engine = Engine.from_params(sim, meta.top_k)
+    predictor_ms = {name: sim.prefetch.ms_for(name) for name in predictions.rankings}
+    log.info("engine: preset %s, %s; one expert %.2f ms over the link, %.3f ms compute per layer",
+             sim.preset, engine, engine.transfer_ms, engine.compute_ms)
+    start = time.perf_counter()
+    done = study(replay, engine, predictor_ms, sim.sweep.slots, sim.sweep.width)
+    elapsed = time.perf_counter() - start
+    steps = done.replays * replay.tokens * replay.truth.shape[1]
+    log.info("%d replays of %d token-layer steps each in %.1fs (%.2fM steps/s, JIT compile or cache load included)",
+             done.replays, replay.tokens * replay.truth.shape[1], elapsed, steps / elapsed / 1e6)
+    metrics: dict[str, Any] = prefetch_metrics(done.results)
+    for name, m in metrics.items():
+        gap = "-" if m["gap_closed"] is None else f"{m['gap_closed']:.3f}"
+        log.info("%-16s hit %.3f  stall %8.2f ms/token  %8.1f MB/token  speedup %.3f  gap closed %s", name,
+                 m["hit_rate"], m["stall_ms_per_token"], m["mb_per_token"], m["speedup_vs_on_demand"], gap)
+    metrics["replay"] = {"sequences": replay.sequences, "tokens": replay.tokens,
+                         "missing_layers": replay.missing_layers, "predicted_share": replay.predicted_share}
+    metrics["engine"] = {"expert_mb": engine.expert_mb, "transfer_ms": engine.transfer_ms,
+                         "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
+                         "width": engine.width}
+    names = [*BOUNDS, *predictions.rankings]
+    return SimulationResult(
+        metrics,
+        [[s, n, r[n].stall_ms_per_token, r[n].hit_rate, r[n].mb_per_token]
+         for s, r in zip(done.slots, done.by_slots) for n in names],
+        [[w, n, r[n].hit_rate, r[n].stall_ms_per_token, r[n].prefetch_precision]
+         for w, r in zip(done.widths, done.by_width) for n in names])
