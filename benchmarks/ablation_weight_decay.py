@@ -13,14 +13,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 from common import machine, write_result  # noqa: E402
 
-import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+# isort: split
 import torch  # noqa: E402
 
 from routecast import training  # noqa: E402
-from routecast.data.features import encode_features  # noqa: E402
 from routecast.config.params import load_params  # noqa: E402
+from routecast.data.features import encode_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
 from routecast.sources.synthetic import generate  # noqa: E402
 
@@ -44,7 +45,8 @@ def main() -> None:
         for variant, optimizer in (("matrices_only", grouped), ("every_parameter", decay_everything)):
             training.configure_optimizer = optimizer
             result = training.fit_predictor(model, params.train, fit, val, desc=f"{name} {variant}")
-            results.setdefault(name, {})[variant] = {"best_val_top2": result.best_value, "best_epoch": result.best_epoch}
+            results.setdefault(name, {})[variant] = {"best_val_top2": result.best_value,
+                                                     "best_epoch": result.best_epoch}
             print(name, variant, round(result.best_value, 4), flush=True)
         training.configure_optimizer = grouped
         results[name]["delta"] = results[name]["matrices_only"]["best_val_top2"] - \

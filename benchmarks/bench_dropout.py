@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 from common import machine, write_result  # noqa: E402
 
-import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+# isort: split
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -47,9 +48,11 @@ class NumpyMaskDropout(nn.Dropout):
 
 def batch(rng: np.random.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     layer = torch.from_numpy(rng.integers(0, 31, BATCH))
-    history = torch.where(torch.arange(32)[None] <= layer[:, None], torch.from_numpy(rng.integers(1, 9, (BATCH, 32))), 0)
+    history = torch.where(torch.arange(32)[None] <= layer[:, None],
+                          torch.from_numpy(rng.integers(1, 9, (BATCH, 32))), 0)
     x = (layer, torch.from_numpy(rng.integers(0, 8, BATCH)), torch.from_numpy(rng.integers(1, 9, BATCH)), history,
-         torch.from_numpy(rng.random((BATCH, 2), dtype=np.float32)), torch.from_numpy(rng.random(BATCH, dtype=np.float32)),
+         torch.from_numpy(rng.random((BATCH, 2), dtype=np.float32)),
+         torch.from_numpy(rng.random(BATCH, dtype=np.float32)),
          torch.zeros(BATCH, 0, dtype=torch.long), torch.zeros(BATCH, 0))
     return x, torch.from_numpy(rng.integers(0, 8, BATCH))
 

@@ -20,12 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the per-row reference encoder
 from common import best_of, machine, write_result  # noqa: E402
-
-from routecast.data.features import encode_features
 from reference_encoder import encode_features_reference  # noqa: E402
 from routecast.config.params import FeaturesParams, SyntheticParams
-from routecast.sources.synthetic import generate
+from routecast.data.features import encode_features
 from routecast.data.traces import Traces
+from routecast.sources.synthetic import generate
 
 
 def prefix(traces: Traces, num_sequences: int) -> Traces:
@@ -42,7 +41,8 @@ def main() -> None:
     parser.add_argument("--reference-sequences", type=int, default=24)
     args = parser.parse_args()
     info = machine()
-    traces, _ = generate(SyntheticParams(num_sequences=args.num_sequences, tokens_per_sequence=args.tokens_per_sequence))
+    traces, _ = generate(SyntheticParams(num_sequences=args.num_sequences,
+                                         tokens_per_sequence=args.tokens_per_sequence))
     params = FeaturesParams()
     n = len(encode_features(traces, params))
     best, times = best_of(lambda: encode_features(traces, params), args.repeats)

@@ -85,7 +85,7 @@ def generate_log(path: Path, sequences: int, tokens: int, seed: int = 0, chunk: 
 CHILD = """
 import json, resource, sys, time
 log, out, reference_rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
-from routecast.sources.importers import import_logs
+from routecast.sources.logs import import_logs
 from routecast.config.params import LogsParams
 start = time.perf_counter()
 report = import_logs(LogsParams(path=log, model="bench"), out)

@@ -29,20 +29,21 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 from common import machine, write_result  # noqa: E402
 
-import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+# isort: split
 import torch  # noqa: E402
 
 from bench_predictor import latencies  # noqa: E402
-from routecast.evaluate.evaluation import ModelScorer, score_metrics  # noqa: E402
-from routecast.data.features import encode_features  # noqa: E402
-from routecast.predictors.oracle import OraclePredictor  # noqa: E402
 from routecast.config.params import GRUParams, MixtureParams, ModelParams, load_params  # noqa: E402
-from routecast.predictors.serve import Predictor  # noqa: E402
+from routecast.data.features import encode_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
-from routecast.sources.synthetic import generate  # noqa: E402
+from routecast.evaluate.evaluation import ModelScorer, score_metrics  # noqa: E402
 from routecast.fit.training import fit_predictor, split_train_val  # noqa: E402
+from routecast.predictors.oracle import OraclePredictor  # noqa: E402
+from routecast.predictors.serve import Predictor  # noqa: E402
+from routecast.sources.synthetic import generate  # noqa: E402
 
 SEED_MLP = ModelParams(lr=5.36e-4, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 CONFIGS = {
@@ -86,7 +87,8 @@ def run(kind: str, target: str, params, fit, val, test, oracle_top2: float, late
            sum(b.numel() for b in result.model.buffers())}
     if latency:
         row["engine_p50_us_batch64_1thread"] = engine_p50_us(result.model, test)
-    print(f"{kind:10s} {target:7s} {epochs} epochs: top-2 {row['top2']:.4f} ({row['top2_vs_oracle']:.3f} of the oracle), "
+    print(f"{kind:10s} {target:7s} {epochs} epochs: top-2 {row['top2']:.4f} "
+          f"({row['top2_vs_oracle']:.3f} of the oracle), "
           f"set recall {row['set_recall']:.4f}, {row['samples_per_second']:.0f} samples/s", flush=True)
     return row
 

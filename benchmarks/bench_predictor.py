@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 from common import machine, write_result  # noqa: E402
 
-import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+# isort: split
 import torch  # noqa: E402
 
 from routecast.predictors.mixture import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
@@ -102,11 +103,11 @@ def main() -> None:
         pt2 = Predictor.load(predictor.export(tmp / f"{slug}.pt2"))
         params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
         variants = {
-            "eager_module": lambda a, m: torch.softmax(model(*m), 1).topk(K),
-            "engine_eager": lambda a, m: predictor.module.predict(*a, K),
-            "torchscript": lambda a, m: ts.module.predict(*a, K),
-            "torch_export_pt2": lambda a, m: pt2.module.predict(*a, K),
-            "Predictor.predict(pt2)": lambda a, m: pt2.predict(*a[:5], k=K),
+            "eager_module": lambda a, m, model=model: torch.softmax(model(*m), 1).topk(K),
+            "engine_eager": lambda a, m, predictor=predictor: predictor.module.predict(*a, K),
+            "torchscript": lambda a, m, ts=ts: ts.module.predict(*a, K),
+            "torch_export_pt2": lambda a, m, pt2=pt2: pt2.module.predict(*a, K),
+            "Predictor.predict(pt2)": lambda a, m, pt2=pt2: pt2.predict(*a[:5], k=K),
         }
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -114,7 +115,7 @@ def main() -> None:
                 a = engine_inputs(n, rng)
                 m = module_inputs(a)
                 with torch.inference_mode():
-                    row = {v: latencies(lambda fn=fn: fn(a, m), args.seconds) for v, fn in variants.items()}
+                    row = {v: latencies(lambda fn=fn, a=a, m=m: fn(a, m), args.seconds) for v, fn in variants.items()}
                 results[f"{name}/threads{threads}/batch{n}"] = {**row, "parameters": params}
                 print(f"{name} threads={threads} batch={n}: " + ", ".join(
                     f"{v} p50 {r['p50_us']:.0f}" for v, r in row.items()), flush=True)

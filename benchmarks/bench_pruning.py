@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from routecast.data.features import encode_features, write_features
 from routecast.config.params import load_params
+from routecast.data.features import encode_features, write_features
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
 from routecast.fit.training import set_threads
 from routecast.fit.tuning import file_digest, tune
+from routecast.sources.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

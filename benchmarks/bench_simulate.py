@@ -27,7 +27,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine, write_result  # noqa: E402
-
 from routecast.config.params import SimulateParams, SyntheticParams
 from routecast.sim.prefetch import Engine, Replay, perfect_candidates, simulate, study
 from routecast.sources.synthetic import generate
@@ -69,7 +68,8 @@ def make_replay(tokens: int, predictors: int, seed: int = 0) -> Replay:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2560, help="test tokens replayed (the default split will hold ~2,500)")
+    parser.add_argument("--tokens", type=int, default=2560,
+                        help="test tokens replayed (the default split will hold ~2,500)")
     parser.add_argument("--predictors", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-tokens", type=int, default=64)

@@ -27,20 +27,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
 from common import machine, write_result  # noqa: E402
 
-import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
+# isort: split
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from routecast.config.params import FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams, TrainParams  # noqa: E402
 from routecast.data.batches import sample_inputs  # noqa: E402
 from routecast.data.features import encode_features  # noqa: E402
-from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
-from routecast.config.params import (FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams,  # noqa: E402
-                              TrainParams)
 from routecast.data.split import split_features  # noqa: E402
-from routecast.sources.synthetic import generate  # noqa: E402
 from routecast.fit.training import fit_predictor, model_config, split_train_val  # noqa: E402
+from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
+from routecast.sources.synthetic import generate  # noqa: E402
 
 TUNED = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 BASELINE = ModelParams(lr=0.001, layer_emb=10, expert_emb=5, architecture=[256, 128, 64], dropout=0.2)
@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--profile", action="store_true",
-                        help="print a torch.profiler table (self CPU) of 30 training steps of the tuned model; no timing")
+                        help="print a torch.profiler table (self CPU) of 30 training steps of the tuned model; "
+                             "no timing")
     args = parser.parse_args()
     info = machine()
     torch.set_num_threads(args.threads)

@@ -9,18 +9,23 @@ passing check reruns nothing downstream.
 
 import argparse
 
-from routecast.pipeline.artifacts import atomic_write_text
 from routecast.config.params import load_params
+from routecast.pipeline.artifacts import atomic_write_text
 from routecast.pipeline.stage import stage
 
 # Never change this text: every stage depends on the file, and new content would rerun them all.
 CHECKED = "params.yaml passed routecast.config.params.load_params (stages/check_params.py)\n"
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("params", help="the params file (params.yaml)")
     parser.add_argument("--out", required=True, help="written when the params are valid; other stages depend on it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with stage("check_params"):
         load_params(args.params)
         atomic_write_text(args.out, CHECKED)
+
+
+if __name__ == "__main__":
+    main()

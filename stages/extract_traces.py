@@ -3,14 +3,19 @@
 import argparse
 
 from routecast.config.params import load_params
-from routecast.sources.extract import extract_traces
 from routecast.pipeline.stage import stage
+from routecast.sources.extract import extract_traces
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="the canonical trace (Parquet)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with stage("extract_traces"):
         params = load_params(args.params)
         extract_traces(params.extract, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,14 +2,16 @@
 
 import argparse
 
-from routecast.pipeline.artifacts import write_csv, write_json
 from routecast.config.params import load_params
 from routecast.data.predictions import read_predictions
-from routecast.sim.prefetch import simulate_prefetch
-from routecast.pipeline.stage import stage
 from routecast.data.traces import read_traces
+from routecast.pipeline.artifacts import write_csv, write_json
+from routecast.pipeline.stage import stage
+from routecast.sim.names import SLOTS_COLUMNS, WIDTH_COLUMNS
+from routecast.sim.prefetch import simulate_prefetch
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--traces", required=True, help="the canonical trace: the test sequences' true experts")
     parser.add_argument("--predictions", required=True, help="every predictor's ranked experts per test sample")
@@ -17,12 +19,14 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", required=True, help="JSON: per predictor and bound, at the configured engine")
     parser.add_argument("--slots-plot", required=True, help="CSV (slots, predictor, ...): stall against cache slots")
     parser.add_argument("--width-plot", required=True, help="CSV (width, predictor, ...): hit rate against width")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with stage("simulate_prefetch"):
         result = simulate_prefetch(read_traces(args.traces), read_predictions(args.predictions),
                                    load_params(args.params).simulate, args.traces, args.predictions)
         write_json(args.metrics, result.metrics)
-        write_csv(args.slots_plot, ["slots", "predictor", "stall_ms_per_token", "hit_rate", "mb_per_token"],
-                  result.slots_rows)
-        write_csv(args.width_plot, ["width", "predictor", "hit_rate", "stall_ms_per_token", "prefetch_precision"],
-                  result.width_rows)
+        write_csv(args.slots_plot, SLOTS_COLUMNS, result.slots_rows)
+        write_csv(args.width_plot, WIDTH_COLUMNS, result.width_rows)
+
+
+if __name__ == "__main__":
+    main()

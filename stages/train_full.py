@@ -9,20 +9,21 @@ import math
 
 from dvclive import Live
 
-from routecast.predictors.checkpoints import save_checkpoint
-from routecast.data.features import read_features
 from routecast.config.params import load_params
-from routecast.pipeline.stage import stage
+from routecast.data.features import read_features
 from routecast.fit.training import fit_predictor, split_train_val
+from routecast.pipeline.stage import stage
+from routecast.predictors.checkpoints import save_checkpoint
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=["baseline", "tuned"], help="which params block builds the model")
     parser.add_argument("--train", required=True, help="train split (Parquet)")
     parser.add_argument("--out", required=True, help="model file")
     parser.add_argument("--live", required=True, help="DVCLive directory for the per-epoch metrics")
     parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with stage(f"train_full {args.name}"):
         params = load_params(args.params)
         model_params = params.model(args.name)
@@ -43,3 +44,7 @@ if __name__ == "__main__":
         save_checkpoint(args.out, result.model,
                         {"history": result.history, "best_epoch": result.best_epoch, "best_value": result.best_value,
                          "position_scale": fit.meta.position_scale, "target": params.train.target})
+
+
+if __name__ == "__main__":
+    main()

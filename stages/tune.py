@@ -11,14 +11,15 @@ import logging
 
 from dvclive import Live
 
-from routecast.pipeline.artifacts import write_csv, write_json
-from routecast.data.features import read_features
 from routecast.config.params import load_params, write_tuned
-from routecast.pipeline.stage import stage
+from routecast.data.features import read_features
 from routecast.fit.study_storage import redact
 from routecast.fit.tuning import file_digest, importance_rows, intermediate_rows, study_name, tune, tune_worker
+from routecast.pipeline.artifacts import write_csv, write_json
+from routecast.pipeline.stage import stage
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("train", help="train split (Parquet)")
     parser.add_argument("--worker", action="store_true", help="only run trials of the study; write no outputs")
@@ -28,7 +29,7 @@ if __name__ == "__main__":
     parser.add_argument("--importances", help="CSV: fANOVA importance per parameter")
     parser.add_argument("--intermediate", help="CSV: every value a trial reported (trial, epoch, value, state)")
     parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     outputs = ("study_dir", "metrics", "live", "importances", "intermediate")
     if not args.worker and any(getattr(args, name) is None for name in outputs):
         parser.error("the tune stage needs --" + ", --".join(n.replace("_", "-") for n in outputs) +
@@ -61,3 +62,7 @@ if __name__ == "__main__":
             write_csv(args.intermediate, ["trial", "epoch", "value", "state"], intermediate_rows(result.trials))
             write_json(args.metrics, result.summary)
             logging.getLogger("routecast").info("tuned: %s", result.best)
+
+
+if __name__ == "__main__":
+    main()

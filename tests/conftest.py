@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import routecast  # noqa: F401  -- first: it pins torch's CPU code paths before torch loads (see its __init__)
 from ruamel.yaml import YAML
+
+import routecast  # noqa: F401  -- before any test module loads torch: it pins torch's CPU code paths (its __init__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
@@ -38,6 +38,8 @@ def set_params(path: Path, updates: dict[str, object]) -> None:
         node = doc
         *parents, leaf = dotted.split(".")
         for key in parents:
+            if node.get(key) is None:  # an empty block (`mlp:`, its defaults) gets its first key
+                node[key] = {}
             node = node[key]
         node[leaf] = value
     with open(path, "w") as fh:
@@ -50,7 +52,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 

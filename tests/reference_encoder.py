@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from routecast.data.features import FeatureMeta, Features
 from routecast.config.params import FeaturesParams
+from routecast.data.features import FeatureMeta, Features
 from routecast.data.traces import Traces
 
 

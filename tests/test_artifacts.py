@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from routecast.pipeline import artifacts
-from routecast.pipeline import procs
-from routecast.pipeline.artifacts import atomic_write_text, save_torch, write_csv, write_json
 from routecast.config.params import load_params, write_tuned
+from routecast.pipeline import artifacts, procs
+from routecast.pipeline.artifacts import atomic_write_text, save_torch, write_csv, write_json
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda m: f"umask{m:03o}")

@@ -13,8 +13,10 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import ROOT, set_params
-from routecast.config.params import ModelParams, FloatRange, IntRange, Params, ParamsError, SearchSpace, UnitsRange, load_params
+from routecast.config.fields import FloatRange, IntRange
+from routecast.config.params import Params, ParamsError, SearchSpace, load_params
 from routecast.fit.tuning import suggest_config
+from routecast.predictors.mlp import MLPSpace, UnitsRange
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def rejected(path: Path) -> ParamsError:
 
 
 @pytest.mark.parametrize("key", ["train.weight_decay", "features.position_scale", "tune.timeout",
-                                 "tune.search_space.lr.high", "tune.search_space.dropout.low", "baseline.lr",
+                                 "tune.search_space.mlp.lr.high", "tune.search_space.gru.dropout.low", "baseline.mlp.lr",
                                  "train.lr_factor", "extract.synthetic.spec_noise"])
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_non_finite_floats_are_refused_everywhere(params_file: Path, key: str, value: float) -> None:
@@ -65,11 +67,10 @@ def test_largest_64_bit_int_passes(params_file: Path) -> None:
 
 
 def space(first: list[int], later: list[int]) -> SearchSpace:
-    return SearchSpace(lr=FloatRange(1e-3, 1e-2, True), layer_emb=IntRange(2, 4), expert_emb=IntRange(2, 4),
-                       n_layers=IntRange(2, 4), units=UnitsRange(first, later), dropout=FloatRange(0.0, 0.5))
-
-
-BASE = ModelParams(lr=1e-3, layer_emb=3, expert_emb=3, architecture=[64], dropout=0.1)  # the MLP kind (the default)
+    return SearchSpace.of(mlp=MLPSpace(lr=FloatRange(1e-3, 1e-2, True), layer_emb=IntRange(2, 4),
+                                       expert_emb=IntRange(2, 4), n_layers=IntRange(2, 4),
+                                       units=UnitsRange(IntRange(*first), IntRange(*later)),
+                                       dropout=FloatRange(0.0, 0.5)))
 
 
 def widest_later_ratio(s: SearchSpace, n: int = 300) -> float:
@@ -78,7 +79,7 @@ def widest_later_ratio(s: SearchSpace, n: int = 300) -> float:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     ratio = 0.0
     for _ in range(n):
-        widths = suggest_config(study.ask(), s, BASE).architecture
+        widths = suggest_config(study.ask(), s).config.architecture
         ratio = max([ratio, *(b / a for a, b in zip(widths, widths[1:]))])
     return ratio
 
@@ -95,10 +96,10 @@ def test_accepted_spaces_never_widen(first: list[int], later: list[int]) -> None
 def test_a_later_low_above_the_first_low_is_refused_because_it_widens(params_file: Path) -> None:
     bad = space([32, 512, 32], [64, 512, 32])
     assert widest_later_ratio(bad) > 1.0  # what the rule prevents: a 32-wide layer followed by a 64-wide one
-    set_params(params_file, {"tune.search_space.units.first": [32, 512, 32],
-                             "tune.search_space.units.later": [64, 512, 32]})
+    set_params(params_file, {"tune.search_space.mlp.units.first": {"low": 32, "high": 512, "step": 32},
+                             "tune.search_space.mlp.units.later": {"low": 64, "high": 512, "step": 32}})
     err = rejected(params_file)
-    assert err.key == "tune.search_space.units.later" and "must be <= first's low (32)" in str(err)
+    assert err.key == "tune.search_space.mlp.units.later" and "must be <= first's low (32)" in str(err)
 
 
 # --------------------------------------------------------------------------- dvc.yaml wiring

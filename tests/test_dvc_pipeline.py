@@ -105,8 +105,8 @@ def committed_clone(pipeline_repo: Path, dest: Path) -> Path:
 
 def outputs(repo: Path) -> dict[str, bytes]:
     """Every pipeline output (data/ and metrics/) but the params checks' markers, by path."""
-    return {str(p.relative_to(repo)): p.read_bytes() for top in ("data", "metrics") for p in sorted((repo / top).rglob("*"))
-            if p.is_file() and not p.name.endswith(".checked")}
+    return {str(p.relative_to(repo)): p.read_bytes() for top in ("data", "metrics")
+            for p in sorted((repo / top).rglob("*")) if p.is_file() and not p.name.endswith(".checked")}
 
 
 @pytest.mark.parametrize("override, check, message", [
@@ -141,7 +141,8 @@ def test_a_bad_log_keeps_the_last_good_trace(pipeline_repo: Path, tmp_path: Path
     """Bad input found only while extract_traces runs: its output is `persist: true` and written
     atomically, so under `dvc exp run` the last good trace (and all else) stays byte-identical."""
     repo = committed_clone(pipeline_repo, tmp_path / "repo")
-    (repo / "bad.jsonl").write_text('{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], "gating_probs": [0.6, 0.4]}\nnot json\n')
+    (repo / "bad.jsonl").write_text('{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [1, 2], '
+                                    '"gating_probs": [0.6, 0.4]}\nnot json\n')
     before = outputs(repo)
     proc = run(["dvc", "exp", "run", "-S", "extract.source=import", "-S", "extract.logs.path=bad.jsonl"], repo,
                check=False)

@@ -8,11 +8,11 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from routecast.data.features import Features, encode_features
-from routecast.config.params import FeaturesParams, SyntheticParams
-from routecast.sources.synthetic import generate
-from routecast.data.traces import TraceError, Traces
 from reference_encoder import encode_features_reference
+from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.data.features import Features, encode_features
+from routecast.data.traces import TraceError, Traces
+from routecast.sources.synthetic import generate
 
 
 def small_trace(spec: bool, num_sequences: int = 4, tokens: int = 9, layers: int = 6) -> Traces:

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from routecast.config.params import FeaturesParams, SyntheticParams
 from routecast.data import features as features_module
 from routecast.data.features import encode_features, encode_features_file, features_to_table, write_features
-from routecast.config.params import FeaturesParams, SyntheticParams
-from routecast.sources.synthetic import generate
 from routecast.data.traces import TraceMeta, Traces, read_traces, write_traces
+from routecast.sources.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

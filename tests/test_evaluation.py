@@ -9,13 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routecast.evaluate.evaluation import METRICS, Scored, SequenceBootstrap, evaluate, per_layer_top2, score_metrics, summarise
-from routecast.evaluate.scoring import ranked, sample_hits
-from routecast.data.features import FeatureMeta, Features, encode_features
 from routecast.config.params import EvaluateParams, ExtraTest, FeaturesParams, LogsParams, SplitParams, SyntheticParams
+from routecast.data.features import FeatureMeta, Features, encode_features
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
 from routecast.data.traces import TraceError, write_traces
+from routecast.evaluate.evaluation import (
+    METRICS,
+    Scored,
+    SequenceBootstrap,
+    evaluate,
+    per_layer_top2,
+    score_metrics,
+    summarise,
+)
+from routecast.evaluate.scoring import ranked, sample_hits
+from routecast.sources.synthetic import generate
 
 
 def hand_features(target, target_set, layer=None, seq_id=None, num_experts=4) -> Features:
@@ -109,7 +117,8 @@ def test_summary_has_intervals_paired_differences_and_oracle_ratio() -> None:
         assert out[name]["top2_lo"] <= out[name]["top2"] <= out[name]["top2_hi"]
         assert out[name]["n_test_sequences"] == 30
     diff = out["tuned"]["vs"]["lookup_3"]
-    assert diff["top2_diff"] == pytest.approx(scored["tuned"].hits["top2"].mean() - scored["lookup_3"].hits["top2"].mean())
+    assert diff["top2_diff"] == pytest.approx(scored["tuned"].hits["top2"].mean()
+                                              - scored["lookup_3"].hits["top2"].mean())
     assert 0 < diff["top2_diff_lo"] <= diff["top2_diff"] <= diff["top2_diff_hi"]  # 20 points apart: clearly real
     ratio = scored["tuned"].hits["top2"].mean() / scored["oracle"].hits["top2"].mean()
     assert out["tuned"]["top2_vs_oracle"] == pytest.approx(ratio)
@@ -139,7 +148,8 @@ def test_validation_scores_sit_beside_the_test_ones(small_run) -> None:
     assert set(validation) == {"frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle"}
     assert validation["lookup_3"]["n"] == len(val)
     from routecast.predictors.references import LookupPredictor
-    assert validation["lookup_3"]["top2"] == pytest.approx(score_metrics(LookupPredictor(3).fit(fit).scores(val), val)["top2"])
+    lookup_3 = LookupPredictor(3).fit(fit)
+    assert validation["lookup_3"]["top2"] == pytest.approx(score_metrics(lookup_3.scores(val), val)["top2"])
 
 
 def extra_test_params(tmp_path: Path, name: str, synthetic: SyntheticParams) -> EvaluateParams:

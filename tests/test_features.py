@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from routecast.data.features import encode_features, read_features, write_features
 from routecast.config.params import FeaturesParams, SyntheticParams
-from routecast.sources.synthetic import generate
+from routecast.data.features import encode_features, read_features, write_features
 from routecast.data.traces import TraceError, Traces
+from routecast.sources.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,21 @@ def test_parquet_round_trip(traces: Traces, tmp_path: Path) -> None:
     assert back.meta == feats.meta
     for name in ("layer", "secondary", "gating", "history", "position", "target", "target_set", "spec_logits"):
         assert np.array_equal(getattr(back, name), getattr(feats, name)), name
+
+
+def test_samples_read_from_parquet_become_tensors_without_a_warning(traces: Traces, tmp_path: Path) -> None:
+    """Parquet columns are read-only views of Arrow's buffers; `torch.from_numpy` warns on those
+    (every training run printed it). sample_inputs copies just those it must, and shares nothing
+    read-only with torch."""
+    from routecast.data.batches import sample_inputs
+
+    feats = encode_features(traces, FeaturesParams(prev_token=True))
+    write_features(tmp_path / "f.parquet", feats)
+    back = read_features(tmp_path / "f.parquet")
+    assert not back.gating.flags.writeable  # the case this is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inputs = sample_inputs(back, use_prev=True, use_extra=True)
+    assert np.array_equal(inputs.gating.numpy(), feats.gating)
+    assert np.array_equal(inputs.extra.numpy(), feats.spec_logits)
+    assert np.array_equal(inputs.prev.numpy(), feats.prev_experts)

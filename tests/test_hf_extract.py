@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from routecast.config.params import ExtractParams, HFParams
-from routecast.sources.extract import extract_traces
 from routecast.data.traces import read_traces
+from routecast.sources.extract import extract_traces
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 torch = pytest.importorskip("torch")
@@ -136,6 +136,7 @@ def test_unsupported_architecture_fails_clearly() -> None:
 
 
 def test_default_pipeline_does_not_import_transformers() -> None:
-    code = ("import sys, routecast.sources.extract, routecast.sources.importers, routecast.sources.hf, routecast.config.params; "
+    code = ("import sys, routecast.sources.extract, routecast.sources.logs, routecast.sources.hf, "
+            "routecast.config.params; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from routecast.sources.importers import import_logs
 from routecast.config.params import LogsParams, SyntheticParams
-from routecast.sources.synthetic import generate
 from routecast.data.traces import TraceError, TraceMeta, Traces, read_traces, write_traces
+from routecast.sources.logs import import_logs
+from routecast.sources.synthetic import generate
 
 # derandomize: the same examples on every run (deterministic CI); no example database written.
 FUZZ = settings(max_examples=60, deadline=None, database=None, derandomize=True,

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from routecast.sources import importers
-from routecast.data.features import encode_features
-from routecast.sources.importers import import_logs
 from routecast.config.params import ExtractParams, FeaturesParams, LogFields, LogsParams, ParamsError, SyntheticParams
-from routecast.sources.extract import extract_traces
-from routecast.sources.synthetic import generate
+from routecast.data.features import encode_features
 from routecast.data.traces import TraceError, TraceWriter, read_traces, write_traces
+from routecast.sources import logs
+from routecast.sources.extract import extract_traces
+from routecast.sources.logs import import_logs
+from routecast.sources.synthetic import generate
 
 SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 MIXTRAL_LOG = SHARED_TRACES / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
@@ -169,7 +169,8 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     ("NaN weights", lambda rows: rows[9].update(gating_probs=[math.nan, 0.5]), r"line 10: weights .* not finite"),
     ("k changes", lambda rows: rows[3].update(experts=[1, 2, 3], gating_probs=[.5, .3, .2]), r"line 4: 3 experts"),
     ("duplicate row", lambda rows: rows.__setitem__(8, rows[0]), r"line 9 repeats line 1"),
-    ("layer gap", lambda rows: [r.update(layer=3) for r in rows if r["layer"] == 2], r"layer gap: no rows for layer\(s\) \[2\]"),
+    ("layer gap", lambda rows: [r.update(layer=3) for r in rows if r["layer"] == 2],
+     r"layer gap: no rows for layer\(s\) \[2\]"),
 ])
 def test_malformed_jsonl_names_file_and_line_and_writes_nothing(tmp_path: Path, name, edit, message) -> None:
     rows = grid()
@@ -232,7 +233,8 @@ def test_vllm_npy_out_of_range_names_file_token_and_layer(tmp_path: Path) -> Non
     a[2, 1] = [1, 9]
     np.save(tmp_path / "seq.npy", a)
     with pytest.raises(TraceError, match=r"seq\.npy: token 2, layer 1: expert id in \[1, 9\] out of range"):
-        import_logs(LogsParams(format="vllm_npy", path=str(tmp_path / "seq.npy"), num_experts=8), tmp_path / "t.parquet")
+        import_logs(LogsParams(format="vllm_npy", path=str(tmp_path / "seq.npy"), num_experts=8),
+                    tmp_path / "t.parquet")
     assert not (tmp_path / "t.parquet").exists()
 
 
@@ -244,7 +246,7 @@ def test_params_require_the_logs_path() -> None:
         ExtractParams(source="hf").validate("extract")
 
 
-# --------------------------------------------------------------------------- issue 14: silent corruption, unnamed errors, streaming
+# --------------------------------------------------------------- issue 14: silent corruption, unnamed errors, streaming
 
 
 def lines_of(rows: list[dict]) -> str:
@@ -329,7 +331,7 @@ def test_blocks_keep_exact_line_numbers_and_find_repeats_across_them(tmp_path: P
     path = tmp_path / "log.jsonl"
     path.write_text(text)
     import_logs(LogsParams(path=str(path)), tmp_path / "whole.parquet")
-    monkeypatch.setattr(importers, "JSON_BLOCK_BYTES", 150)  # one or two lines a block
+    monkeypatch.setattr(logs.jsonl, "JSON_BLOCK_BYTES", 150)  # one or two lines a block
     report = import_logs(LogsParams(path=str(path)), tmp_path / "blocks.parquet")
     assert pq.read_table(tmp_path / "blocks.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
     assert report["rows"] == 36 and report["blank_lines_skipped"] == 4 and report["sequences"] == 3
@@ -353,7 +355,7 @@ def test_flame_csv_non_numeric_cell_names_file_line_and_column(tmp_path: Path, m
     lines[30] = ",".join(cells)
     (folder / "layer_3.csv").write_text("\n".join(lines) + "\n")
     for block in (1 << 20, 200):  # the bad line in the first block, and well after it
-        monkeypatch.setattr(importers, "CSV_BLOCK_BYTES", block)
+        monkeypatch.setattr(logs.flame_csv, "CSV_BLOCK_BYTES", block)
         with pytest.raises(TraceError, match=r"layer_3\.csv: line 31, column expert_3: '0\.1x' is not a number"):
             import_logs(LogsParams(format="flame_csv", path=str(folder)), tmp_path / "t.parquet")
     lines[30] = ",".join(cells[:4])
@@ -419,8 +421,9 @@ def test_every_format_streams(tmp_path: Path, monkeypatch, fmt: str) -> None:
     """Rows are written while the input is read: a bad row near the end of a log is found after
     earlier rows were checked and written (to the temporary file, discarded), not before any
     write as when the whole input was read first. The earlier trace stays."""
-    for name, value in (("JSON_BLOCK_BYTES", 2000), ("CSV_BLOCK_BYTES", 1000), ("CHUNK_ROWS", 30)):
-        monkeypatch.setattr(importers, name, value, raising=False)  # raising=False: runs on the old reader too
+    for module, name, value in ((logs.jsonl, "JSON_BLOCK_BYTES", 2000), (logs.flame_csv, "CSV_BLOCK_BYTES", 1000),
+                                (logs.vllm_npy, "CHUNK_ROWS", 30), (logs.parquet, "CHUNK_ROWS", 30)):
+        monkeypatch.setattr(module, name, value)  # in the module that reads it
     if fmt == "jsonl":
         rows: list = grid(n_seq=4, n_tok=10)
         rows[-1] = '{"problem_id": 3, "layer": '
@@ -443,12 +446,14 @@ def test_every_format_streams(tmp_path: Path, monkeypatch, fmt: str) -> None:
         flat[-2:] = [0.25, 0.75]  # the last row's weights in the wrong order
         table = table.set_column(4, table.schema.field("weights"), pa.FixedSizeListArray.from_arrays(pa.array(flat), 2))
         pq.write_table(table, tmp_path / "in.parquet")
-        params, message = LogsParams(format="parquet", path=str(tmp_path / "in.parquet")), r"row 119: experts must be sorted"
+        params = LogsParams(format="parquet", path=str(tmp_path / "in.parquet"))
+        message = r"row 119: experts must be sorted"
     out = tmp_path / "t.parquet"
     out.write_bytes(b"the previous trace")
     written = []
     real_write = TraceWriter.write
-    monkeypatch.setattr(TraceWriter, "write", lambda self, *a, **k: (real_write(self, *a, **k), written.append(self.rows)))
+    monkeypatch.setattr(TraceWriter, "write",
+                        lambda self, *a, **k: (real_write(self, *a, **k), written.append(self.rows)))
     with pytest.raises(TraceError, match=message):
         import_logs(params, out)
     assert len(written) > 1 and written[-1] > 0  # several batches were checked and written before the bad one

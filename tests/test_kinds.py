@@ -3,7 +3,6 @@ checkpoint, and scores the same through the engine Predictor and its exports."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ from routecast.predictors.checkpoints import CheckpointError, load_checkpoint, s
 from routecast.evaluate.evaluation import ModelScorer
 from routecast.data.features import FeatureMeta, encode_features
 from routecast.predictors.neural import ModelConfig, build_model
-from routecast.config.params import (FeaturesParams, GRUParams, MixtureParams, ModelParams, SplitParams, SyntheticParams,
-                              TrainParams)
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.predictors.serve import Predictor
 from routecast.predictors.references import LookupPredictor
 from routecast.data.split import split_features
@@ -32,9 +30,14 @@ class Payload:  # what a crafted pickle would smuggle into a model file
 TINY_TRAIN = TrainParams(epochs=2, batch_size=64, threads=1)
 
 
-def small_params(kind: str) -> ModelParams:
-    return ModelParams(lr=3e-3, layer_emb=3, expert_emb=4, architecture=[32, 16], dropout=0.1, kind=kind,
-                       gru=GRUParams(hidden=32, emb=8, batch_tokens=16), mixture=MixtureParams(num_types=4, restarts=1))
+SMALL = {"mlp": {"lr": 3e-3, "layer_emb": 3, "expert_emb": 4, "architecture": [32, 16], "dropout": 0.1},
+         "gru": {"lr": 3e-3, "dropout": 0.1, "hidden": 32, "emb": 8, "batch_tokens": 16},
+         "mixture": {"num_types": 4, "restarts": 1}}
+SMALL["lookup_mlp"] = SMALL["mlp"]
+
+
+def small_params(kind: str, **knobs: object) -> ModelParams:
+    return ModelParams.of(kind, **{**SMALL[kind], **knobs})
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "prev_short_history"])
@@ -101,7 +104,7 @@ def test_learns_a_deterministic_router(kind: str) -> None:
                     np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))
     train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
     fit, val = split_train_val(train)
-    params = dataclasses.replace(small_params(kind), lr=1e-2, mixture=MixtureParams(num_types=2, restarts=2))
+    params = small_params(kind, **({"num_types": 2, "restarts": 2} if kind == "mixture" else {"lr": 1e-2}))
     result = fit_predictor(params, TrainParams(epochs=40, batch_size=64, threads=1, early_stopping_patience=40), fit,
                            val)
     scores = ModelScorer(kind, result.model).scores(test)

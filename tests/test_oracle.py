@@ -9,15 +9,22 @@ import time
 import numpy as np
 import pytest
 
-from routecast.data.features import Features, encode_features, token_keys
-from routecast.predictors.oracle import OraclePredictor, _complete_loglik, _forward_loglik, _Tables, expected_topk_accuracy, \
-    next_layer_probs, posterior_next_expert
-from routecast.config.params import FeaturesParams, SyntheticParams, load_params
-from routecast.predictors.references import BoostedTreesPredictor, lookup_ladder
-from routecast.evaluate.scoring import ranked
-from routecast.sources.synthetic import generate
-from routecast.data.traces import TraceMeta, Traces, read_trace_meta, write_traces
 from conftest import ROOT
+from routecast.config.params import FeaturesParams, SyntheticParams, load_params
+from routecast.data.features import Features, encode_features, token_keys
+from routecast.data.traces import TraceMeta, Traces, read_trace_meta, write_traces
+from routecast.evaluate.scoring import ranked
+from routecast.predictors.oracle import (
+    OraclePredictor,
+    _complete_loglik,
+    _forward_loglik,
+    _Tables,
+    expected_topk_accuracy,
+    next_layer_probs,
+    posterior_next_expert,
+)
+from routecast.predictors.references import BoostedTreesPredictor, lookup_ladder
+from routecast.sources.synthetic import generate
 
 Z_SIGMA = 4.0  # how many standard errors count as "within sampling error"
 

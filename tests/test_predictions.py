@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from routecast.data.features import encode_features
 from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.data.features import encode_features
 from routecast.data.predictions import PredictionsError, prediction_ranks, read_predictions, write_predictions
+from routecast.data.traces import Traces
 from routecast.sim.prefetch import build_replay
 from routecast.sources.synthetic import generate
-from routecast.data.traces import Traces
 
 
 def tiny_trace(missing: float = 0.0) -> Traces:

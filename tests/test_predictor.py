@@ -28,7 +28,7 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     traces, _ = generate(SyntheticParams(num_sequences=16, tokens_per_sequence=32, num_layers=8, seed=1))
     train, _ = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2, val_fraction=0.2))
     fit, val = split_train_val(train)
-    model = fit_predictor(ModelParams(3e-3, 3, 4, [32], 0.1), TrainParams(epochs=1, batch_size=64, threads=1), fit,
+    model = fit_predictor(ModelParams.of("mlp", lr=3e-3, layer_emb=3, expert_emb=4, architecture=[32], dropout=0.1), TrainParams(epochs=1, batch_size=64, threads=1), fit,
                           val).model
     path = tmp_path_factory.mktemp("model") / "tuned.pt"
     save_checkpoint(path, model, {"position_scale": 2048.0})

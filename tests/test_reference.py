@@ -8,13 +8,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from routecast.data.features import FeatureMeta, Features, encode_features
 from routecast.config.params import FeaturesParams, SyntheticParams
-from routecast.evaluate.evaluation import reference_predictors
-from routecast.predictors.references import BoostedTreesPredictor, FrequencyPredictor, LookupPredictor, \
-    SpeculativeGatePredictor, lookup_ladder
-from routecast.sources.synthetic import generate
+from routecast.data.features import FeatureMeta, Features, encode_features
 from routecast.data.traces import TraceMeta
+from routecast.evaluate.evaluation import reference_predictors
+from routecast.predictors.references import (
+    BoostedTreesPredictor,
+    FrequencyPredictor,
+    LookupPredictor,
+    SpeculativeGatePredictor,
+    lookup_ladder,
+)
+from routecast.sources.synthetic import generate
 
 
 def hand_features(layer, history, target, num_layers=4, num_experts=4) -> Features:  # noqa: PLR0913
@@ -71,7 +76,8 @@ def test_lookup_keeps_the_current_expert_past_a_truncated_history():
                             FeaturesParams(history_len=3))
     whole = encode_features(generate(SyntheticParams(num_sequences=8, tokens_per_sequence=32, num_layers=6))[0],
                             FeaturesParams())
-    np.testing.assert_array_equal(LookupPredictor(1).fit(feats).scores(feats), LookupPredictor(1).fit(whole).scores(whole))
+    np.testing.assert_array_equal(LookupPredictor(1).fit(feats).scores(feats),
+                                  LookupPredictor(1).fit(whole).scores(whole))
     for predictor in [FrequencyPredictor(), *lookup_ladder(3)]:
         scores = predictor.fit(feats).scores(feats)
         assert scores.shape == (len(feats), 8) and np.isfinite(scores).all()

@@ -100,7 +100,8 @@ def write_results(repo: Path, evaluate: dict[str, dict], shift: float, seed: int
     (repo / "metrics" / "prefetch.json").write_text(json.dumps(prefetch(70.0 - 100 * shift), indent=2))
     for model, delta in (("baseline", 0.0), ("tuned", shift)):
         series = {"train_loss": lambda e: 2.1 - 0.1 * e, "val_loss": lambda e: 2.15 - 0.08 * e,
-                  "val_top2": lambda e: 0.25 + 0.03 * e + delta, "val_set_recall": lambda e: 0.2 + 0.02 * e}
+                  "val_top2": lambda e, delta=delta: 0.25 + 0.03 * e + delta,
+                  "val_set_recall": lambda e: 0.2 + 0.02 * e}
         for name, value in series.items():
             write_csv(repo / "metrics" / "train" / model / "plots" / "metrics" / f"{name}.tsv", ["step", name],
                       [[e, value(e)] for e in range(4)], delimiter="\t")
@@ -337,8 +338,8 @@ def test_ci_params_hold_out_enough_test_sequences_to_judge() -> None:
     """The pull-request report at the workflow's CI_PARAMS must be able to call a change real."""
     from ruamel.yaml import YAML
 
-    from routecast.report.summary import MIN_SEQUENCES
     from routecast.data.split import _held_out
+    from routecast.report.summary import MIN_SEQUENCES
 
     yaml = YAML(typ="safe", pure=True)
     overrides = dict(re.findall(r"-S (\S+?)=(\S+)", yaml.load((ROOT / ".github/workflows/pr.yml").read_text())

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, set_params
-from routecast.data.features import encode_features
 from routecast.config.params import PRESETS, FeaturesParams, ParamsError, SyntheticParams, load_params
+from routecast.data.features import encode_features
 from routecast.data.predictions import prediction_ranks, write_predictions
-from routecast.sources.synthetic import generate
 from routecast.data.traces import write_traces
+from routecast.sources.synthetic import generate
 
 
 @pytest.fixture
@@ -142,3 +142,17 @@ def test_stage_writes_metrics_and_plots_and_stops_cleanly_on_bad_params(tmp_path
     set_params(params_file, {"simulate.cache.slots_per_layer": None, "simulate.prefetch.predictor_ms": {"tunde": 1}})
     proc = run_stage(tmp_path, params_file)
     assert proc.returncode == 1 and "simulate.prefetch.predictor_ms.tunde: no such predictor" in proc.stderr
+
+
+def test_predictions_that_do_not_match_the_trace_stop_the_stage_in_one_line(tmp_path: Path, params_file: Path) -> None:
+    """A predictions file made for another trace is bad input (PredictionsError is an InputError):
+    one line naming the file, no traceback."""
+    stage_inputs(tmp_path)
+    other, _ = generate(SyntheticParams(num_sequences=5, tokens_per_sequence=24, num_layers=6, num_experts=7, top_k=2))
+    write_traces(tmp_path / "traces.parquet", other)
+    set_params(params_file, {"simulate.prefetch.predictor_ms": {"tuned": 0.2}})
+    proc = run_stage(tmp_path, params_file)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line]
+    assert len(errors) == 1 and "simulate_prefetch failed: " in errors[0], proc.stderr
+    assert "predictions.parquet: num_experts = 8, but " in errors[0] and "traces.parquet has 7" in errors[0], errors[0]

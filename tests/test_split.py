@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routecast.data.features import encode_features
 from routecast.config.params import FeaturesParams, SplitParams, SyntheticParams
+from routecast.data.features import encode_features
 from routecast.data.split import split_features
 from routecast.sources.synthetic import generate
 

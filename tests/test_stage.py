@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from routecast.errors import InputError
 from routecast.config.params import ParamsError, SplitParams
+from routecast.data.predictions import PredictionsError
 from routecast.data.split import split_features
 from routecast.data.traces import TraceError
+from routecast.errors import InputError
 
 
 def run_stage(body: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -56,9 +57,9 @@ def test_a_bug_keeps_its_traceback(body: str, kind: str, tmp_path: Path) -> None
     assert "demo failed" not in proc.stderr and "demo done" not in proc.stderr
 
 
-def test_params_and_trace_errors_are_input_errors() -> None:
+def test_params_trace_and_predictions_errors_are_input_errors() -> None:
     assert issubclass(ParamsError, InputError) and issubclass(InputError, ValueError)
-    assert issubclass(TraceError, ValueError)
+    assert issubclass(TraceError, InputError) and issubclass(PredictionsError, InputError)
 
 
 def test_too_few_sequences_to_split_is_bad_input() -> None:

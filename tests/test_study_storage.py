@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy.exc
 
 from conftest import ROOT, set_params, stage_args
-from routecast.fit import study_storage
 from routecast.config.params import ParamsError, load_params
+from routecast.fit import study_storage
 from routecast.fit.study_storage import PASSWORD_ENV, make_storage, redact, storage_problem, url_secrets
 
 SECRET = "s3cr3t-Value"
@@ -123,8 +123,8 @@ def test_tune_stage_refuses_a_query_password_in_one_line(tmp_path: Path) -> None
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     set_params(tmp_path / "params.yaml", {"tune.storage": f"postgresql://me@db.example/rc?password={SECRET}"})
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet", *stage_args("tune")[1:]], cwd=tmp_path,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "tune.py"), "train.parquet", *stage_args("tune")[1:]],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     assert SECRET not in proc.stdout + proc.stderr
     assert "tune.storage: must not hold a password (the query parameter password=)" in proc.stderr
@@ -132,7 +132,8 @@ def test_tune_stage_refuses_a_query_password_in_one_line(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
-def test_a_journal_lock_held_by_a_killed_process_does_not_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_journal_lock_held_by_a_killed_process_does_not_block(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A tune killed while appending to the journal: the next one goes on at once (with Optuna's
     symlink lock and the default relative path it waited forever)."""
     monkeypatch.chdir(tmp_path)

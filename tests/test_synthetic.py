@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from routecast.data.features import encode_features
-from routecast.config.params import FeaturesParams, SyntheticParams, load_params
-from routecast.predictors.references import FrequencyPredictor, lookup_ladder
-from routecast.evaluate.scoring import ranked
-from routecast.sources.synthetic import build_router, generate
-from routecast.data.traces import validate_batch
 from conftest import ROOT
+from routecast.config.params import FeaturesParams, SyntheticParams, load_params
+from routecast.data.features import encode_features
+from routecast.data.traces import validate_batch
+from routecast.evaluate.scoring import ranked
+from routecast.predictors.references import FrequencyPredictor, lookup_ladder
+from routecast.sources.synthetic import build_router, generate
 
 # Published Mixtral-8x7B lookup ladder (shared/traces/README.md): test (top-1, top-2), held-out problems.
 PUBLISHED = {"lookup_1": (0.258, 0.445), "lookup_2": (0.334, 0.528), "lookup_3": (0.390, 0.582)}

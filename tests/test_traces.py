@@ -9,8 +9,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from routecast.data.traces import (SHAPE_LIMIT, RowNames, TraceError, TraceMeta, Traces, TraceWriter, _RowKeys,
-                              read_trace_meta, read_trace_sequences, read_traces, write_traces)
+from routecast.data.traces import (
+    SHAPE_LIMIT,
+    RowNames,
+    TraceError,
+    TraceMeta,
+    Traces,
+    TraceWriter,
+    _RowKeys,
+    read_trace_meta,
+    read_trace_sequences,
+    read_traces,
+    write_traces,
+)
 
 META = TraceMeta(num_layers=3, num_experts=4, top_k=2, source="test")
 
@@ -19,7 +30,8 @@ def small_trace() -> Traces:
     n_tokens, L = 5, 3
     experts = np.array([[0, 1], [2, 3], [1, 0]] * n_tokens, dtype=np.int16)
     weights = np.tile(np.array([[0.7, 0.3]], dtype=np.float32), (n_tokens * L, 1))
-    return Traces(META, seq_id=np.zeros(n_tokens * L, np.int32), token_pos=np.repeat(np.arange(n_tokens), L).astype(np.int32),
+    return Traces(META, seq_id=np.zeros(n_tokens * L, np.int32),
+                  token_pos=np.repeat(np.arange(n_tokens), L).astype(np.int32),
                   layer=np.tile(np.arange(L), n_tokens).astype(np.int16), experts=experts, weights=weights)
 
 
@@ -57,7 +69,8 @@ def test_bad_row_is_named_and_nothing_is_written(tmp_path: Path, column: str, ro
 def test_layer_gap_and_empty_input_write_nothing(tmp_path: Path) -> None:
     trace = small_trace()
     keep = trace.layer != 1
-    gap = Traces(META, trace.seq_id[keep], trace.token_pos[keep], trace.layer[keep], trace.experts[keep], trace.weights[keep])
+    gap = Traces(META, trace.seq_id[keep], trace.token_pos[keep], trace.layer[keep], trace.experts[keep],
+                 trace.weights[keep])
     path = tmp_path / "t.parquet"
     with pytest.raises(TraceError, match=r"layer gap: no rows for layer\(s\) \[1\] \(layers must be contiguous 0..2\)"):
         write_traces(path, gap)
@@ -95,7 +108,8 @@ def test_origin_names_the_source_line(tmp_path: Path) -> None:
     ("token_pos", 3_000_000_000, r"row 4: token_pos 3000000000 does not fit int32"),
     ("token_pos", 1.5, r"row 4: token_pos 1\.5 is not a whole number"),
     ("experts", [40_000, 1], r"row 4: experts \[40000, 1\]: id 40000 does not fit int16 \(at most 32767\)"),
-    ("experts", [2**64 - 1, 1], r"row 4: experts \[18446744073709551615, 1\]: id 18446744073709551615 does not fit int16"),
+    ("experts", [2**64 - 1, 1],
+     r"row 4: experts \[18446744073709551615, 1\]: id 18446744073709551615 does not fit int16"),
     ("layer", 70_000, r"row 4: layer 70000 does not fit int16"),
 ])
 def test_writer_refuses_values_that_do_not_fit_their_column(tmp_path: Path, column: str, value, message: str) -> None:

@@ -28,7 +28,7 @@ def test_the_returned_model_is_the_best_epochs(data) -> None:
     """Re-score the returned model on validation: it is the best epoch's, not the last one's (an lr
     so large that later epochs get worse)."""
     fit, val = data
-    result = fit_predictor(ModelParams(3.0, 5, 7, [64], 0.0), TrainParams(epochs=8, batch_size=128, lr_patience=10,
+    result = fit_predictor(ModelParams.of("mlp", lr=3.0, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.0), TrainParams(epochs=8, batch_size=128, lr_patience=10,
                                                                           early_stopping_patience=8, threads=1), fit, val)
     values = [row["val_top2"] for row in result.history]
     assert values.index(max(values)) + 1 == result.best_epoch and values[-1] < max(values)  # not the last epoch
@@ -38,7 +38,7 @@ def test_the_returned_model_is_the_best_epochs(data) -> None:
 
 def test_set_target_optimises_set_recall(data) -> None:
     fit, val = data
-    params, train = ModelParams(3e-3, 5, 7, [64], 0.1), TrainParams(epochs=3, batch_size=128, threads=1)
+    params, train = ModelParams.of("mlp", lr=3e-3, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.1), TrainParams(epochs=3, batch_size=128, threads=1)
     as_set = fit_predictor(params, dataclasses.replace(train, target="set"), fit, val)
     as_primary = fit_predictor(params, train, fit, val)
     assert as_set.best_value == max(row["val_set_recall"] for row in as_set.history)

@@ -104,7 +104,7 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
         assert summary["storage"] == pg_url and summary["n_trials"] == len(trials)
         assert summary["best_trial"] == study.best_trial.number
         params = load_params(proj / "params.yaml")
-        assert params.tuned == config_from_trial(study.best_trial, params.baseline)
+        assert params.tuned == config_from_trial(study.best_trial)
         assert dataclasses.asdict(params.tuned) == summary["best_params"]
         password = os.environ.get(PASSWORD_ENV)
         if password:

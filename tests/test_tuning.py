@@ -29,7 +29,7 @@ from routecast.fit.tuning import file_digest, study_name, tune
 # A few sequences of an 8-layer synthetic router: a trial epoch takes a fraction of a second.
 TINY = {"extract.synthetic.num_sequences": 12, "extract.synthetic.tokens_per_sequence": 48,
         "extract.synthetic.num_layers": 8, "train.threads": 1, "tune.max_train_samples": None,
-        "tune.search_space.kind": ["mlp"]}
+        "tune.search_space": {"mlp": None}}  # the MLP alone, at its default space
 
 
 def tiny_project(dest: Path, updates: dict[str, object] | None = None) -> Path:
@@ -71,7 +71,7 @@ def fresh(project: Path, tmp_path: Path) -> Path:
 def test_hyperband_prunes_absurd_learning_rates(project: Path, tmp_path: Path) -> None:
     proj = fresh(project, tmp_path)
     _, result = run_tune(proj, {"tune.n_trials": 10, "tune.epochs": 4, "tune.pruner": "hyperband",
-                                "tune.search_space.lr": {"low": 1e-5, "high": 30.0, "log": True}})
+                                "tune.search_space.mlp.lr": {"low": 1e-5, "high": 30.0, "log": True}})
     states = [t.state for t in result.trials]
     assert states.count(TrialState.PRUNED) >= 1, states
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 10
@@ -79,13 +79,13 @@ def test_hyperband_prunes_absurd_learning_rates(project: Path, tmp_path: Path) -
         if t.state == TrialState.PRUNED:
             assert len(t.intermediate_values) < 4  # stopped before the full budget
     assert result.summary["n_pruned"] == states.count(TrialState.PRUNED)
-    searched = set(result.best.__dataclass_fields__) | {"n_layers"} | {f"units_{i}" for i in range(4)}
+    searched = {"kind", "n_layers"} | set(result.best.config.__dataclass_fields__) | {f"units_{i}" for i in range(4)}
     assert result.importances and set(result.importances) <= searched
     assert result.summary["storage"] == "data/tune/journal.log"
 
 
 @pytest.mark.parametrize("changed", ["fit/training.py", "data/features.py", "predictors/neural.py",
-                                     "predictors/mixture.py", "data/batches.py", "data/__init__.py"])
+                                     "predictors/mixture/model.py", "predictors/gru/__init__.py", "data/batches.py", "data/__init__.py"])
 def test_a_change_to_any_code_a_trial_runs_starts_a_fresh_study(changed: str, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The fingerprint covers every module a trial imports (the import graph), not a hand-kept list."""
@@ -107,8 +107,8 @@ def test_tune_searches_across_kinds_and_writes_the_winner(project: Path, tmp_pat
     knobs come back as a ModelParams that params.yaml's `tuned:` block round-trips."""
     proj = fresh(project, tmp_path)
     params, result = run_tune(proj, {"tune.n_trials": 4, "tune.epochs": 1, "tune.pruner": "none",
-                                     "tune.search_space.kind": ["mixture", "gru", "mlp"],
-                                     "tune.search_space.mixture.num_types": {"low": 2, "high": 6}})
+                                     "tune.search_space": {"mixture": {"num_types": {"low": 2, "high": 6}},
+                                                           "gru": None, "mlp": None}})
     kinds = [t.params["kind"] for t in result.trials]
     assert kinds[:4] == ["mixture", "gru", "mlp", "mlp"]  # the starting points: one per kind, two for mlp
     best = max((t for t in result.trials if t.value is not None), key=lambda t: t.value)
@@ -238,7 +238,7 @@ def test_sigkill_mid_trial_then_restart_continues_the_study(project: Path, tmp_p
     with open(proj / "metrics" / "tune" / "importances.csv") as fh:
         assert next(csv.reader(fh)) == ["param", "importance"]
     tuned = load_params(proj / "params.yaml").tuned
-    assert dataclasses.asdict(tuned) == summary["best_params"]
+    assert tuned.to_plain() == summary["best_params"]
 
 
 def test_median_pruning_compares_a_trial_with_its_own_kind_only() -> None:

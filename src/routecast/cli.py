@@ -44,12 +44,14 @@ def run_tiny_model(args: argparse.Namespace) -> int:
 
     path = save_tiny_model(args.path, args.family, args.seed, num_layers=args.layers, num_experts=args.experts,
                            top_k=args.top_k)
-    print(f"saved a tiny {args.family} model ({args.layers} layers, {args.experts} experts, top-{args.top_k}) to {path}")
+    print(f"saved a tiny {args.family} model ({args.layers} layers, {args.experts} experts, top-{args.top_k}) "
+          f"to {path}")
     return 0
 
 
 def add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tiny-model", help="save a tiny random MoE model and tokenizer (for extract.source: hf)",
+    parser = subparsers.add_parser("tiny-model",
+                                   help="save a tiny random MoE model and tokenizer (for extract.source: hf)",
                                    description="Save a tiny randomly initialised MoE causal LM and a byte-level "
                                                "tokenizer to a directory, to try `extract.source: hf` without a "
                                                "download. Its routing is random: for testing, not accuracy.")

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from routecast.errors import InputError
 from routecast.data.features import Features, token_keys
+from routecast.errors import InputError
 
 
 class Inputs(NamedTuple):
@@ -45,6 +45,14 @@ class Inputs(NamedTuple):
         return Inputs(*(t.to(device, non_blocking=True) for t in self))
 
 
+def _tensor(values: np.ndarray, dtype: type) -> torch.Tensor:
+    """`values` as a `dtype` tensor, sharing their memory where it can. A column read from Parquet
+    is a read-only view of Arrow's buffer, which `torch.from_numpy` warns about (a tensor may be
+    written to): such an array is copied once here, and only where no dtype conversion copies it
+    anyway."""
+    return torch.from_numpy(np.require(values, dtype=dtype, requirements=("C", "W")))
+
+
 def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = False) -> Inputs:
     """The model inputs of every sample of `feats` (see the module doc for the encodings)."""
     n = len(feats)
@@ -60,10 +68,10 @@ def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = Fal
         primary=torch.from_numpy(feats.primary.astype(np.int64)),
         secondary=torch.from_numpy(feats.secondary.astype(np.int64) + 1),
         history=torch.from_numpy(feats.history.astype(np.int64)),
-        gating=torch.from_numpy(np.ascontiguousarray(feats.gating, dtype=np.float32)),
+        gating=_tensor(feats.gating, np.float32),
         position=torch.from_numpy(feats.position.astype(np.float32)),
-        prev=torch.from_numpy(np.asarray(prev, dtype=np.int64)),
-        extra=torch.from_numpy(np.ascontiguousarray(extra, dtype=np.float32)),
+        prev=_tensor(prev, np.int64),
+        extra=_tensor(extra, np.float32),
     )
 
 

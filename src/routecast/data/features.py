@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from routecast.pipeline.artifacts import atomic_path
-from routecast.data.parquet import KeyedRows, ParquetMeta, open_parquet, take_rows
-from routecast.errors import InputError
 from routecast.config.params import FeaturesParams
+from routecast.data.parquet import KeyedRows, ParquetMeta, open_parquet, take_rows
 from routecast.data.traces import TraceError, Traces, read_trace_sequences
+from routecast.errors import InputError
+from routecast.pipeline.artifacts import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 

@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from routecast.pipeline.artifacts import atomic_path
 from routecast.data.parquet import open_parquet
+from routecast.errors import InputError
+from routecast.pipeline.artifacts import atomic_path
+from routecast.sim.names import BOUNDS
 
 if TYPE_CHECKING:
     from routecast.data.features import Features
@@ -31,12 +33,13 @@ log = logging.getLogger(__name__)
 MAX_RANKS = 16  # experts kept per prediction: more than any engine prefetches for one layer
 PREFIX = "pred."
 # Names the simulation's metrics use for other things: a predictor may not take them.
-RESERVED_NAMES = ("on_demand", "perfect", "replay", "engine")
+RESERVED_NAMES = (*BOUNDS, "replay", "engine")
 _META_KEYS = ("num_layers", "num_experts", "top_k", "lookahead")
 
 
-class PredictionsError(ValueError):
-    """A predictions file (or the rankings to write) breaks the format; the message says where."""
+class PredictionsError(InputError):
+    """A predictions file (or the rankings to write) breaks the format, or does not match the trace
+    it is replayed on; the message says where. A stage reports it in one line (an `InputError`)."""
 
 
 def prediction_ranks(num_experts: int) -> int:
@@ -102,7 +105,8 @@ def _check_keys(seq_id: np.ndarray, token_pos: np.ndarray, layer: np.ndarray, me
 def _check_names(names: list[str], where: str) -> None:
     for name in names:
         if not name or name in RESERVED_NAMES:
-            raise PredictionsError(f"{where}: predictor name {name!r} is empty or reserved ({', '.join(RESERVED_NAMES)})")
+            raise PredictionsError(f"{where}: predictor name {name!r} is empty or reserved "
+                                   f"({', '.join(RESERVED_NAMES)})")
     if len(set(names)) != len(names):
         raise PredictionsError(f"{where}: predictor names repeat: {names}")
 

@@ -11,9 +11,9 @@ import logging
 
 import numpy as np
 
-from routecast.errors import InputError
-from routecast.data.features import Features
 from routecast.config.params import SplitParams
+from routecast.data.features import Features
+from routecast.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from routecast.pipeline.artifacts import atomic_path
 from routecast.data.parquet import KeyedRows, ParquetMeta, open_parquet
 from routecast.errors import InputError
+from routecast.pipeline.artifacts import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def validate_batch(
     ints = [("seq_id", seq_id), ("token_pos", token_pos), ("layer", layer)]
     for name, arr in ints + ([("token_id", token_id)] if token_id is not None else []):
         top = int(np.iinfo(COLUMN_TYPES[name]).max)
-        fail((arr < 0) | (arr > top), lambda r: f"{name} {int_error(name, int(arr[r]))}")
+        fail((arr < 0) | (arr > top), lambda r, name=name, arr=arr: f"{name} {int_error(name, int(arr[r]))}")
     fail(layer >= meta.num_layers, lambda r: f"layer {layer[r]} out of range [0, num_layers={meta.num_layers})")
     unfit = (experts < 0) | (experts >= SHAPE_LIMIT)
     fail(unfit, lambda r: f"experts {experts[r].tolist()}: id {int_error('experts', int(experts[r][unfit[r]][0]))}")

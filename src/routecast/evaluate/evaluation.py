@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,20 +30,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from routecast.config.params import EvaluateParams, ExtraTest, FeaturesParams
 from routecast.data.batches import predict_logits
 from routecast.data.features import Features, encode_features
-from routecast.predictors.oracle import OraclePredictor
-from routecast.config.params import EvaluateParams, ExtraTest, FeaturesParams
 from routecast.data.predictions import prediction_ranks
-from routecast.predictors.references import (BoostedTreesPredictor, FrequencyPredictor, ReferencePredictor,
-                                 SpeculativeGatePredictor, lookup_ladder)
-from routecast.evaluate.scoring import ranked, sample_hits
 from routecast.data.traces import TraceError, TraceMeta, read_traces
+from routecast.evaluate.names import MODELS
+from routecast.evaluate.scoring import ranked, sample_hits
+from routecast.predictors.oracle import OraclePredictor
+from routecast.predictors.references import (
+    BoostedTreesPredictor,
+    FrequencyPredictor,
+    ReferencePredictor,
+    SpeculativeGatePredictor,
+    lookup_ladder,
+)
 
 log = logging.getLogger(__name__)
 
 METRICS = ("top1", "top2", "set_recall", "exact_set")
-MODELS = ("baseline", "tuned")
 
 
 @dataclass
@@ -226,7 +231,7 @@ def evaluate_extra(test: ExtraTest, predictors: list[Any], trace_meta: TraceMeta
                    features: FeaturesParams, params: EvaluateParams) -> dict[str, Any]:
     """One extra trace, imported and encoded with the training trace's feature settings, scored
     by every predictor (a synthetic one also by its own oracle)."""
-    from routecast.sources.importers import import_logs  # only when there are extra tests
+    from routecast.sources.logs import import_logs  # only when there are extra tests
 
     where = f"evaluate.extra_tests: {test.name}"
     tmp = Path(tempfile.mkdtemp(prefix="routecast-extra-"))

@@ -1,16 +1,17 @@
 """Fit any kind on the fit split, choosing on the validation split.
 
-`fit_predictor(params, train, fit, val)` is the one entry point (train_full, tune): the mixture is
-fitted by EM (`routecast.predictors.em`); the neural kinds by the loop below, read top to bottom:
+`fit_predictor(params, train, fit, val)` is the one entry point (train_full, tune): it hands the
+`baseline` or `tuned` block to its kind (`routecast.predictors.registry`), whose `fit` builds its
+module and, for the neural kinds, runs the loop below (`train_neural`), read top to bottom:
 
-    AdamW (weight decay on weight matrices only, as nanoGPT's configure_optimizers), cross-entropy
+    AdamW (weight decay on weight matrices only: not on embeddings, norms and biases), cross-entropy
     on the next primary (or, with `train.target: set`, on the next top-k set as a uniform target
     distribution), ReduceLROnPlateau and early stopping on the validation objective, the best
-    epoch's weights kept. Batches are slices of tensors already in memory, shuffled once per epoch:
-    samples for the MLPs, tokens for the GRU (every layer of a token in one pass), on the training
-    device (`train.device`; bf16 autocast on CUDA). `lookup_mlp` is scored before its first step
-    too (epoch 0: the lookup table itself, reported to `on_epoch` like any epoch), so early stopping
-    can keep the table when training does not beat it on validation.
+    epoch's weights kept. Batches are slices of tensors already on the training device
+    (`train.device`; bf16 autocast on CUDA), shuffled once per epoch: samples (`SampleBatches`) or
+    whole tokens (`TokenBatches`, every layer of a token in one pass). A kind whose untrained module
+    is already a predictor (`lookup_mlp` starts at the lookup table) is scored before its first
+    step (epoch 0, reported to `on_epoch` like any epoch), so early stopping can keep it.
 
 The objective is validation top-2 for `target: primary` and validation set recall for `set`.
 """
@@ -30,15 +31,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from routecast.data.batches import Inputs, predict_logits, sample_inputs, targets, token_view
-from routecast.predictors.em import fit_mixture
-from routecast.errors import InputError
-from routecast.data.features import Features
-from routecast.predictors.mixture import MixtureConfig
-from routecast.predictors.neural import LookupMLP, ModelConfig, build_model
 from routecast.config.params import ModelParams, TrainParams
-from routecast.predictors.references import cross_fitted_lookup_scores, lookup_tables
+from routecast.data.batches import Inputs, predict_logits, sample_inputs, targets, token_view
+from routecast.data.features import Features
+from routecast.errors import InputError
 from routecast.evaluate.scoring import sample_hits
+from routecast.predictors import registry
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +88,6 @@ def split_train_val(train: Features, max_train_samples: int | None = None, seed:
     return fit, val
 
 
-def model_config(params: ModelParams, feats: Features) -> ModelConfig | MixtureConfig:
-    """The plain config of `params`' kind for samples shaped like `feats`."""
-    m = feats.meta
-    num_prev = m.top_k if feats.prev_experts is not None else 0
-    if params.kind == "mixture":
-        mp = params.mixture
-        return MixtureConfig(m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead, mp.num_types,
-                             mp.smoothing, mp.iterations, mp.restarts, num_prev=num_prev)
-    num_extra = m.num_experts if feats.spec_logits is not None else 0
-    expert_emb = params.gru.emb if params.kind == "gru" else params.expert_emb
-    return ModelConfig(params.kind, m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead,
-                       params.layer_emb, expert_emb, tuple(params.architecture), params.dropout,
-                       params.gru.hidden, params.gru.layers, num_prev, num_extra)
-
-
 def validation_metrics(logits: torch.Tensor, val: Features, target: str) -> dict[str, float]:
     """Loss, top-1, top-2 (next primary) and set recall (next top-k set) of `logits` on `val`."""
     scores = logits.float().numpy()
@@ -126,23 +109,17 @@ def fit_predictor(params: ModelParams, train: TrainParams, fit: Features, val: F
     """Fit one predictor of `params.kind`; `on_epoch(epoch, row)` may raise (optuna.TrialPruned) to stop."""
     set_threads(train.threads)
     torch.manual_seed(train.seed)
-    config = model_config(params, fit)
-    if isinstance(config, MixtureConfig):
-        return _fit_mixture(config, train, fit, val, epochs or train.epochs, on_epoch)
-    return _train_neural(config, params.lr, params.gru.batch_tokens, train, fit, val, epochs or train.epochs,
-                         on_epoch, desc)
+    kind = registry.get(params.kind)
+    return kind.fit(params.config, train, fit, val, epochs or train.epochs, on_epoch, desc)
 
 
-def _fit_mixture(config: MixtureConfig, train: TrainParams, fit: Features, val: Features, epochs: int,
-                 on_epoch: EpochCallback | None) -> TrainResult:
-    """EM to convergence, reported once as the budget's last epoch: a pruner comparing trials at the
-    same epoch then sets it against the neural kinds' final values, never their first ones."""
-    start = time.perf_counter()
-    module = fit_mixture(MixtureConfig(**{**config.__dict__, "target": train.target}), fit, seed=train.seed)
-    seconds = time.perf_counter() - start
+def scored_once(module: nn.Module, train: TrainParams, fit: Features, val: Features, epochs: int, seconds: float,
+                on_epoch: EpochCallback | None) -> TrainResult:
+    """The result of a kind fitted in one go (no epochs: the mixture's EM), reported once as the
+    budget's last epoch: a pruner comparing trials at the same epoch then sets it against the
+    neural kinds' final values, never their first ones."""
     row = {"epoch": epochs, "train_loss": float("nan"),
            **validation_metrics(predict_logits(module, val), val, train.target), "lr": float("nan"), "seconds": seconds}
-    log.info("mixture: val top-2 %.4f, set recall %.4f (%.1fs)", row["val_top2"], row["val_set_recall"], seconds)
     if on_epoch is not None:
         on_epoch(epochs, row)
     return TrainResult(module, [row], epochs, row[objective_name(train.target)], len(fit) / max(seconds, 1e-9))
@@ -159,32 +136,30 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
     return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-class _SampleBatches:
-    """Shuffled slices of per-sample inputs (MLP kinds), all on the training device: no host work
+class SampleBatches:
+    """Shuffled slices of per-sample inputs (the MLP kinds), all on the training device: no host work
     in an epoch but one shuffle of indices."""
 
-    def __init__(self, inputs: Inputs, y: torch.Tensor, batch_size: int, table: torch.Tensor | None,
-                 device: torch.device) -> None:
+    def __init__(self, inputs: Inputs, y: torch.Tensor, batch_size: int, device: torch.device) -> None:
         self.inputs, self.y, self.batch_size = inputs.to(device), y.to(device), batch_size
-        self.table = table.to(device) if table is not None else None
         n = len(y)
         self.n_used = n - 1 if n % batch_size == 1 else n  # BatchNorm cannot train on a batch of one
 
+    def order(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(len(self.y), generator=generator)[: self.n_used].to(self.y.device)
+
     def epoch(self, generator: torch.Generator):
-        perm = torch.randperm(len(self.y), generator=generator)[: self.n_used].to(self.y.device)
+        perm = self.order(generator)
         xs, ys = self.inputs.index(perm), self.y[perm]  # one gather, then slices
-        table = self.table[perm] if self.table is not None else None
         for i in range(0, self.n_used, self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            yield xs.index(sl), ys[sl], (table[sl] if table is not None else None)
+            yield xs.index(slice(i, i + self.batch_size)), ys[i:i + self.batch_size]
 
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y, table = batch
-        logits = model.forward_with_table(table, *x) if table is not None else model(*x)
-        return logits, y
+        x, y = batch
+        return model(*x), y
 
 
-class _TokenBatches:
+class TokenBatches:
     """Shuffled batches of whole tokens (GRU): each token's path read once, all its samples scored.
     Everything stays on the training device."""
 
@@ -212,22 +187,13 @@ class _TokenBatches:
         return logits, y
 
 
-def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: TrainParams, fit: Features,
-                  val: Features, epochs: int, on_epoch: EpochCallback | None, desc: str) -> TrainResult:
-    device = pick_device(train.device)
-    model = build_model(config)
-    inputs = sample_inputs(fit, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
-    y = targets(fit, train.target)
-    table = None
-    if isinstance(model, LookupMLP):
-        model.set_tables(*lookup_tables(fit, train.target))
-        # The table's log-probabilities for training samples come from tables fitted without their
-        # own sequence (5 folds), so the correction learns how the table errs on unseen sequences.
-        table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit, train.target, seed=train.seed),
-                                                   1e-12))).float()
+def train_neural(model: nn.Module, batches: SampleBatches | TokenBatches, lr: float, train: TrainParams,
+                 val: Features, epochs: int, on_epoch: EpochCallback | None, desc: str,
+                 score_first: bool = False) -> TrainResult:
+    """The loop of the neural kinds (see the module doc); `score_first`: score the untrained module as
+    epoch 0 (a kind that starts as a predictor)."""
+    device = batches.y.device
     model.to(device)
-    batches = (_TokenBatches(fit, inputs, y, batch_tokens, device) if config.kind == "gru"
-               else _SampleBatches(inputs, y, train.batch_size, table, device))
     optimizer = configure_optimizer(model, lr, train.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=train.lr_factor,
                                                            patience=train.lr_patience)
@@ -237,7 +203,7 @@ def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: Trai
 
     history: list[dict[str, float]] = []
     best_state, best_value, best_epoch, stale = None, -1.0, 0, 0
-    if isinstance(model, LookupMLP):  # epoch 0: the lookup table alone
+    if score_first:
         row = {"epoch": 0, "train_loss": float("nan"), **validation_metrics(predict_logits(model, val, device=device),
                                                                             val, train.target),
                "lr": lr, "seconds": 0.0}
@@ -283,4 +249,3 @@ def _train_neural(config: ModelConfig, lr: float, batch_tokens: int, train: Trai
     model.load_state_dict(best_state)
     model.to("cpu").eval()
     return TrainResult(model, history, best_epoch, best_value, samples_trained / max(seconds_training, 1e-9))
-

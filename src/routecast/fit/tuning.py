@@ -1,13 +1,18 @@
-"""Bayesian search (Optuna) over the seed's search space, objective = validation top-2.
+"""Bayesian search (Optuna) across predictor kinds, objective = the validation objective of
+`routecast.fit.training` (top-2, or set recall with `train.target: set`).
+
+Each trial draws a kind among the blocks of `tune.search_space`, then that kind's configuration
+(the kind's own `suggest`, `routecast.predictors.registry`); a new study first runs each kind's
+starting points (the seed's baseline and best MLP, the others' defaults).
 
 The study is named after a fingerprint of everything that changes a trial's value (the train
-split, the search space, the per-trial budget), so a re-run with a larger `n_trials` continues
-the same study while a change of data starts a new one. It lives in `tune.storage` (a journal
-file or a database URL: see `routecast.fit.study_storage`, which also fails and retries the trials
-of workers that died).
+split, the search space, the per-trial budget, the code a trial runs), so a re-run with a larger
+`n_trials` continues the same study while a change of data starts a new one. It lives in
+`tune.storage` (a journal file or a database URL: see `routecast.fit.study_storage`, which also
+fails and retries the trials of workers that died).
 
-Each trial reports validation top-2 after every epoch, so the pruner (Hyperband by default) can
-stop a hopeless configuration early.
+Each trial reports its validation objective after every epoch, so the pruner (the per-kind median
+by default) can stop a hopeless configuration early.
 
 Every process (the `tune` stage and any `--worker`) starts a trial only while the study holds
 fewer than `n_trials` finished (complete or pruned) plus running trials; the stage then waits
@@ -16,7 +21,6 @@ worker that raced for the last slot at the same instant).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,125 +37,43 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from routecast.pipeline.codegraph import SOURCE, code_digest
-from routecast.data.features import Features
 from routecast.config.params import ModelParams, Params, SearchSpace, TuneParams
+from routecast.data.features import Features
 from routecast.fit.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
 from routecast.fit.training import fit_predictor, objective_name, split_train_val
+from routecast.pipeline.codegraph import SOURCE, code_digest
+from routecast.predictors import registry
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0  # how often the stage checks on other workers' trials
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# The seed's best configuration: with `baseline`, the first two trials of every new study.
-SEED_BEST = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
 
 
 # --------------------------------------------------------------------------- search space
 
 
-def suggest_config(trial: optuna.Trial, space: SearchSpace, base: ModelParams) -> ModelParams:
-    """A configuration of one of `space.kind`; the knobs a kind does not use keep `base`'s values."""
-    kind = trial.suggest_categorical("kind", space.kind)
-    if kind == "mixture":
-        mixture = dataclasses.replace(
-            base.mixture,
-            num_types=trial.suggest_int("num_types", space.mixture.num_types.low, space.mixture.num_types.high),
-            smoothing=trial.suggest_float("smoothing", space.mixture.smoothing.low, space.mixture.smoothing.high,
-                                          log=space.mixture.smoothing.log))
-        return dataclasses.replace(base, kind=kind, mixture=mixture)
-    config = dataclasses.replace(
-        base, kind=kind, lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
-        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log))
-    if kind == "gru":
-        gru = dataclasses.replace(base.gru, hidden=trial.suggest_int("hidden", *space.gru.hidden[:2],
-                                                                     step=space.gru.hidden[2]),
-                                  emb=trial.suggest_int("gru_emb", *space.gru.emb[:2], step=space.gru.emb[2]))
-        return dataclasses.replace(config, gru=gru)
-    n_layers = trial.suggest_int("n_layers", space.n_layers.low, space.n_layers.high)
-    low, high, step = space.units.first
-    units = [trial.suggest_int("units_0", low, high, step=step)]
-    for i in range(1, n_layers):
-        low, high, step = space.units.later
-        # Each later layer is at most as wide as the one before.
-        units.append(trial.suggest_int(f"units_{i}", low, max(low, min(high, units[-1])), step=step))
-    return dataclasses.replace(
-        config, architecture=units,
-        layer_emb=trial.suggest_int("layer_emb", space.layer_emb.low, space.layer_emb.high),
-        expert_emb=trial.suggest_int("expert_emb", space.expert_emb.low, space.expert_emb.high))
+def suggest_config(trial: optuna.Trial, space: SearchSpace) -> ModelParams:
+    """A configuration of one of the kinds in `space`: the kind first, then the kind's own knobs."""
+    kind = trial.suggest_categorical("kind", list(space.kinds))
+    return ModelParams(kind, registry.get(kind).suggest(trial, space.kinds[kind]))
 
 
 def trial_params(config: ModelParams) -> dict[str, Any]:
     """The Optuna parameters that `suggest_config` maps to `config` (for enqueueing)."""
-    if config.kind == "mixture":
-        return {"kind": "mixture", "num_types": config.mixture.num_types, "smoothing": config.mixture.smoothing}
-    params: dict[str, Any] = {"kind": config.kind, "lr": config.lr, "dropout": config.dropout}
-    if config.kind == "gru":
-        return {**params, "hidden": config.gru.hidden, "gru_emb": config.gru.emb}
-    params.update({"n_layers": len(config.architecture), "layer_emb": config.layer_emb,
-                   "expert_emb": config.expert_emb})
-    params.update({f"units_{i}": u for i, u in enumerate(config.architecture)})
-    return params
+    return {"kind": config.kind, **registry.get(config.kind).trial_params(config.config)}
 
 
-def config_from_trial(trial: FrozenTrial, base: ModelParams) -> ModelParams:
-    """The configuration a finished trial ran (`base` for the knobs its kind does not use)."""
-    p = trial.params
-    kind = p.get("kind", "mlp")
-    if kind == "mixture":
-        return dataclasses.replace(base, kind=kind, mixture=dataclasses.replace(
-            base.mixture, num_types=int(p["num_types"]), smoothing=float(p["smoothing"])))
-    config = dataclasses.replace(base, kind=kind, lr=float(p["lr"]), dropout=float(p["dropout"]))
-    if kind == "gru":
-        return dataclasses.replace(config, gru=dataclasses.replace(base.gru, hidden=int(p["hidden"]),
-                                                                   emb=int(p["gru_emb"])))
-    return dataclasses.replace(config, layer_emb=int(p["layer_emb"]), expert_emb=int(p["expert_emb"]),
-                               architecture=[int(p[f"units_{i}"]) for i in range(int(p["n_layers"]))])
+def config_from_trial(trial: FrozenTrial) -> ModelParams:
+    """The configuration a finished trial ran (its kind's knobs not searched at their defaults)."""
+    kind = trial.params.get("kind", "mlp")
+    return ModelParams(kind, registry.get(kind).from_trial(trial.params))
 
 
-def starting_points(params: Params) -> list[tuple[str, ModelParams]]:
-    """The configurations every new study runs first, one or two per kind it searches: the
-    baseline and the seed's best MLP, and each other kind at its defaults (clipped to the space)."""
-    space, base = params.tune.search_space, params.baseline
-    points = []
-    for kind in space.kind:
-        if kind == "mlp":
-            points += [("baseline", dataclasses.replace(base, kind="mlp")), ("seed_best", SEED_BEST)]
-        elif kind == "mixture":
-            mixture = dataclasses.replace(base.mixture, num_types=_clip(32, space.mixture.num_types),
-                                          smoothing=_clip(0.1, space.mixture.smoothing))
-            points.append(("mixture_default", dataclasses.replace(base, kind=kind, mixture=mixture)))
-        elif kind == "gru":
-            gru = dataclasses.replace(base.gru, hidden=_clip(128, space.gru.hidden), emb=_clip(32, space.gru.emb))
-            points.append(("gru_default", dataclasses.replace(base, kind=kind, lr=_clip(3e-3, space.lr),
-                                                              dropout=_clip(0.3, space.dropout), gru=gru)))
-        else:
-            points.append((f"{kind}_default", dataclasses.replace(SEED_BEST, kind=kind)))
-    return [(origin, config) for origin, config in points if _inside(config, space)]
-
-
-def _clip(value: float, span: Any) -> Any:
-    """`value` inside a range: a FloatRange / IntRange, or [low, high, step] (snapped to the step)."""
-    if isinstance(span, list):
-        low, high, step = span
-        return int(min(max(low + round((value - low) / step) * step, low), low + (high - low) // step * step))
-    return type(span.low)(min(max(value, span.low), span.high))
-
-
-def _inside(config: ModelParams, space: SearchSpace) -> bool:
-    """Whether `suggest_config` can reach `config` (an enqueued trial outside the space would fail)."""
-    if config.kind == "mixture":
-        return True  # clipped above
-    if not (space.lr.low <= config.lr <= space.lr.high and space.dropout.low <= config.dropout <= space.dropout.high):
-        return False
-    if config.kind == "gru":
-        return True  # clipped above
-    first, later = space.units.first, space.units.later
-    return (space.n_layers.low <= len(config.architecture) <= space.n_layers.high
-            and first[0] <= config.architecture[0] <= first[1]
-            and all(later[0] <= u <= later[1] for u in config.architecture[1:])
-            and space.layer_emb.low <= config.layer_emb <= space.layer_emb.high
-            and space.expert_emb.low <= config.expert_emb <= space.expert_emb.high)
+def starting_points(space: SearchSpace) -> list[tuple[str, ModelParams]]:
+    """The configurations every new study runs first: each kind's own starting points (inside its space)."""
+    return [(origin, ModelParams(kind, config)) for kind, kind_space in space.kinds.items()
+            for origin, config in registry.get(kind).starting_points(kind_space)]
 
 
 def trial_code_digest(source: Path = SOURCE) -> str:
@@ -163,7 +85,7 @@ def trial_code_digest(source: Path = SOURCE) -> str:
 def study_fingerprint(params: Params, train_digest: str) -> str:
     """Everything that changes a trial's value; not n_trials or timeout, so a study can grow."""
     tune = params.tune
-    key = {"train": train_digest, "space": asdict(tune.search_space), "epochs": tune.epochs,
+    key = {"train": train_digest, "space": tune.search_space.to_plain(), "epochs": tune.epochs,
            "max_train_samples": tune.max_train_samples, "seed": tune.seed,
            # train.epochs is full training's budget, not a trial's (tune.epochs is).
            "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"},
@@ -252,7 +174,10 @@ def open_study(params: Params, train_digest: str, seed: int | None = None) -> tu
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
                                     pruner=make_pruner(params.tune))
-        for origin, config in starting_points(params):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective_name(params.train.target)])  # optuna-dashboard's label
+        for origin, config in starting_points(params.tune.search_space):
             study.enqueue_trial(trial_params(config), user_attrs={"origin": origin})
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(params.tune))
@@ -268,7 +193,7 @@ def make_objective(params: Params, fit: Features, val: Features) -> Callable[[op
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
-        config = suggest_config(trial, params.tune.search_space, params.baseline)
+        config = suggest_config(trial, params.tune.search_space)
 
         def report(epoch: int, row: dict[str, float]) -> None:
             if epoch == 0:
@@ -357,7 +282,7 @@ def tune(params: Params, train: Features, train_digest: str,
     summary = {
         "best_value": best.value,
         "best_trial": best.number,
-        "best_params": asdict(config_from_trial(best, params.baseline)),
+        "best_params": config_from_trial(best).to_plain(),
         "objective": objective_name(params.train.target),
         "study": study.study_name,
         "storage": redact(params.tune.storage),
@@ -376,7 +301,7 @@ def tune(params: Params, train: Features, train_digest: str,
     log.info("study %s: best trial %d, val top-2 %.4f (%d complete, %d pruned, %d failed; %d run here)",
              study.study_name, best.number, best.value, summary["n_complete"], summary["n_pruned"],
              summary["n_failed"], ran)
-    return TuneResult(config_from_trial(best, params.baseline), best.value, summary, trials, importances)
+    return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
 
 
 def tune_worker(params: Params, train: Features, train_digest: str) -> int:

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from routecast.pipeline import procs
 
 log = logging.getLogger(__name__)

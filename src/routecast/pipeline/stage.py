@@ -1,7 +1,8 @@
 """What every stage script shares: logging, timing, and one clear line for bad input.
 
-Bad input (`InputError`, which `ParamsError` is; `TraceError`; a missing input file) is told
-in one line and exits 1. Any other exception is a bug and propagates with its full traceback.
+Bad input (`InputError`, which `ParamsError`, `TraceError` and `PredictionsError` are; a missing
+input file) is told in one line and exits 1. Any other exception is a bug and propagates with its
+full traceback.
 A stage first claims the workspace (`routecast.pipeline.workspace`), so two runs never interleave.
 Run by DVC, a failing stage also says which outputs DVC removed before running it and how to
 get the last locked versions back.
@@ -18,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from routecast.errors import InputError
-from routecast.data.traces import TraceError
 from routecast.pipeline.workspace import claim
 
 log = logging.getLogger("routecast")
@@ -58,7 +58,7 @@ def stage(name: str, exclusive: bool = True) -> Iterator[None]:
         if exclusive:
             claim(name)
         yield
-    except (InputError, TraceError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError) as exc:
         hint = recovery_hint()
         log.error("%s failed: %s%s", name, exc, f". {hint}" if hint else "")
         sys.exit(1)

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from routecast.pipeline import procs
 from routecast.errors import InputError
+from routecast.pipeline import procs
 
 CLAIM = Path(".dvc/tmp/routecast-run.json")  # in the workspace: DVC's own scratch directory, never committed
 SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
@@ -62,9 +62,10 @@ def claim(stage: str, root: Path | None = None) -> None:
         held = _parse(fh.read())
         if held and _other_live_run(held, mine):
             raise WorkspaceBusyError(
-                f"{root.resolve()}: another run is using this workspace: `{held['command'] or 'pid ' + str(held['pid'])}` "
-                f"(pid {held['pid']}) is at stage {held['stage']}. Wait for it to end (or stop it): this run would "
-                "rewrite files it reads. To run side by side, use `dvc exp run --temp` or `--queue`, which run in a copy")
+                f"{root.resolve()}: another run is using this workspace: "
+                f"`{held['command'] or 'pid ' + str(held['pid'])}` (pid {held['pid']}) is at stage {held['stage']}. "
+                "Wait for it to end (or stop it): this run would rewrite files it reads. To run side by side, use "
+                "`dvc exp run --temp` or `--queue`, which run in a copy")
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps(mine) + "\n")

@@ -17,8 +17,7 @@ from torch import nn
 
 from routecast.pipeline.artifacts import save_torch
 from routecast.errors import InputError
-from routecast.predictors.mixture import MixtureConfig, MixtureModule
-from routecast.predictors.neural import ModelConfig, build_model
+from routecast.predictors import registry
 
 
 class CheckpointError(InputError):
@@ -26,9 +25,10 @@ class CheckpointError(InputError):
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Any kind's fitted module: its kind (`model.config.kind`), its plain config and its state dict."""
     config = model.config
-    kind = "mixture" if isinstance(config, MixtureConfig) else config.kind
-    save_torch(path, {"kind": kind, "config": asdict(config), "state_dict": model.state_dict(), **(extra or {})})
+    save_torch(path, {"kind": config.kind, "config": {k: v for k, v in asdict(config).items() if k != "kind"},
+                      "state_dict": model.state_dict(), **(extra or {})})
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -48,13 +48,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                               f"`dvc repro` or restore it with `dvc checkout {path}`") from None
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
         raise CheckpointError(f"{path}: not a routecast model (no config and state_dict)")
+    kind = checkpoint.get("kind", "mlp")
+    if kind not in registry.names():
+        raise CheckpointError(f"{path}: a model of kind {kind!r}, which this version does not know "
+                              f"(known: {', '.join(registry.names())})")
     try:
-        config = checkpoint["config"]
-        kind = checkpoint.get("kind", "mlp")
-        if kind == "mixture":
-            model: nn.Module = MixtureModule(MixtureConfig(**config))
-        else:
-            model = build_model(ModelConfig(**{"kind": kind, **config}))
+        model = registry.get(kind).load(checkpoint["config"])
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: a routecast model this version cannot rebuild: {exc}") from None

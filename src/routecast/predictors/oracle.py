@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from routecast.data.features import Features
 from routecast.config.params import POSITION_SCALE, SyntheticParams
-from routecast.sources.synthetic import SyntheticRouter, build_router
+from routecast.data.features import Features
 from routecast.data.traces import TraceMeta
+from routecast.sources.synthetic import SyntheticRouter, build_router
 
 _CHUNK = 32_768  # samples per chunk: bounds the [chunk, types, experts] temporaries
 

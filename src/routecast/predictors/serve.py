@@ -12,10 +12,11 @@ with their probabilities. `EngineModule` turns the raw state into the model's in
 entries past `l` ignored, +1 id encodings, position scaling) in front of the kind's own module,
 so the export holds the whole path from raw state to experts.
 
-The `mlp` kind runs a fused form of its eval-mode MLP (`FusedMLP`): BatchNorm folded into the
-Linear before it and every embedding multiplied through the first Linear, so the first layer is
-one `embedding_bag` plus one small matmul; its logits equal the eager model's to float32
-rounding. The other kinds run their own eval-mode module.
+Each kind says what runs (its registry entry's `serve`): the `mlp` kind runs a fused form of its
+eval-mode MLP (`routecast.predictors.mlp.model.FusedMLP`: BatchNorm folded into the Linear before
+it and every embedding multiplied through the first Linear, so the first layer is one
+`embedding_bag` plus one small matmul; its logits equal the eager model's to float32 rounding).
+The other kinds run their own eval-mode module.
 
 Exports, both loadable with torch alone: `.ts` (TorchScript; `torch.jit.load(path).predict(...)`
 in Python or libtorch) and `.pt2` (torch.export: an ExportedProgram with a dynamic batch,
@@ -39,71 +40,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from routecast.pipeline.artifacts import atomic_path
+from routecast.predictors import registry
 from routecast.predictors.checkpoints import load_checkpoint
 from routecast.errors import InputError
 from routecast.data.features import Features
-from routecast.predictors.neural import MLP
 from routecast.config.params import POSITION_SCALE
 
 
 class Prediction(NamedTuple):
     experts: torch.Tensor  # int64 [N, k], best first
     scores: torch.Tensor  # float32 [N, k], their probabilities
-
-
-class FusedMLP(nn.Module):
-    """The eval-mode `mlp` kind as embedding_bag + (Linear with BatchNorm folded) + LeakyReLU: the
-    same call and logits as `routecast.predictors.neural.MLP`."""
-
-    def __init__(self, model: MLP) -> None:
-        super().__init__()
-        c = model.config
-        L, E, H, k, X, P = c.num_layers, c.num_experts, c.history_len, c.top_k, c.num_extra, c.num_prev
-        self.sees_primary = c.sees_primary
-        linears = [m for m in model.mlp if isinstance(m, nn.Linear)]
-        norms = [m for m in model.mlp if isinstance(m, nn.BatchNorm1d)]
-        slopes = {m.negative_slope for m in model.mlp if isinstance(m, nn.LeakyReLU)}
-        assert len(linears) == len(norms) + 1 and len(slopes) <= 1
-        self.negative_slope = float(slopes.pop()) if slopes else 0.01
-        ids = 1 + H + P + (0 if c.sees_primary else 1)  # secondary, history, prev, [primary]: as MLP.features
-        with torch.no_grad():
-            folded = [_fold(lin, bn) for lin, bn in zip(linears, norms)] + [
-                (linears[-1].weight.double(), linears[-1].bias.double())]
-            w1, b1 = folded[0]
-            layer_emb, expert_emb = model.layer_emb.weight.double(), model.expert_emb.weight.double()
-            blocks = torch.split(w1, [c.layer_emb] + [c.expert_emb] * ids + [k, 1, X], dim=1)
-            rows = [layer_emb @ blocks[0].T] + [expert_emb @ blocks[1 + j].T for j in range(ids)]  # [L|E+1, U]
-            dense = torch.cat(blocks[1 + ids:], dim=1).T  # gating, position, extra
-        self.register_buffer("table", torch.cat(rows).float())
-        self.register_buffer("dense_weight", dense.float().contiguous())
-        self.register_buffer("bias", b1.float())
-        self.register_buffer("offsets", (L + torch.arange(ids) * (E + 1)).unsqueeze(0))  # each id block's rows
-        self.hidden = nn.ModuleList()
-        for w, b in folded[1:]:
-            lin = nn.Linear(w.shape[1], w.shape[0])
-            lin.weight.data, lin.bias.data = w.float().contiguous(), b.float()
-            lin.requires_grad_(False)
-            self.hidden.append(lin)
-
-    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
-                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        ids = [secondary.unsqueeze(1), history, prev]
-        if not self.sees_primary:
-            ids.append(primary.unsqueeze(1) + 1)
-        index = torch.cat([layer.unsqueeze(1), torch.cat(ids, 1) + self.offsets], 1)
-        dense = torch.cat([gating, position.unsqueeze(1), extra], 1)
-        x = torch.addmm(self.bias, dense, self.dense_weight) + F.embedding_bag(index, self.table, mode="sum")
-        for lin in self.hidden:
-            x = lin(F.leaky_relu(x, self.negative_slope))
-        return x
-
-
-def _fold(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear followed by eval-mode BatchNorm as one Linear (float64 while folding)."""
-    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-    weight = linear.weight.double() * scale[:, None]
-    bias = (linear.bias.double() - norm.running_mean.double()) * scale + norm.bias.double()
-    return weight, bias
 
 
 class EngineModule(nn.Module):
@@ -167,7 +113,7 @@ class Predictor:
     @classmethod
     def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
         config = model.config
-        core = FusedMLP(model).eval() if getattr(config, "kind", None) == "mlp" else model.eval()
+        core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
         return cls(engine, _info(engine))
 

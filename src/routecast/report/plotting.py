@@ -21,9 +21,9 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, MultipleLocator
 
+from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS
 from routecast.pipeline.artifacts import atomic_path
-from routecast.evaluate.evaluation import MODELS
-from routecast.sim.prefetch import BOUNDS
+from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 
 # The one list of predictor names outside the stages: one colour each in every plot; a name
 # not listed takes the leftover colours in order.
@@ -164,9 +164,10 @@ def training_curves(runs: Mapping[str, pd.DataFrame], reference: Mapping[str, pd
 def per_layer_top2(per_layer: pd.DataFrame, reference: pd.DataFrame | None = None,
                    labels: tuple[str, str] = ("workspace", "reference"), lookahead: int | None = None) -> Figure:
     """Test top-2 per source layer for every predictor (metrics/evaluate/per_layer_top2.csv, long
-    format: layer, predictor, top2)."""
+    format: PER_LAYER_COLUMNS, i.e. layer, predictor, top2)."""
     target = f"l + {lookahead}" if lookahead else "l + lookahead"
-    return by_predictor(per_layer, "layer", "top2", reference, labels,
+    layer, _, top2 = PER_LAYER_COLUMNS
+    return by_predictor(per_layer, layer, top2, reference, labels,
                         f"source layer l (predicting the primary expert at layer {target})",
                         "top-2 accuracy (fraction of test samples)", "Test top-2 accuracy per layer, every predictor",
                         fraction=True)
@@ -174,8 +175,8 @@ def per_layer_top2(per_layer: pd.DataFrame, reference: pd.DataFrame | None = Non
 
 def confusion_matrix(pairs: pd.DataFrame, num_experts: int | None = None, model: str = "tuned") -> Figure:
     """Row-normalised confusion of the top-1 prediction (metrics/evaluate/confusion_<model>.csv:
-    one row per test sample, columns actual and predicted)."""
-    actual, predicted = pairs["actual"].to_numpy(int), pairs["predicted"].to_numpy(int)
+    one row per test sample, CONFUSION_COLUMNS: actual and predicted)."""
+    actual, predicted = (pairs[column].to_numpy(int) for column in CONFUSION_COLUMNS)
     n = num_experts or int(max(actual.max(initial=0), predicted.max(initial=0)) + 1)
     counts = np.zeros((n, n), dtype=np.int64)
     np.add.at(counts, (actual, predicted), 1)
@@ -238,8 +239,10 @@ def tune_history(history: pd.DataFrame, reference: pd.DataFrame | None = None,
 def prefetch_stall(by_slots: pd.DataFrame, reference: pd.DataFrame | None = None,
                    labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
     """Stall per token against cache slots per layer, every predictor and both bounds
-    (metrics/prefetch/stall_vs_slots.csv, long format: slots, predictor, stall_ms_per_token, ...)."""
-    return by_predictor(by_slots, "slots", "stall_ms_per_token", reference, labels,
+    (metrics/prefetch/stall_vs_slots.csv, long format: SLOTS_COLUMNS, i.e. slots, predictor,
+    stall_ms_per_token, ...)."""
+    slots, _, stall = SLOTS_COLUMNS[:3]
+    return by_predictor(by_slots, slots, stall, reference, labels,
                         "experts of each layer held on the GPU (cache slots per layer)", "stall (ms per token)",
                         "Prefetch simulation: stall per token against cache slots (on_demand and perfect bound it)",
                         fraction=False)
@@ -248,8 +251,10 @@ def prefetch_stall(by_slots: pd.DataFrame, reference: pd.DataFrame | None = None
 def prefetch_hit_rate(by_width: pd.DataFrame, reference: pd.DataFrame | None = None,
                       labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
     """Hit rate against prefetch width, every predictor and both bounds
-    (metrics/prefetch/hit_rate_vs_width.csv, long format: width, predictor, hit_rate, ...)."""
-    return by_predictor(by_width, "width", "hit_rate", reference, labels,
+    (metrics/prefetch/hit_rate_vs_width.csv, long format: WIDTH_COLUMNS, i.e. width, predictor,
+    hit_rate, ...)."""
+    width, _, hit_rate = WIDTH_COLUMNS[:3]
+    return by_predictor(by_width, width, hit_rate, reference, labels,
                         "experts prefetched per layer (the predictor's best first)",
                         "hit rate (needed experts already resident)",
                         "Prefetch simulation: hit rate against prefetch width, at the configured cache slots",

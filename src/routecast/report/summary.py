@@ -30,10 +30,10 @@ from typing import Any
 import pandas as pd
 from ruamel.yaml import YAML
 
-from routecast.report import plotting
+from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS
 from routecast.pipeline.artifacts import atomic_write_text
-from routecast.evaluate.evaluation import MODELS
-from routecast.sim.prefetch import BOUNDS
+from routecast.report import plotting
+from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -433,27 +433,28 @@ def make_plots(repo: Path, rev: str, out_dir: Path, labels: tuple[str, str]) -> 
         add("Training curves", "training_curves", plotting.training_curves(now, runs(rev), labels),
             f"Loss, validation top-2 and set recall per epoch of both models (DVCLive); solid: workspace, {dashed}.")
 
-    def both(path: str, columns: list[str]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-        return read_csv(repo, path, columns), read_csv(repo, path, columns, rev)
+    # A long-format CSV's plot reads its first three columns (x, predictor, y): only those must exist.
+    def both(path: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+        return read_csv(repo, path, list(columns[:3])), read_csv(repo, path, list(columns[:3]), rev)
 
-    per_layer, per_layer_old = both(PER_LAYER_CSV, ["layer", "predictor", "top2"])
+    per_layer, per_layer_old = both(PER_LAYER_CSV, PER_LAYER_COLUMNS)
     if per_layer is not None:
         add("Test top-2 per layer", "per_layer_top2",
             plotting.per_layer_top2(per_layer, per_layer_old, labels, param(repo, "features.lookahead")),
             f"Every predictor on the test split; thick: the two models; {changed_only}.")
-    if (pairs := read_csv(repo, CONFUSION_CSV, ["actual", "predicted"])) is not None:
+    if (pairs := read_csv(repo, CONFUSION_CSV, list(CONFUSION_COLUMNS))) is not None:
         add("Confusion matrix (tuned model)", "confusion_tuned", plotting.confusion_matrix(pairs),
             "Top-1 prediction against the actual primary expert, each row normalised to 1; workspace only.")
     if (history := read_series(repo, TUNE_LIVE, plotting.TUNE_SERIES)) is not None:
         add("Tune history", "tune_history",
             plotting.tune_history(history, read_series(repo, TUNE_LIVE, plotting.TUNE_SERIES, rev), labels),
             f"The validation objective of each Optuna trial and the best so far (DVCLive); {dashed}.")
-    stall, stall_old = both(STALL_CSV, ["slots", "predictor", "stall_ms_per_token"])
+    stall, stall_old = both(STALL_CSV, SLOTS_COLUMNS)
     if stall is not None:
         add("Prefetch: stall against cache slots", "prefetch_stall", plotting.prefetch_stall(stall, stall_old, labels),
             f"Stall per token at each cache size, at the configured prefetch width; thick: the models and the "
             f"bounds (on_demand, perfect); {changed_only}.")
-    hits, hits_old = both(HIT_RATE_CSV, ["width", "predictor", "hit_rate"])
+    hits, hits_old = both(HIT_RATE_CSV, WIDTH_COLUMNS)
     if hits is not None:
         add("Prefetch: hit rate against width", "prefetch_hit_rate", plotting.prefetch_hit_rate(hits, hits_old, labels),
             f"Hit rate at each prefetch width, at the configured cache slots; {changed_only}.")

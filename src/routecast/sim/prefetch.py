@@ -38,10 +38,10 @@ from tqdm import tqdm
 from routecast.config.params import ParamsError, SimulateParams
 from routecast.data.predictions import Predictions, PredictionsError
 from routecast.data.traces import Traces
+from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 
 log = logging.getLogger(__name__)
 
-BOUNDS = ("on_demand", "perfect")
 MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values over its range
 
 # Counters `_replay` returns, by index.
@@ -245,7 +245,8 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
             raise ValueError(f"width must be in [1, min(slots_per_layer, ranked experts)] = "
                              f"[1, {min(engine.slots_per_layer, candidates.shape[2])}], got {engine.width}")
         if candidates.shape[:2] != truth.shape[:2]:
-            raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R], got {list(candidates.shape)}")
+            raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R], "
+                             f"got {list(candidates.shape)}")
         cand = np.ascontiguousarray(candidates[:, :, :engine.width], dtype=np.int16)
     for name, arr in (("truth", truth), ("candidates", cand)):
         if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
@@ -333,7 +334,8 @@ def build_replay(traces: Traces, predictions: Predictions, traces_where: str = "
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
         raise PredictionsError(f"{predictions_where}: row {row}: (seq_id {predictions.seq_id[row]}, token_pos "
-                               f"{predictions.token_pos[row]}, layer {predictions.layer[row]}) has no row in {traces_where}")
+                               f"{predictions.token_pos[row]}, layer {predictions.layer[row]}) has no row in "
+                               f"{traces_where}")
     rankings = {}
     for name, ranks in predictions.rankings.items():
         grid = np.full((len(tokens), num_layers, ranks.shape[1]), -1, dtype=np.int16)
@@ -439,8 +441,8 @@ def prefetch_metrics(results: dict[str, RunResult]) -> dict[str, dict[str, float
 @dataclass
 class SimulationResult:
     metrics: dict[str, Any]  # metrics/prefetch.json
-    slots_rows: list[list[Any]]  # (slots, predictor, stall_ms_per_token, hit_rate, mb_per_token)
-    width_rows: list[list[Any]]  # (width, predictor, hit_rate, stall_ms_per_token, prefetch_precision)
+    slots_rows: list[list[Any]]  # SLOTS_COLUMNS: slots, predictor, then those RunResult properties
+    width_rows: list[list[Any]]  # WIDTH_COLUMNS: width, predictor, then those RunResult properties
 
 
 def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulateParams, traces_where: str = "traces",
@@ -476,7 +478,7 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
     names = [*BOUNDS, *predictions.rankings]
     return SimulationResult(
         metrics,
-        [[s, n, r[n].stall_ms_per_token, r[n].hit_rate, r[n].mb_per_token]
+        [[s, n, *(getattr(r[n], c) for c in SLOTS_COLUMNS[2:])]
          for s, r in zip(done.slots, done.by_slots) for n in names],
-        [[w, n, r[n].hit_rate, r[n].stall_ms_per_token, r[n].prefetch_precision]
+        [[w, n, *(getattr(r[n], c) for c in WIDTH_COLUMNS[2:])]
          for w, r in zip(done.widths, done.by_width) for n in names])

@@ -19,7 +19,7 @@ def extract_traces(params: ExtractParams, out: str | Path) -> None:
         traces, _ = generate(params.synthetic)
         write_traces(out, traces)
     elif params.source == "import":
-        from routecast.sources.importers import import_logs
+        from routecast.sources.logs import import_logs
 
         import_logs(params.logs, out)
     elif params.source == "hf":

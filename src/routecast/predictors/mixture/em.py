@@ -1,4 +1,4 @@
-"""Fit the `mixture` kind (`routecast.predictors.mixture`) by expectation-maximisation on the training tokens.
+"""Fit the `mixture` kind (`routecast.predictors.mixture.model`) by expectation-maximisation on the training tokens.
 
     E step  r[t, z] = P(z | token t's whole path)   (log-space sum of its table entries)
     M step  tables  = responsibility-weighted counts, smoothed towards the pooled (all-types)
@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from routecast.data.batches import token_view
 from routecast.data.features import Features
-from routecast.predictors.mixture import MixtureConfig, MixtureModule, MixtureTables
+from routecast.fit.training import TrainResult, scored_once
+from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +163,19 @@ def fit_mixture(config: MixtureConfig, fit: Features, seed: int = 0) -> MixtureM
     log.info("mixture: fitted %d types on %d tokens in %.1fs", config.num_types, len(paths.primary),
              time.perf_counter() - start)
     return MixtureModule(config, tables).eval()
+
+
+def fit_kind(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (registry's fit)
+    """EM to convergence (`routecast.predictors.mixture.em`), scored once on validation."""
+    m = fit.meta
+    config = MixtureConfig(m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead, params.num_types,
+                           params.smoothing, params.iterations, params.restarts,
+                           num_prev=m.top_k if fit.prev_experts is not None else 0, target=train.target)
+    start = time.perf_counter()
+    module = fit_mixture(config, fit, seed=train.seed)
+    result = scored_once(module, train, fit, val, epochs, time.perf_counter() - start, on_epoch)
+    row = result.history[-1]
+    log.info("%s (mixture): val top-2 %.4f, set recall %.4f (%.1fs)", desc, row["val_top2"], row["val_set_recall"],
+             row["seconds"])
+    return result
+

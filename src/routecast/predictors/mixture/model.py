@@ -1,5 +1,5 @@
-"""A latent-type mixture of per-layer Markov chains: the `mixture` kind's model (fitted by EM in
-`routecast.predictors.em`).
+"""A latent-type mixture of per-layer Markov chains: the `mixture` kind's module (fitted by EM in
+`routecast.predictors.mixture.em`).
 
 Each token is taken to have a hidden type z (one of `num_types`); given z, its primary expert
 walks a Markov chain over the layers with per-layer tables, and the secondary at each layer
@@ -40,6 +40,10 @@ class MixtureConfig:
     num_prev: int = 0  # width of the previous-token feature (0: off; the mixture reads its primary)
     num_extra: int = 0  # extra dense features: none are used (kept for the common call)
     target: str = "primary"  # primary | set: what the module's output ranks
+
+    @property
+    def kind(self) -> str:
+        return "mixture"
 
 
 @dataclass

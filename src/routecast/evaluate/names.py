@@ -1,0 +1,14 @@
+"""The names the evaluate stage's outputs share with their readers (the report and its plots).
+
+Kept apart from `routecast.evaluate.evaluation`, and importing nothing, so a reader knows them
+without loading torch or pyarrow. A long-format CSV's header is (x, `predictor`, the value its
+plot draws, any other values): the plots read its first three columns by position.
+"""
+
+# The trained models (train_full's two params blocks), drawn thick in every plot.
+MODELS = ("baseline", "tuned")
+
+# metrics/evaluate/per_layer_top2.csv: test top-2 per source layer, one row per (layer, predictor).
+PER_LAYER_COLUMNS = ("layer", "predictor", "top2")
+# metrics/evaluate/confusion_tuned.csv: the tuned model's (actual, predicted top-1), one row per test sample.
+CONFUSION_COLUMNS = ("actual", "predicted")

@@ -1,0 +1,138 @@
+"""The `lookup_mlp` kind's module: the MLP given the lookup ladder's log-probabilities as inputs and
+added to its output, its last Linear starting at zero, so it starts exactly at the three-deep lookup
+table and learns a correction (small data cannot leave it below the table)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from routecast.data.batches import Inputs, sample_inputs, targets
+from routecast.fit.training import SampleBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.mlp.model import MLP
+from routecast.predictors.neural import ModelConfig, neural_config
+from routecast.predictors.references import cross_fitted_lookup_scores, lookup_tables
+
+LOOKUP_PSEUDO_COUNT = 1e-3  # the reference ladder's (routecast.predictors.references), so lookup_mlp starts at that table
+
+
+class LookupMLP(MLP):
+    """logits = scale * log P_lookup + MLP(features, log P_lookup): starts at the table (scale 1,
+    zero last Linear). The table's smoothed probabilities are sharp (a context seen a few times
+    puts almost nothing on unseen experts), so `scale` learns how far to trust them.
+
+    The ladder (layer, e) -> (layer, e-1, e) -> (layer, e-2, e-1, e) lives in buffers: per order, the
+    sorted context keys seen in training and their target counts; an unseen key backs off to the
+    shorter context, as `routecast.predictors.references.LookupPredictor` (which fits the same counts)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.num_experts = config.num_experts
+        self.pseudo_count = LOOKUP_PSEUDO_COUNT
+        self.register_buffer("frequency", torch.full((config.num_layers, config.num_experts), 1.0 / config.num_experts))
+        for order in (1, 2, 3):
+            self.register_buffer(f"keys_{order}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"counts_{order}", torch.zeros(0, config.num_experts))
+
+    def set_tables(self, frequency: torch.Tensor, keys: list[torch.Tensor], counts: list[torch.Tensor]) -> None:
+        """Load fitted ladder counts (see `routecast.predictors.references.lookup_tables`)."""
+        self.frequency = frequency.float()
+        self.keys_1, self.keys_2, self.keys_3 = (k.long() for k in keys)
+        self.counts_1, self.counts_2, self.counts_3 = (c.float() for c in counts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # The tables' sizes are the fitted ones: take them from the checkpoint.
+        for order in (1, 2, 3):
+            for name in (f"keys_{order}", f"counts_{order}"):
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def table_logp(self, layer: torch.Tensor, primary: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """log P_lookup(target | layer, e-2, e-1, e) for a batch: [N, E]."""
+        probs = self.frequency[layer]
+        probs = self._back_off(probs, self.keys_1, self.counts_1, _context_key(layer, history, primary, 1,
+                                                                                self.num_experts))
+        probs = self._back_off(probs, self.keys_2, self.counts_2, _context_key(layer, history, primary, 2,
+                                                                                self.num_experts))
+        probs = self._back_off(probs, self.keys_3, self.counts_3, _context_key(layer, history, primary, 3,
+                                                                                self.num_experts))
+        return torch.log(probs.clamp_min(1e-12))
+
+    def _back_off(self, probs: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """A seen key's counts pulled towards `probs` (the shorter context) by the pseudo-count."""
+        if keys.numel() == 0:
+            return probs
+        pos = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
+        row = torch.where((keys[pos] == key).unsqueeze(1), counts[pos], torch.zeros_like(probs))
+        return (row + self.pseudo_count * probs) / (row.sum(1, keepdim=True) + self.pseudo_count)
+
+    def forward_with_table(self, table: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
+                           secondary: torch.Tensor, history: torch.Tensor, gating: torch.Tensor,
+                           position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.features(layer, primary, secondary, history, gating, position, prev, extra), table], 1)
+        return self.scale * table + self.mlp(x)
+
+    def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        table = self.table_logp(layer, primary, history)
+        return self.forward_with_table(table, layer, primary, secondary, history, gating, position, prev, extra)
+
+
+def _context_key(layer: torch.Tensor, history: torch.Tensor, primary: torch.Tensor, order: int,
+                 num_experts: int) -> torch.Tensor:
+    """(layer, e_{l-order+1}+1, ..., e_l+1) as one int64, as `routecast.predictors.references.context_keys`."""
+    base = num_experts + 1
+    H = history.shape[1]
+    key = layer
+    for offset in range(order - 1, -1, -1):
+        if offset == 0:
+            expert = primary + 1
+        else:
+            at = layer - offset
+            inside = (at >= 0) & (at < H)
+            expert = torch.gather(history, 1, at.clamp(0, H - 1).unsqueeze(1)).squeeze(1) * inside
+        key = key * base + expert
+    return key
+
+
+def fit_lookup_mlp(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (the registry's fit)
+    """Train the `lookup_mlp` kind: the ladder fitted on the fit split goes into the module's buffers,
+    and each training sample sees the table's log-probabilities from tables fitted without its own
+    sequence (5 folds), so the correction learns how the table errs on unseen sequences. Epoch 0 is
+    the table itself."""
+    config = neural_config("lookup_mlp", fit, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
+                           architecture=tuple(params.architecture), dropout=params.dropout)
+    model = LookupMLP(config)
+    model.set_tables(*lookup_tables(fit, train.target))
+    table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit, train.target, seed=train.seed),
+                                               1e-12))).float()
+    inputs = sample_inputs(fit, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    batches = _TableBatches(inputs, targets(fit, train.target), table, train.batch_size, pick_device(train.device))
+    return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc, score_first=True)
+
+
+class _TableBatches(SampleBatches):
+    """Sample batches that carry each sample's cross-fitted table log-probabilities."""
+
+    def __init__(self, inputs: Inputs, y: torch.Tensor, table: torch.Tensor, batch_size: int,
+                 device: torch.device) -> None:
+        super().__init__(inputs, y, batch_size, device)
+        self.table = table.to(device)
+
+    def epoch(self, generator: torch.Generator):  # noqa: ANN201
+        perm = self.order(generator)
+        xs, ys, table = self.inputs.index(perm), self.y[perm], self.table[perm]  # one gather, then slices
+        for i in range(0, self.n_used, self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield xs.index(sl), ys[sl], table[sl]
+
+    def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        x, y, table = batch
+        return model.forward_with_table(table, *x), y
