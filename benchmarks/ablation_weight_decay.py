@@ -19,10 +19,11 @@ from common import machine, write_result  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
-from routecast import training  # noqa: E402
-from routecast.config.params import load_params  # noqa: E402
+from routecast.config.params import ModelParams, load_params  # noqa: E402
 from routecast.data.features import encode_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
+from routecast.fit import training  # noqa: E402
+from routecast.predictors.mlp import SEED_BEST  # noqa: E402
 from routecast.sources.synthetic import generate  # noqa: E402
 
 ROOT = HERE.parent
@@ -37,11 +38,10 @@ def main() -> None:
     traces, _ = generate(params.extract.synthetic)
     train, _ = split_features(encode_features(traces, params.features), params.split)
     fit, val = training.split_train_val(train)
-    from routecast.fit.tuning import SEED_BEST
 
     grouped = training.configure_optimizer
     results = {}
-    for name, model in (("baseline", params.baseline), ("seed_best", SEED_BEST)):
+    for name, model in (("baseline", params.baseline), ("seed_best", ModelParams("mlp", SEED_BEST))):
         for variant, optimizer in (("matrices_only", grouped), ("every_parameter", decay_everything)):
             training.configure_optimizer = optimizer
             result = training.fit_predictor(model, params.train, fit, val, desc=f"{name} {variant}")

@@ -36,21 +36,21 @@ from common import machine, write_result  # noqa: E402
 import torch  # noqa: E402
 
 from bench_predictor import latencies  # noqa: E402
-from routecast.config.params import GRUParams, MixtureParams, ModelParams, load_params  # noqa: E402
+from routecast.config.params import ModelParams, load_params  # noqa: E402
 from routecast.data.features import encode_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
 from routecast.evaluate.evaluation import ModelScorer, score_metrics  # noqa: E402
 from routecast.fit.training import fit_predictor, split_train_val  # noqa: E402
+from routecast.predictors.mlp import SEED_BEST  # noqa: E402
 from routecast.predictors.oracle import OraclePredictor  # noqa: E402
 from routecast.predictors.serve import Predictor  # noqa: E402
 from routecast.sources.synthetic import generate  # noqa: E402
 
-SEED_MLP = ModelParams(lr=5.36e-4, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
-CONFIGS = {
-    "mlp": SEED_MLP,
-    "lookup_mlp": dataclasses.replace(SEED_MLP, kind="lookup_mlp"),
-    "gru": dataclasses.replace(SEED_MLP, kind="gru", lr=3e-3, dropout=0.2, gru=GRUParams(hidden=256, emb=32)),
-    "mixture": dataclasses.replace(SEED_MLP, kind="mixture", mixture=MixtureParams(num_types=48, smoothing=0.5)),
+CONFIGS = {  # SEED_BEST: the seed's best MLP (lr 5.36e-4, emb 5/7, [512, 512], dropout 0.18)
+    "mlp": ModelParams("mlp", SEED_BEST),
+    "lookup_mlp": ModelParams("lookup_mlp", SEED_BEST),
+    "gru": ModelParams.of("gru", lr=3e-3, dropout=0.2, hidden=256, emb=32),
+    "mixture": ModelParams.of("mixture", num_types=48, smoothing=0.5),
 }
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     if args.steps_control:
         steps_control(args.steps_control, params, base, test_sequences, threads)
         return
-    out: dict[str, object] = {"machine": machine(), "configs": {k: dataclasses.asdict(v) for k, v in CONFIGS.items()},
+    out: dict[str, object] = {"machine": machine(), "configs": {k: v.to_plain() for k, v in CONFIGS.items()},
                               "train_threads": threads, "kinds": {}, "scaling": {}}
     for scale in args.scales:
         traces, fit, val, test = split(params, base * scale, test_sequences)

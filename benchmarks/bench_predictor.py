@@ -27,7 +27,7 @@ from common import machine, write_result  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
-from routecast.predictors.mixture import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
+from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
 from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
 from routecast.predictors.serve import Predictor  # noqa: E402
 

@@ -34,18 +34,25 @@ from common import machine, write_result  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from routecast.config.params import FeaturesParams, GRUParams, ModelParams, SplitParams, SyntheticParams, TrainParams  # noqa: E402
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams  # noqa: E402
 from routecast.data.batches import sample_inputs  # noqa: E402
 from routecast.data.features import encode_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
-from routecast.fit.training import fit_predictor, model_config, split_train_val  # noqa: E402
-from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
+from routecast.fit.training import fit_predictor, split_train_val  # noqa: E402
+from routecast.predictors.mlp import SEED_BASELINE, SEED_BEST  # noqa: E402
+from routecast.predictors.neural import ModelConfig, build_model, neural_config  # noqa: E402
 from routecast.sources.synthetic import generate  # noqa: E402
 
-TUNED = ModelParams(lr=0.000536, layer_emb=5, expert_emb=7, architecture=[512, 512], dropout=0.18)
-BASELINE = ModelParams(lr=0.001, layer_emb=10, expert_emb=5, architecture=[256, 128, 64], dropout=0.2)
-GRU = ModelParams(lr=3e-3, layer_emb=5, expert_emb=7, architecture=[], dropout=0.2, kind="gru",
-                  gru=GRUParams(hidden=256, emb=32))
+TUNED = ModelParams("mlp", SEED_BEST)  # lr 5.36e-4, emb 5/7, [512, 512], dropout 0.18
+BASELINE = ModelParams("mlp", SEED_BASELINE)  # lr 1e-3, emb 10/5, [256, 128, 64], dropout 0.2
+GRU = ModelParams.of("gru", lr=3e-3, dropout=0.2, hidden=256, emb=32)
+
+
+def mlp_config(params: ModelParams, feats) -> ModelConfig:
+    """The `mlp` kind's module config for samples shaped like `feats` (what its `fit` builds)."""
+    p = params.config
+    return neural_config(params.kind, feats, layer_emb=p.layer_emb, expert_emb=p.expert_emb,
+                         architecture=tuple(p.architecture), dropout=p.dropout)
 
 
 def layer_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -79,11 +86,11 @@ def matmul_rate(shapes: list[tuple[int, int]], batch: int, seconds: float = 1.0)
 def seed_loop_rate(params: ModelParams, fit, batch: int, seed: int, steps: int) -> float:
     """samples/s of the seed's inner loop (out-of-place LeakyReLU, unfused AdamW on every parameter)."""
     torch.manual_seed(seed)
-    model = build_model(model_config(params, fit))
+    model = build_model(mlp_config(params, fit))
     for m in model.mlp:
         if isinstance(m, nn.LeakyReLU):
             m.inplace = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.config.lr, weight_decay=0.01)
     loss_fn = nn.CrossEntropyLoss()
     x, y = sample_inputs(fit), torch.from_numpy(fit.target.astype(np.int64))
     model.train()
@@ -104,7 +111,7 @@ def profile_steps(config: ModelConfig, fit, batch: int, steps: int = 30) -> None
 
     torch.manual_seed(0)
     model = build_model(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TUNED.lr, weight_decay=0.01, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TUNED.config.lr, weight_decay=0.01, fused=True)
     x, y = sample_inputs(fit), torch.from_numpy(fit.target.astype(np.int64))
 
     def step(s: int) -> None:
@@ -139,7 +146,7 @@ def main() -> None:
     fit, val = split_train_val(train)
     val = val.take(np.arange(min(len(val), 4096)))  # validation is not timed; keep it short
     train_params = TrainParams(epochs=1, batch_size=args.batch_size, threads=args.threads)
-    config = model_config(TUNED, fit)
+    config = mlp_config(TUNED, fit)
     flops_per_sample = 3 * forward_flops(config)
     shapes = layer_shapes(config)
 

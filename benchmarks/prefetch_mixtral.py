@@ -26,13 +26,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
-from routecast.config.params import PRESETS, FeaturesParams, LogsParams, SimulateParams
+from routecast.config.params import FeaturesParams, LogsParams, SimulateParams
 from routecast.data.features import encode_features
 from routecast.data.predictions import prediction_ranks, read_predictions, write_predictions
 from routecast.data.traces import read_traces
 from routecast.evaluate.evaluation import ranked
 from routecast.predictors.references import FrequencyPredictor, lookup_ladder
 from routecast.sim.prefetch import Engine, build_replay, prefetch_metrics, study
+from routecast.sim.presets import PRESETS
 from routecast.sources.logs import import_logs
 
 TRACE = Path("../shared/traces/mixtral-8x7b-instruct/humaneval_2_routing.jsonl")  # from the project's root

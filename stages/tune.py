@@ -14,7 +14,16 @@ from dvclive import Live
 from routecast.config.params import load_params, write_tuned
 from routecast.data.features import read_features
 from routecast.fit.study_storage import redact
-from routecast.fit.tuning import file_digest, importance_rows, intermediate_rows, study_name, tune, tune_worker
+from routecast.fit.tuning import (
+    IMPORTANCE_COLUMNS,
+    INTERMEDIATE_COLUMNS,
+    file_digest,
+    importance_rows,
+    intermediate_rows,
+    study_name,
+    tune,
+    tune_worker,
+)
 from routecast.pipeline.artifacts import write_csv, write_json
 from routecast.pipeline.stage import stage
 
@@ -58,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             # Always written (also for a database storage), so DVC's study output exists.
             write_json(f"{args.study_dir}/study.json",
                        {"study": study_name(params, digest), "storage": redact(params.tune.storage)})
-            write_csv(args.importances, ["param", "importance"], importance_rows(result.importances))
-            write_csv(args.intermediate, ["trial", "epoch", "value", "state"], intermediate_rows(result.trials))
+            write_csv(args.importances, IMPORTANCE_COLUMNS, importance_rows(result.importances))
+            write_csv(args.intermediate, INTERMEDIATE_COLUMNS, intermediate_rows(result.trials))
             write_json(args.metrics, result.summary)
             logging.getLogger("routecast").info("tuned: %s", result.best)
 

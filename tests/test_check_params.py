@@ -36,7 +36,8 @@ def rejected(path: Path) -> ParamsError:
 
 
 @pytest.mark.parametrize("key", ["train.weight_decay", "features.position_scale", "tune.timeout",
-                                 "tune.search_space.mlp.lr.high", "tune.search_space.gru.dropout.low", "baseline.mlp.lr",
+                                 "tune.search_space.mlp.lr.high", "tune.search_space.gru.dropout.low",
+                                 "baseline.mlp.lr",
                                  "train.lr_factor", "extract.synthetic.spec_noise"])
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_non_finite_floats_are_refused_everywhere(params_file: Path, key: str, value: float) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import clone_pipeline, copy_repo, run, set_params
+from routecast.config.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,9 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run([*git, "add", "-A"], repro_repo)
     run([*git, "commit", "-qm", "pipeline results"], repro_repo)
-    out = run(["dvc", "exp", "run", "-S", "tuned.kind=gru", "-S", "tuned.lr=1e-6"], repro_repo).stdout
+    picked = load_params(repro_repo / "params.yaml").tuned.kind  # tune's pick: its block gives way to the GRU's
+    to_gru = [] if picked == "gru" else ["-S", "tuned.kind=gru", "-S", f"~tuned.{picked}"]
+    out = run(["dvc", "exp", "run", *to_gru, "-S", "++tuned.gru.lr=1e-6"], repro_repo).stdout
     assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate", "simulate_prefetch"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
@@ -94,6 +97,19 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
         assert all(isinstance(v, (int, float)) for k, v in summary.items() if k != "kind"), summary
 
 
+def test_exp_run_on_the_baseline_never_retunes(pipeline_repo: Path, tmp_path: Path) -> None:
+    """tune does not read the baseline block: an experiment on it retrains the baseline and what reads it."""
+    repo = committed_clone(pipeline_repo, tmp_path / "repo")
+    before = (repo / "params.yaml").read_text()
+    out = run(["dvc", "exp", "run", "-S", "baseline.mlp.lr=1e-6"], repo).stdout
+    assert stages_run(out) == ["check_params", "check_params_after_tune", "train_full@baseline", "evaluate",
+                               "simulate_prefetch"], out
+    after = (repo / "params.yaml").read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(before.splitlines()) == len(after.splitlines()) and len(changed) == 1, changed  # one line
+    assert changed[0][1].strip() == "lr: 1e-06"
+
+
 def committed_clone(pipeline_repo: Path, dest: Path) -> Path:
     """A private copy of the reproduced tiny pipeline with its results committed."""
     repo = clone_pipeline(pipeline_repo, dest)
@@ -112,7 +128,9 @@ def outputs(repo: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("override, check, message", [
     ("+trian.epochs=3", "check_params_after_tune", "trian: unknown key"),  # no stage tracks a new section
     ("train.epochs=abc", "check_params", "train.epochs: expected an integer, got 'abc'"),
-    ("tuned.lr=abc", "check_params_after_tune", "tuned.lr: expected a number, got 'abc'"),
+    ("baseline.mlp.lr=abc", "check_params", "baseline.mlp.lr: expected a number, got 'abc'"),
+    ("+tuned.lr=1e-6", "check_params_after_tune", "tuned.lr: unknown key: kind "),  # not a knob of tune's pick
+    ("+lr=1e-3", "check_params_after_tune", "lr: not a section: lr is a knob of each predictor"),
     ("train.weight_decay=inf", "check_params", "train.weight_decay: must be a finite number"),
     ("tune.storage=postgresql://me:pw-L3AK@db.example/rc", "check_params", "tune.storage: must not hold a password"),
 ])

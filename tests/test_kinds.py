@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from routecast.data.batches import predict_logits, sample_inputs, token_view
-from routecast.predictors.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from routecast.evaluate.evaluation import ModelScorer
-from routecast.data.features import FeatureMeta, encode_features
-from routecast.predictors.neural import ModelConfig, build_model
 from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
-from routecast.predictors.serve import Predictor
-from routecast.predictors.references import LookupPredictor
+from routecast.data.batches import predict_logits, sample_inputs, token_view
+from routecast.data.features import FeatureMeta, encode_features
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
 from routecast.data.traces import TraceMeta, Traces
+from routecast.evaluate.evaluation import ModelScorer
 from routecast.fit.training import fit_predictor, split_train_val
+from routecast.predictors.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from routecast.predictors.neural import ModelConfig, build_model
+from routecast.predictors.references import LookupPredictor
+from routecast.predictors.serve import Predictor
+from routecast.sources.synthetic import generate
 
 KINDS = ["mlp", "lookup_mlp", "gru", "mixture"]
 
@@ -99,7 +99,8 @@ def test_learns_a_deterministic_router(kind: str) -> None:
         primary[:, layer] = (primary[:, layer - 1] + layer) % E
     secondary = (primary + rng.integers(1, E, primary.shape)) % E
     traces = Traces(TraceMeta(L, E, 2, source="test"), np.repeat(np.arange(n_tokens) // 20, L).astype(np.int32),
-                    np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32), np.tile(np.arange(L), n_tokens).astype(np.int16),
+                    np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32),
+                    np.tile(np.arange(L), n_tokens).astype(np.int16),
                     np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
                     np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))
     train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))

@@ -79,7 +79,8 @@ def test_write_tuned_keeps_comments_and_other_blocks(params_file: Path) -> None:
     write_tuned(config, params_file)
     after = params_file.read_text()
     assert load_params(params_file).tuned == config
-    assert "\ntuned:\n  kind: mlp\n  mlp:\n    lr: 0.0021\n" in after and "mixture" not in after.split("\ntuned:")[1][:200]
+    assert "\ntuned:\n  kind: mlp\n  mlp:\n    lr: 0.0021\n" in after
+    assert "mixture" not in after.split("\ntuned:")[1][:200]
     comments = [line for line in before.splitlines() if line.lstrip().startswith("#")]
     assert comments and all(line in after for line in comments)
     assert load_params(params_file).baseline == ModelParams.of("mlp", lr=0.001, layer_emb=10, expert_emb=5,
@@ -118,7 +119,8 @@ def test_stage_stops_before_any_work_naming_the_key(params_file: Path, tmp_path:
 
     set_params(params_file, {"baseline.mlp.dropout": 1.5})
     out = tmp_path / "models" / "baseline.pt"
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train_full.py"), "baseline", "--params", str(params_file),
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train_full.py"), "baseline", "--params",
+                           str(params_file),
                            "--train", str(tmp_path / "absent.parquet"), "--out", str(out), "--live",
                            str(tmp_path / "live")],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -21,6 +21,28 @@ VIEWS = ["Training loss per epoch", "Validation accuracy per epoch", "Test top-2
          "Prefetch hit rate against width"]
 
 
+def test_every_csv_view_plots_columns_its_stage_writes() -> None:
+    """dvc.yaml's views name CSV columns; the stages write the headers of routecast.evaluate.names and
+    routecast.sim.names, and the report's plots read a long-format CSV's (x, predictor, y) from its
+    first three columns: all must agree."""
+    from routecast.evaluate.names import CONFUSION_COLUMNS, PER_LAYER_COLUMNS
+    from routecast.report import summary
+    from routecast.sim.names import SLOTS_COLUMNS, WIDTH_COLUMNS
+
+    headers = {summary.PER_LAYER_CSV: PER_LAYER_COLUMNS, summary.CONFUSION_CSV: CONFUSION_COLUMNS,
+               summary.STALL_CSV: SLOTS_COLUMNS, summary.HIT_RATE_CSV: WIDTH_COLUMNS}
+    seen = set()
+    for name, view in declared_views().items():
+        for path, y in view["y"].items():
+            if path in headers:
+                seen.add(path)
+                header = headers[path]
+                assert view["x"] in header and y in header, (name, path, header)
+                if "predictor" in header:  # long format
+                    assert (view["x"], "predictor", y) == header[:3], (name, path, header)
+    assert seen == set(headers)
+
+
 def plots_json(repo: Path, *args: str) -> dict:
     return json.loads(run(["dvc", "plots", *args, "--json"], repo).stdout)
 

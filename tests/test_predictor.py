@@ -13,22 +13,24 @@ import pytest
 import torch
 
 import routecast
-from routecast.predictors.checkpoints import save_checkpoint
-from routecast.errors import InputError
-from routecast.data.features import encode_features
 from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
-from routecast.predictors.serve import Predictor
+from routecast.data.features import encode_features
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
+from routecast.errors import InputError
 from routecast.fit.training import fit_predictor, split_train_val
+from routecast.predictors.checkpoints import save_checkpoint
+from routecast.predictors.serve import Predictor
+from routecast.sources.synthetic import generate
 
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     traces, _ = generate(SyntheticParams(num_sequences=16, tokens_per_sequence=32, num_layers=8, seed=1))
-    train, _ = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2, val_fraction=0.2))
+    train, _ = split_features(encode_features(traces, FeaturesParams()),
+                              SplitParams(test_fraction=0.2, val_fraction=0.2))
     fit, val = split_train_val(train)
-    model = fit_predictor(ModelParams.of("mlp", lr=3e-3, layer_emb=3, expert_emb=4, architecture=[32], dropout=0.1), TrainParams(epochs=1, batch_size=64, threads=1), fit,
+    params = ModelParams.of("mlp", lr=3e-3, layer_emb=3, expert_emb=4, architecture=[32], dropout=0.1)
+    model = fit_predictor(params, TrainParams(epochs=1, batch_size=64, threads=1), fit,
                           val).model
     path = tmp_path_factory.mktemp("model") / "tuned.pt"
     save_checkpoint(path, model, {"position_scale": 2048.0})
@@ -89,7 +91,8 @@ def test_exports_run_with_torch_alone(predictor: Predictor, tmp_path: Path, suff
     # In a fresh interpreter with torch only: routecast is never imported by loading or running it.
     run = "torch.export.load(path).module()(*args)" if suffix == ".pt2" else "torch.jit.load(path).predict(*args, 3)"
     code = (f"import sys, json, torch\npath = {str(path)!r}\n"
-            f"args = (torch.tensor({LAYER.tolist()}), torch.tensor({HISTORY.tolist()}), torch.tensor({EXPERTS.tolist()}),"
+            f"args = (torch.tensor({LAYER.tolist()}), torch.tensor({HISTORY.tolist()}), "
+            f"torch.tensor({EXPERTS.tolist()}),"
             f" torch.tensor({WEIGHTS.tolist()}).float(), torch.tensor({POS}).float(), torch.zeros(3, 0),"
             f" torch.zeros(3, 0, dtype=torch.long))\n"
             f"best, scores = {run}\n"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.data.batches import predict_logits, token_view
 from routecast.data.features import encode_features
-from routecast.predictors.neural import ModelConfig, build_model
-from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
 from routecast.fit.training import configure_optimizer, fit_predictor, pick_device, split_train_val, validation_metrics
+from routecast.predictors.neural import ModelConfig, build_model
+from routecast.sources.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,9 @@ def test_the_returned_model_is_the_best_epochs(data) -> None:
     """Re-score the returned model on validation: it is the best epoch's, not the last one's (an lr
     so large that later epochs get worse)."""
     fit, val = data
-    result = fit_predictor(ModelParams.of("mlp", lr=3.0, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.0), TrainParams(epochs=8, batch_size=128, lr_patience=10,
-                                                                          early_stopping_patience=8, threads=1), fit, val)
+    params = ModelParams.of("mlp", lr=3.0, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.0)
+    result = fit_predictor(params, TrainParams(epochs=8, batch_size=128, lr_patience=10, early_stopping_patience=8,
+                                               threads=1), fit, val)
     values = [row["val_top2"] for row in result.history]
     assert values.index(max(values)) + 1 == result.best_epoch and values[-1] < max(values)  # not the last epoch
     rescored = validation_metrics(predict_logits(result.model, val), val, "primary")["val_top2"]
@@ -38,7 +39,8 @@ def test_the_returned_model_is_the_best_epochs(data) -> None:
 
 def test_set_target_optimises_set_recall(data) -> None:
     fit, val = data
-    params, train = ModelParams.of("mlp", lr=3e-3, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.1), TrainParams(epochs=3, batch_size=128, threads=1)
+    params = ModelParams.of("mlp", lr=3e-3, layer_emb=5, expert_emb=7, architecture=[64], dropout=0.1)
+    train = TrainParams(epochs=3, batch_size=128, threads=1)
     as_set = fit_predictor(params, dataclasses.replace(train, target="set"), fit, val)
     as_primary = fit_predictor(params, train, fit, val)
     assert as_set.best_value == max(row["val_set_recall"] for row in as_set.history)

@@ -18,13 +18,13 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, set_params, stage_args
-from routecast.data.features import encode_features, read_features, write_features
 from routecast.config.params import ParamsError, load_params, write_tuned
+from routecast.data.features import encode_features, read_features, write_features
 from routecast.data.split import split_features
-from routecast.sources.synthetic import generate
 from routecast.fit import tuning
 from routecast.fit.study_storage import fail_dead_trials, make_storage, redact, worker_alive, worker_record
 from routecast.fit.tuning import file_digest, study_name, tune
+from routecast.sources.synthetic import generate
 
 # A few sequences of an 8-layer synthetic router: a trial epoch takes a fraction of a second.
 TINY = {"extract.synthetic.num_sequences": 12, "extract.synthetic.tokens_per_sequence": 48,
@@ -85,7 +85,8 @@ def test_hyperband_prunes_absurd_learning_rates(project: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("changed", ["fit/training.py", "data/features.py", "predictors/neural.py",
-                                     "predictors/mixture/model.py", "predictors/gru/__init__.py", "data/batches.py", "data/__init__.py"])
+                                     "predictors/mixture/model.py", "predictors/gru/__init__.py", "data/batches.py",
+                                     "data/__init__.py"])
 def test_a_change_to_any_code_a_trial_runs_starts_a_fresh_study(changed: str, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The fingerprint covers every module a trial imports (the import graph), not a hand-kept list."""

@@ -19,11 +19,10 @@ from typing import Any, Literal
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from routecast.config.fields import FloatRange, InfFloat, IntRange, ParamsError, build, check, field_names, to_plain
+from routecast.config.fields import InfFloat, ParamsError, build, check, field_names, to_plain
 from routecast.pipeline.artifacts import atomic_write_text
 from routecast.predictors import registry
 from routecast.sim.presets import PRESETS, HardwarePreset
-
 
 POSITION_SCALE = 2048.0  # positions past it read as 1.0: the seed's scale, the generator's and the default feature's
 
@@ -413,14 +412,16 @@ class SimulateParams:
                f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, or null with every number set)")
         hw = self.hardware(key)
         check(math.isfinite(hw.expert_mb) and hw.expert_mb > 0, f"{key}.expert_mb", f"must be > 0, got {hw.expert_mb}")
-        check(hw.gb_per_s > 0, f"{key}.link.gb_per_s", f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
+        check(hw.gb_per_s > 0, f"{key}.link.gb_per_s",
+              f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
         check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
                f"must be >= 0, got {hw.ms_per_layer}")
         check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")
         width = self.prefetch.width
         check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
         check(width is None or width <= hw.slots_per_layer, f"{key}.prefetch.width",
-               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, got {width}")
+               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, "
+               f"got {width}")
         for name, ms in self.prefetch.predictor_ms.items():
             where = f"{key}.prefetch.predictor_ms.{name}"
             check(isinstance(ms, (int, float)) and not isinstance(ms, bool), where, f"expected a number, got {ms!r}")

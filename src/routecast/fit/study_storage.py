@@ -32,8 +32,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from routecast.pipeline import procs
 from routecast.errors import InputError
+from routecast.pipeline import procs
 
 log = logging.getLogger(__name__)
 

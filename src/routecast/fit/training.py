@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from routecast.config.params import ModelParams, TrainParams
-from routecast.data.batches import Inputs, predict_logits, sample_inputs, targets, token_view
+from routecast.data.batches import Inputs, predict_logits, targets, token_view
 from routecast.data.features import Features
 from routecast.errors import InputError
 from routecast.evaluate.scoring import sample_hits

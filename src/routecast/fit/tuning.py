@@ -156,7 +156,8 @@ class _KindView:
         self.direction = study.direction
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.params.get("kind") == self._kind]
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.params.get("kind") == self._kind]
 
 
 # --------------------------------------------------------------------------- running trials
@@ -340,12 +341,16 @@ def param_importances(study: optuna.Study, seed: int) -> dict[str, float]:
     return {name: round(float(v), 6) for name, v in raw.items() if math.isfinite(v)}
 
 
+IMPORTANCE_COLUMNS = ("param", "importance")  # metrics/tune/importances.csv
+INTERMEDIATE_COLUMNS = ("trial", "epoch", "value", "state")  # metrics/tune/intermediate.csv
+
+
 def importance_rows(importances: dict[str, float]) -> list[list[Any]]:
     return [[name, value] for name, value in sorted(importances.items(), key=lambda kv: -kv[1])]
 
 
 def intermediate_rows(trials: list[FrozenTrial]) -> list[list[Any]]:
-    """trial, epoch, val top-2, final state: every value a trial reported (what the pruner saw)."""
+    """trial, epoch, objective, final state: every value a trial reported (what the pruner saw)."""
     return [[t.number, epoch, value, t.state.name]
             for t in sorted(trials, key=lambda t: t.number)
             for epoch, value in sorted(t.intermediate_values.items())]

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from routecast.pipeline.artifacts import save_torch
 from routecast.errors import InputError
+from routecast.pipeline.artifacts import save_torch
 from routecast.predictors import registry
 
 

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from routecast.config.params import POSITION_SCALE
+from routecast.data.features import Features
+from routecast.errors import InputError
 from routecast.pipeline.artifacts import atomic_path
 from routecast.predictors import registry
 from routecast.predictors.checkpoints import load_checkpoint
-from routecast.errors import InputError
-from routecast.data.features import Features
-from routecast.config.params import POSITION_SCALE
 
 
 class Prediction(NamedTuple):
@@ -98,7 +98,8 @@ class EngineModule(nn.Module):
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value if value.dtype == dtype else value.to(dtype)
-    return torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
+    # Writable too: torch warns on a read-only array (one read from Parquet); copied only if it is not.
+    return torch.from_numpy(np.require(value, requirements=("C", "W"))).to(dtype)
 
 
 class Predictor:

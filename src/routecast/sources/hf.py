@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from routecast.errors import InputError
 from routecast.config.params import HFParams
 from routecast.data.traces import TraceError, TraceMeta, TraceWriter
+from routecast.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,8 @@ def generate(params: SyntheticParams) -> tuple[Traces, SyntheticRouter]:
     start = time.perf_counter()
     router = build_router(params)
     rng = np.random.default_rng([params.seed, 1])
-    S, T, L, E, k = params.num_sequences, params.tokens_per_sequence, params.num_layers, params.num_experts, params.top_k
+    S, T = params.num_sequences, params.tokens_per_sequence
+    L, E, k = params.num_layers, params.num_experts, params.top_k
     n_tokens = S * T
     seq_id = np.repeat(np.arange(S, dtype=np.int32), T)
     token_pos = np.tile(np.arange(T, dtype=np.int32), S)

@@ -50,7 +50,8 @@ class GRUPredictor(nn.Module):
     def head(self, state: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor,
              gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         base = layer.unsqueeze(1) * (self.num_experts + 1)
-        ids = [base + secondary.unsqueeze(1), base + self.lookahead * (self.num_experts + 1) + prev]  # prev: target layer
+        # prev: the previous token's experts at the target layer
+        ids = [base + secondary.unsqueeze(1), base + self.lookahead * (self.num_experts + 1) + prev]
         if not self.sees_primary:
             ids.append(base + primary.unsqueeze(1) + 1)
         x = torch.cat([state, self.head_emb(torch.cat(ids, 1)).flatten(1), gating, position.unsqueeze(1), extra], 1)

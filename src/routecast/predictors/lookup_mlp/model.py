@@ -14,7 +14,8 @@ from routecast.predictors.mlp.model import MLP
 from routecast.predictors.neural import ModelConfig, neural_config
 from routecast.predictors.references import cross_fitted_lookup_scores, lookup_tables
 
-LOOKUP_PSEUDO_COUNT = 1e-3  # the reference ladder's (routecast.predictors.references), so lookup_mlp starts at that table
+# The reference ladder's (routecast.predictors.references), so lookup_mlp starts at that table.
+LOOKUP_PSEUDO_COUNT = 1e-3
 
 
 class LookupMLP(MLP):
@@ -65,7 +66,8 @@ class LookupMLP(MLP):
                                                                                 self.num_experts))
         return torch.log(probs.clamp_min(1e-12))
 
-    def _back_off(self, probs: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def _back_off(self, probs: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor,
+                  key: torch.Tensor) -> torch.Tensor:
         """A seen key's counts pulled towards `probs` (the shorter context) by the pseudo-count."""
         if keys.numel() == 0:
             return probs

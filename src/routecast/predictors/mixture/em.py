@@ -140,7 +140,7 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
         start = time.perf_counter()
         tables = m_step(rng.dirichlet(np.ones(Z), size=T))
         previous = -np.inf
-        for it in range(config.iterations):
+        for it in range(config.iterations):  # noqa: B007 (the count is logged after the loop)
             resp, loglik = e_step(tables)
             tables = m_step(resp)
             if loglik - previous < config.tolerance:

@@ -94,7 +94,8 @@ def trial_params(p: MLPParams) -> dict[str, Any]:
 
 def from_trial(t: dict[str, Any]) -> MLPParams:
     return MLPParams(lr=float(t["lr"]), dropout=float(t["dropout"]), layer_emb=int(t["layer_emb"]),
-                     expert_emb=int(t["expert_emb"]), architecture=[int(t[f"units_{i}"]) for i in range(int(t["n_layers"]))])
+                     expert_emb=int(t["expert_emb"]),
+                     architecture=[int(t[f"units_{i}"]) for i in range(int(t["n_layers"]))])
 
 
 def inside(p: MLPParams, space: MLPSpace) -> bool:

@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from routecast.config.params import LogsParams
 from routecast.data.traces import SHAPE_LIMIT, RowNames, TraceError, TraceMeta, TraceWriter
-from routecast.sources.logs.common import (MAX_LINE_BYTES, input_files, log_report, renormalize, short,
-                                           source_params)
+from routecast.sources.logs.common import MAX_LINE_BYTES, input_files, log_report, renormalize, short, source_params
 
 CSV_BLOCK_BYTES = 16 << 20  # bytes parsed at a time
 _LAYER_FILE = re.compile(r"layer_(\d+)\.csv$")
