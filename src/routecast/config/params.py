@@ -1,10 +1,11 @@
 """Typed loading and validation of `params.yaml`.
 
 Every stage reads its parameters through `load_params`, which parses YAML 1.2 with ruamel.yaml
-(so `dvc exp run -S tuned.lr=1e-6`, written by DVC as `1e-06`, is a float, not a string),
-checks every key against the dataclasses below and raises one `ParamsError` that names the
-first bad key before any work starts. `write_tuned` rewrites the `tuned:` block in place,
-keeping comments and layout.
+(so `dvc exp run -S baseline.mlp.lr=1e-6`, written by DVC as `1e-06`, is a float, not a string),
+checks every key against the dataclasses below (a predictor's knobs against its kind's, from
+`routecast.predictors.registry`) and raises one `ParamsError` that names the first bad key before
+any work starts. `write_tuned` rewrites the `tuned:` block as DVC's own writer would, keeping every
+comment and every other line.
 """
 
 from __future__ import annotations
