@@ -141,3 +141,16 @@ def test_tune_depends_on_the_train_params_its_trials_use(dvc_yaml: dict) -> None
     tracked = dvc_yaml["stages"]["tune"]["params"]
     assert {f"train.{f.name}" for f in dataclasses.fields(load_params(ROOT / "params.yaml").train)} - {"train.epochs"} \
         <= set(tracked)
+
+
+def test_an_infinitely_fast_link_is_the_one_infinite_float(params_file: Path, tmp_path: Path) -> None:
+    """`.inf` works where the docs offer it (simulate.link.gb_per_s), as DVC writes it from `-S ...=inf`."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(str(params_file), ["simulate.link.gb_per_s=inf"])
+    assert "gb_per_s: .inf" in params_file.read_text()
+    assert load_params(params_file).simulate.hardware().gb_per_s == math.inf
+    set_params(params_file, {"simulate.link.gb_per_s": -math.inf})
+    assert rejected(params_file).key == "simulate.link.gb_per_s"
+    set_params(params_file, {"simulate.link.gb_per_s": math.nan})
+    assert rejected(params_file).key == "simulate.link.gb_per_s"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -50,14 +50,16 @@ class PriorSpace:
 
 @dataclass(frozen=True)
 class PriorConfig:
+    """What the Predictor reads of a module's config (the prior reads no optional feature)."""
+
+    kind: ClassVar[str] = NAME
+    num_prev: ClassVar[int] = 0
+    num_extra: ClassVar[int] = 0
     num_layers: int
     num_experts: int
     top_k: int
     history_len: int
-    lookahead: int = 1
-    num_prev: int = 0
-    num_extra: int = 0
-    kind: str = NAME
+    lookahead: int
 
 
 class LayerPrior(nn.Module):

@@ -116,6 +116,10 @@ def test_tune_searches_across_kinds_and_writes_the_winner(project: Path, tmp_pat
     assert result.best.kind == best.params["kind"] and result.best_value == best.value
     write_tuned(result.best, proj / "params.yaml")
     assert load_params(proj / "params.yaml").tuned == result.best
+    # optuna-dashboard names the objective (not "Objective 0")
+    study = optuna.load_study(study_name=result.summary["study"], storage=make_storage(str(proj / result.summary[
+        "storage"])))
+    assert study.metric_names == ["val_top2"]
 
 
 @pytest.mark.parametrize("sampler", ["gp", "random"])

@@ -73,6 +73,14 @@ class IntRange:
         return self.low <= value <= self.high
 
 
+def validate_fields(block: Any, key: str) -> None:
+    """Validate every field of `block` that validates itself (its ranges, its sub-blocks)."""
+    for f in dataclasses.fields(block):
+        value = getattr(block, f.name)
+        if hasattr(value, "validate"):
+            value.validate(f"{key}.{f.name}")
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

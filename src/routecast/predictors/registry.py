@@ -7,8 +7,14 @@ and what the `Predictor` runs. The built-in kinds (`mlp`, `lookup_mlp`, `gru`, `
 sub-package each in `routecast.predictors`) register themselves when first asked for; adding a kind
 is one module that calls `register` (tests/test_registry.py adds one from the test suite alone).
 
-A kind's declaration stays light (no torch at import): params checks and tune's bookkeeping read it
-without loading a model; `fit`, `load` and `serve` import the kind's model when called.
+A kind's declaration (`predictors/<kind>/__init__.py`) stays light (no torch at import): params
+checks and tune's bookkeeping read it without loading a model; its `fit`, `load` and `serve` live
+beside the kind's torch module (`predictors/<kind>/model.py`), imported when first called.
+
+A kind's module has a `config` that says what the `Predictor` wraps around it: `kind`, `num_layers`,
+`num_experts`, `top_k`, `history_len`, `lookahead`, `num_prev`, `num_extra`; it is called with the
+tensors of `routecast.data.batches.Inputs` and returns logits (or log-probabilities) over the
+experts of layer l + lookahead.
 """
 
 from __future__ import annotations

@@ -236,26 +236,28 @@ def tune_history(history: pd.DataFrame, reference: pd.DataFrame | None = None,
     return fig
 
 
-def prefetch_stall(by_slots: pd.DataFrame, reference: pd.DataFrame | None = None,
-                   labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
-    """Stall per token against cache slots per layer, every predictor and both bounds
-    (metrics/prefetch/stall_vs_slots.csv, long format: SLOTS_COLUMNS, i.e. slots, predictor,
-    stall_ms_per_token, ...)."""
-    slots, _, stall = SLOTS_COLUMNS[:3]
-    return by_predictor(by_slots, slots, stall, reference, labels,
-                        "experts of each layer held on the GPU (cache slots per layer)", "stall (ms per token)",
-                        "Prefetch simulation: stall per token against cache slots (on_demand and perfect bound it)",
-                        fraction=False)
+# The prefetch CSVs (long format: x, predictor, plotted value, ...): axis labels, title, whether y is a fraction.
+PREFETCH_VIEWS = {
+    "stall": (SLOTS_COLUMNS, "experts of each layer held on the GPU (cache slots per layer)", "stall (ms per token)",
+              "Prefetch simulation: stall per token against cache slots (on_demand and perfect bound it)", False),
+    "hit_rate": (WIDTH_COLUMNS, "experts prefetched per layer (the predictor's best first)",
+                 "hit rate (needed experts already resident)",
+                 "Prefetch simulation: hit rate against prefetch width, at the configured cache slots", True),
+}
 
 
-def prefetch_hit_rate(by_width: pd.DataFrame, reference: pd.DataFrame | None = None,
-                      labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
-    """Hit rate against prefetch width, every predictor and both bounds
-    (metrics/prefetch/hit_rate_vs_width.csv, long format: WIDTH_COLUMNS, i.e. width, predictor,
-    hit_rate, ...)."""
-    width, _, hit_rate = WIDTH_COLUMNS[:3]
-    return by_predictor(by_width, width, hit_rate, reference, labels,
-                        "experts prefetched per layer (the predictor's best first)",
-                        "hit rate (needed experts already resident)",
-                        "Prefetch simulation: hit rate against prefetch width, at the configured cache slots",
-                        fraction=True)
+def prefetch_view(view: str, frame: pd.DataFrame, reference: pd.DataFrame | None = None,
+                  labels: tuple[str, str] = ("workspace", "reference")) -> Figure:
+    """`stall` (metrics/prefetch/stall_vs_slots.csv) or `hit_rate` (hit_rate_vs_width.csv): every
+    predictor and both bounds against the CSV's x."""
+    columns, x_label, y_label, title, fraction = PREFETCH_VIEWS[view]
+    x, _, y = columns[:3]
+    return by_predictor(frame, x, y, reference, labels, x_label, y_label, title, fraction=fraction)
+
+
+def prefetch_stall(by_slots: pd.DataFrame, *args: object, **kwargs: object) -> Figure:
+    return prefetch_view("stall", by_slots, *args, **kwargs)
+
+
+def prefetch_hit_rate(by_width: pd.DataFrame, *args: object, **kwargs: object) -> Figure:
+    return prefetch_view("hit_rate", by_width, *args, **kwargs)

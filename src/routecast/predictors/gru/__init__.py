@@ -8,11 +8,10 @@ Search space (`tune.search_space.gru`): lr, dropout, hidden, emb.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from routecast.config.fields import FloatRange, IntRange, check
+from routecast.config.fields import FloatRange, IntRange, check, validate_fields
 from routecast.predictors.registry import Kind, register
 
 
@@ -40,10 +39,9 @@ class GRUSpace:
     emb: IntRange = field(default_factory=lambda: IntRange(16, 64, 16))
 
     def validate(self, key: str) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f"{key}.{f.name}")
-        check(0 <= self.dropout.low and self.dropout.high < 1, f"{key}.dropout",
-              f"must lie in [0, 1), got [{self.dropout.low}, {self.dropout.high}]")
+        validate_fields(self, key)
+        check(0 <= self.dropout.low and self.dropout.high < 1, f"{key}.dropout", f"must lie in [0, 1), got "
+              f"[{self.dropout.low}, {self.dropout.high}]")
 
 
 def suggest(trial: Any, space: GRUSpace) -> GRUParams:
@@ -67,18 +65,12 @@ def starting_points(space: GRUSpace) -> list[tuple[str, GRUParams]]:
                                       hidden=space.hidden.clip(128), emb=space.emb.clip(32)))]
 
 
-def fit(params: GRUParams, *args: Any) -> Any:
-    from routecast.predictors.gru.model import fit_gru
+def _model() -> Any:  # the kind's torch side, imported only when a model is fitted, loaded or served
+    from routecast.predictors.gru import model
 
-    return fit_gru(params, *args)
-
-
-def load(config: dict[str, Any]) -> Any:
-    from routecast.predictors.gru.model import GRUPredictor
-    from routecast.predictors.neural import ModelConfig
-
-    return GRUPredictor(ModelConfig(**{**config, "kind": "gru"}))
+    return model
 
 
-KIND = register(Kind("gru", GRUParams, GRUSpace, suggest, trial_params, from_trial, starting_points, fit, load,
+KIND = register(Kind("gru", GRUParams, GRUSpace, suggest, trial_params, from_trial, starting_points,
+                     fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
                      describe="a GRU over the token's path through the layers"))

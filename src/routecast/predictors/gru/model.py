@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from routecast.config.params import TrainParams
 from routecast.data.batches import sample_inputs, targets
-from routecast.fit.training import TokenBatches, TrainResult, pick_device, train_neural
+from routecast.data.features import Features
+from routecast.fit.training import EpochCallback, TokenBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.gru import GRUParams
 from routecast.predictors.neural import ModelConfig, neural_config
 
 
@@ -73,12 +76,17 @@ class GRUPredictor(nn.Module):
         return self.forward_tokens(history, token, layer, primary, secondary, gating, position, prev, extra)
 
 
-def fit_gru(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (the registry's fit)
+def fit(params: GRUParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,
+        on_epoch: EpochCallback | None, desc: str) -> TrainResult:
     """Train the `gru` kind on batches of whole tokens (every layer of a token in one pass)."""
-    config = neural_config("gru", fit, expert_emb=params.emb, dropout=params.dropout, hidden=params.hidden,
+    config = neural_config("gru", fit_split, expert_emb=params.emb, dropout=params.dropout, hidden=params.hidden,
                            rnn_layers=params.layers)
     model = GRUPredictor(config)
-    inputs = sample_inputs(fit, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
-    batches = TokenBatches(fit, inputs, targets(fit, train.target), params.batch_tokens, pick_device(train.device))
+    inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    batches = TokenBatches(fit_split, inputs, targets(fit_split, train.target), params.batch_tokens,
+                           pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
 
+
+def load(config: dict) -> GRUPredictor:
+    return GRUPredictor(ModelConfig(**{**config, "kind": "gru"}))

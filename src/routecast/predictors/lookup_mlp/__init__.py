@@ -17,18 +17,12 @@ def starting_points(space: MLPSpace) -> list[tuple[str, MLPParams]]:
     return [("lookup_mlp_default", SEED_BEST)] if inside(SEED_BEST, space) else []
 
 
-def fit(params: MLPParams, *args: Any) -> Any:
-    from routecast.predictors.lookup_mlp.model import fit_lookup_mlp
+def _model() -> Any:  # the kind's torch side, imported only when a model is fitted, loaded or served
+    from routecast.predictors.lookup_mlp import model
 
-    return fit_lookup_mlp(params, *args)
-
-
-def load(config: dict[str, Any]) -> Any:
-    from routecast.predictors.lookup_mlp.model import LookupMLP
-    from routecast.predictors.neural import ModelConfig
-
-    return LookupMLP(ModelConfig(**{**config, "kind": "lookup_mlp"}))
+    return model
 
 
-KIND = register(Kind("lookup_mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points, fit, load,
+KIND = register(Kind("lookup_mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points,
+                     fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
                      describe="the MLP given the lookup table's log-probabilities, starting at the table"))

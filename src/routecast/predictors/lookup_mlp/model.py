@@ -8,8 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from routecast.config.params import TrainParams
 from routecast.data.batches import Inputs, sample_inputs, targets
-from routecast.fit.training import SampleBatches, TrainResult, pick_device, train_neural
+from routecast.data.features import Features
+from routecast.fit.training import EpochCallback, SampleBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.mlp import MLPParams
 from routecast.predictors.mlp.model import MLP
 from routecast.predictors.neural import ModelConfig, neural_config
 from routecast.predictors.references import cross_fitted_lookup_scores, lookup_tables
@@ -104,20 +107,26 @@ def _context_key(layer: torch.Tensor, history: torch.Tensor, primary: torch.Tens
     return key
 
 
-def fit_lookup_mlp(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (the registry's fit)
-    """Train the `lookup_mlp` kind: the ladder fitted on the fit split goes into the module's buffers,
+def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,
+        on_epoch: EpochCallback | None, desc: str) -> TrainResult:
+    """Train the `lookup_mlp` kind: the ladder fitted on the fit_split split goes into the module's buffers,
     and each training sample sees the table's log-probabilities from tables fitted without its own
     sequence (5 folds), so the correction learns how the table errs on unseen sequences. Epoch 0 is
     the table itself."""
-    config = neural_config("lookup_mlp", fit, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
+    config = neural_config("lookup_mlp", fit_split, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
                            architecture=tuple(params.architecture), dropout=params.dropout)
     model = LookupMLP(config)
-    model.set_tables(*lookup_tables(fit, train.target))
-    table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit, train.target, seed=train.seed),
+    model.set_tables(*lookup_tables(fit_split, train.target))
+    table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit_split, train.target, seed=train.seed),
                                                1e-12))).float()
-    inputs = sample_inputs(fit, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
-    batches = _TableBatches(inputs, targets(fit, train.target), table, train.batch_size, pick_device(train.device))
+    inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    batches = _TableBatches(inputs, targets(fit_split, train.target), table, train.batch_size,
+                            pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc, score_first=True)
+
+
+def load(config: dict) -> LookupMLP:
+    return LookupMLP(ModelConfig(**{**config, "kind": "lookup_mlp"}))
 
 
 class _TableBatches(SampleBatches):

@@ -7,11 +7,10 @@ Search space (`tune.search_space.mixture`): num_types, smoothing.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from routecast.config.fields import FloatRange, IntRange, check
+from routecast.config.fields import FloatRange, IntRange, check, validate_fields
 from routecast.predictors.registry import Kind, register
 
 
@@ -34,8 +33,7 @@ class MixtureSpace:
     smoothing: FloatRange = field(default_factory=lambda: FloatRange(0.01, 3.0, log=True))
 
     def validate(self, key: str) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f"{key}.{f.name}")
+        validate_fields(self, key)
         check(self.smoothing.low > 0, f"{key}.smoothing.low", f"must be > 0, got {self.smoothing.low}")
 
 
@@ -58,17 +56,12 @@ def starting_points(space: MixtureSpace) -> list[tuple[str, MixtureParams]]:
                                               smoothing=space.smoothing.clip(0.1)))]
 
 
-def fit(params: MixtureParams, *args: Any) -> Any:
-    from routecast.predictors.mixture.em import fit_kind
+def _em() -> Any:  # the kind's fitting (and, through it, its torch module), imported only when needed
+    from routecast.predictors.mixture import em
 
-    return fit_kind(params, *args)
-
-
-def load(config: dict[str, Any]) -> Any:
-    from routecast.predictors.mixture.model import MixtureConfig, MixtureModule
-
-    return MixtureModule(MixtureConfig(**config))
+    return em
 
 
-KIND = register(Kind("mixture", MixtureParams, MixtureSpace, suggest, trial_params, from_trial, starting_points, fit,
-                     load, describe="a latent-type mixture of per-layer Markov chains, fitted by EM"))
+KIND = register(Kind("mixture", MixtureParams, MixtureSpace, suggest, trial_params, from_trial, starting_points,
+                     fit=lambda *args: _em().fit(*args), load=lambda config: _em().load(config),
+                     describe="a latent-type mixture of per-layer Markov chains, fitted by EM"))

@@ -19,9 +19,11 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
+from routecast.config.params import TrainParams
 from routecast.data.batches import token_view
 from routecast.data.features import Features
-from routecast.fit.training import TrainResult, scored_once
+from routecast.fit.training import EpochCallback, TrainResult, scored_once
+from routecast.predictors.mixture import MixtureParams
 from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables
 
 log = logging.getLogger(__name__)
@@ -165,17 +167,21 @@ def fit_mixture(config: MixtureConfig, fit: Features, seed: int = 0) -> MixtureM
     return MixtureModule(config, tables).eval()
 
 
-def fit_kind(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (registry's fit)
+def fit(params: MixtureParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,
+        on_epoch: EpochCallback | None, desc: str) -> TrainResult:
     """EM to convergence (`routecast.predictors.mixture.em`), scored once on validation."""
-    m = fit.meta
+    m = fit_split.meta
     config = MixtureConfig(m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead, params.num_types,
                            params.smoothing, params.iterations, params.restarts,
-                           num_prev=m.top_k if fit.prev_experts is not None else 0, target=train.target)
+                           num_prev=m.top_k if fit_split.prev_experts is not None else 0, target=train.target)
     start = time.perf_counter()
-    module = fit_mixture(config, fit, seed=train.seed)
-    result = scored_once(module, train, fit, val, epochs, time.perf_counter() - start, on_epoch)
+    module = fit_mixture(config, fit_split, seed=train.seed)
+    result = scored_once(module, train, fit_split, val, epochs, time.perf_counter() - start, on_epoch)
     row = result.history[-1]
     log.info("%s (mixture): val top-2 %.4f, set recall %.4f (%.1fs)", desc, row["val_top2"], row["val_set_recall"],
              row["seconds"])
     return result
 
+
+def load(config: dict) -> MixtureModule:
+    return MixtureModule(MixtureConfig(**config))

@@ -7,11 +7,10 @@ as the one before. A new study starts from the seed's baseline and the seed's be
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from routecast.config.fields import FloatRange, IntRange, check
+from routecast.config.fields import FloatRange, IntRange, check, validate_fields
 from routecast.predictors.registry import Kind, register
 
 
@@ -67,10 +66,9 @@ class MLPSpace:
     dropout: FloatRange = field(default_factory=lambda: FloatRange(0.05, 0.4))
 
     def validate(self, key: str) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f"{key}.{f.name}")
-        check(0 <= self.dropout.low and self.dropout.high < 1, f"{key}.dropout",
-              f"must lie in [0, 1), got [{self.dropout.low}, {self.dropout.high}]")
+        validate_fields(self, key)
+        check(0 <= self.dropout.low and self.dropout.high < 1, f"{key}.dropout", f"must lie in [0, 1), got "
+              f"[{self.dropout.low}, {self.dropout.high}]")
 
 
 def suggest(trial: Any, space: MLPSpace) -> MLPParams:
@@ -110,24 +108,13 @@ def starting_points(space: MLPSpace) -> list[tuple[str, MLPParams]]:
     return [(origin, p) for origin, p in (("baseline", SEED_BASELINE), ("seed_best", SEED_BEST)) if inside(p, space)]
 
 
-def fit(params: MLPParams, *args: Any) -> Any:
-    from routecast.predictors.mlp.model import fit_mlp
+def _model() -> Any:  # the kind's torch side, imported only when a model is fitted, loaded or served
+    from routecast.predictors.mlp import model
 
-    return fit_mlp(params, *args)
-
-
-def load(config: dict[str, Any]) -> Any:
-    from routecast.predictors.mlp.model import MLP
-    from routecast.predictors.neural import ModelConfig
-
-    return MLP(ModelConfig(**{**config, "kind": "mlp"}))
+    return model
 
 
-def serve(module: Any) -> Any:
-    from routecast.predictors.mlp.model import FusedMLP
-
-    return FusedMLP(module).eval()
-
-
-KIND = register(Kind("mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points, fit, load, serve,
+KIND = register(Kind("mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points,
+                     fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
+                     serve=lambda module: _model().serve(module),
                      describe="the seed's MLP over layer and expert embeddings"))

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from routecast.config.params import TrainParams
 from routecast.data.batches import sample_inputs, targets
-from routecast.fit.training import SampleBatches, TrainResult, pick_device, train_neural
+from routecast.data.features import Features
+from routecast.fit.training import EpochCallback, SampleBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.mlp import MLPParams
 from routecast.predictors.neural import ModelConfig, hidden_blocks, neural_config
 
 
@@ -100,11 +103,20 @@ def _fold(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
-def fit_mlp(params, train, fit, val, epochs, on_epoch, desc) -> TrainResult:  # noqa: ANN001 (the registry's fit)
+def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,
+        on_epoch: EpochCallback | None, desc: str) -> TrainResult:
     """Train the `mlp` kind (`routecast.fit.training.train_neural`)."""
-    config = neural_config("mlp", fit, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
+    config = neural_config("mlp", fit_split, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
                            architecture=tuple(params.architecture), dropout=params.dropout)
     model = MLP(config)
-    inputs = sample_inputs(fit, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
-    batches = SampleBatches(inputs, targets(fit, train.target), train.batch_size, pick_device(train.device))
+    inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    batches = SampleBatches(inputs, targets(fit_split, train.target), train.batch_size, pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
+
+
+def load(config: dict) -> MLP:
+    return MLP(ModelConfig(**{**config, "kind": "mlp"}))
+
+
+def serve(module: MLP) -> FusedMLP:
+    return FusedMLP(module).eval()
