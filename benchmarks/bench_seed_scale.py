@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 SEED_PARAMS = {
     "extract.synthetic.num_sequences": 680,  # x 64 tokens x 31 = 1.35M samples, as the seed
+    "extract.synthetic.tokens_per_sequence": 64,
     "split.test_fraction": 0.05,  # the seed's 95/5 (34 test sequences at this size)
     "train.epochs": 30,
     "tune.n_trials": 20,

@@ -43,7 +43,6 @@ class Kind:
     fit: Callable[..., Any]
     load: Callable[[dict[str, Any]], Any]  # a checkpoint's plain config -> the kind's module (weights not loaded)
     serve: Callable[[Any], Any] = _same  # the fitted eval-mode module -> the module the Predictor runs
-    describe: str = ""  # one line for the docs and errors
 
 
 _KINDS: dict[str, Kind] = {}

@@ -24,5 +24,4 @@ def _model() -> Any:  # the kind's torch side, imported only when a model is fit
 
 
 KIND = register(Kind("lookup_mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points,
-                     fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
-                     describe="the MLP given the lookup table's log-probabilities, starting at the table"))
+                     fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config)))
