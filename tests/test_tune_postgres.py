@@ -7,7 +7,6 @@ ROUTECAST_TEST_PG_URL (no password) and ROUTECAST_DB_PASSWORD. With the URL set,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -105,7 +104,7 @@ def test_three_workers_share_one_study(pg_url: str, tmp_path: Path) -> None:
         assert summary["best_trial"] == study.best_trial.number
         params = load_params(proj / "params.yaml")
         assert params.tuned == config_from_trial(study.best_trial)
-        assert dataclasses.asdict(params.tuned) == summary["best_params"]
+        assert params.tuned.to_plain() == summary["best_params"]
         password = os.environ.get(PASSWORD_ENV)
         if password:
             for path in [proj / "params.yaml", proj / "metrics" / "tune.json", proj / "data" / "tune" / "study.json"]:
