@@ -96,17 +96,17 @@ class SyntheticParams:
         check(self.num_layers >= 2, f"{key}.num_layers", f"must be >= 2, got {self.num_layers}")
         check(self.num_experts >= 2, f"{key}.num_experts", f"must be >= 2, got {self.num_experts}")
         check(1 <= self.top_k <= self.num_experts, f"{key}.top_k",
-               f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+              f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         check(0.0 <= self.shared_weight <= 1.0, f"{key}.shared_weight", f"must be in [0, 1], got {self.shared_weight}")
         check(self.type_concentration > 0, f"{key}.type_concentration",
-               f"must be > 0, got {self.type_concentration}")
+              f"must be > 0, got {self.type_concentration}")
         check(self.shared_concentration > 0, f"{key}.shared_concentration",
-               f"must be > 0, got {self.shared_concentration}")
+              f"must be > 0, got {self.shared_concentration}")
         check(0.0 <= self.route_persistence < 1.0, f"{key}.route_persistence",
-               f"must be in [0, 1), got {self.route_persistence}")
+              f"must be in [0, 1), got {self.route_persistence}")
         check(self.position_effect >= 0, f"{key}.position_effect", f"must be >= 0, got {self.position_effect}")
         check(self.spec_noise is None or self.spec_noise >= 0, f"{key}.spec_noise",
-               f"must be >= 0 or null, got {self.spec_noise}")
+              f"must be >= 0 or null, got {self.spec_noise}")
 
 
 @dataclass(frozen=True)
@@ -145,13 +145,13 @@ class LogsParams:
         check(self.path is None or self.path != "", f"{key}.path", "must not be empty")
         self.fields.validate(f"{key}.fields")
         check(self.num_experts is None or self.num_experts >= 1, f"{key}.num_experts",
-               f"must be >= 1 or null, got {self.num_experts}")
+              f"must be >= 1 or null, got {self.num_experts}")
         check(self.tokens_per_sequence is None or self.tokens_per_sequence >= 1, f"{key}.tokens_per_sequence",
-               f"must be >= 1 or null, got {self.tokens_per_sequence}")
+              f"must be >= 1 or null, got {self.tokens_per_sequence}")
         check(self.sequences is None or (len(self.sequences) > 0 and min(self.sequences) >= 0), f"{key}.sequences",
-               f"must list sequence ids >= 0, or be null, got {self.sequences}")
+              f"must list sequence ids >= 0, or be null, got {self.sequences}")
         check(self.sequences is None or self.format == "jsonl", f"{key}.sequences",
-               f"only the jsonl format filters sequences, not {self.format}")
+              f"only the jsonl format filters sequences, not {self.format}")
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,11 @@ class HFParams:
             check(getattr(self, name) is None or getattr(self, name) != "", f"{key}.{name}", "must not be empty")
         check(bool(self.text_column), f"{key}.text_column", "must not be empty")
         check(self.max_tokens is None or self.max_tokens >= 1, f"{key}.max_tokens",
-               f"must be >= 1 or null, got {self.max_tokens}")
+              f"must be >= 1 or null, got {self.max_tokens}")
         check(self.max_length >= 1, f"{key}.max_length", f"must be >= 1, got {self.max_length}")
         check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), f"{key}.device",
-               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+              f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class FeaturesParams:
     def validate(self, key: str) -> None:
         check(self.lookahead >= 1, f"{key}.lookahead", f"must be >= 1, got {self.lookahead}")
         check(self.history_len is None or self.history_len >= 1, f"{key}.history_len",
-               f"must be >= 1 or null, got {self.history_len}")
+              f"must be >= 1 or null, got {self.history_len}")
         check(self.position_scale > 0, f"{key}.position_scale", f"must be > 0, got {self.position_scale}")
 
 
@@ -243,13 +243,13 @@ class TrainParams:
         check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and
                                                           self.device[5:].isdigit()),
-               f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+              f"{key}.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.batch_size >= 2, f"{key}.batch_size", f"must be >= 2 (BatchNorm), got {self.batch_size}")
         check(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.lr_patience >= 0, f"{key}.lr_patience", f"must be >= 0, got {self.lr_patience}")
         check(0 < self.lr_factor < 1, f"{key}.lr_factor", f"must be in (0, 1), got {self.lr_factor}")
         check(self.early_stopping_patience >= 1, f"{key}.early_stopping_patience",
-               f"must be >= 1, got {self.early_stopping_patience}")
+              f"must be >= 1, got {self.early_stopping_patience}")
         check(self.threads is None or self.threads >= 1, f"{key}.threads", f"must be >= 1 or null, got {self.threads}")
 
 
@@ -301,7 +301,7 @@ class TuneParams:
         check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         check(self.timeout is None or self.timeout > 0, f"{key}.timeout", f"must be > 0 or null, got {self.timeout}")
         check(self.max_train_samples is None or self.max_train_samples >= 2, f"{key}.max_train_samples",
-               f"must be >= 2 or null, got {self.max_train_samples}")
+              f"must be >= 2 or null, got {self.max_train_samples}")
         check(bool(self.study_name), f"{key}.study_name", "must not be empty")
         check(bool(self.storage), f"{key}.storage", "must not be empty")
         from routecast.fit.study_storage import storage_problem  # imported here: it pulls in optuna
@@ -320,7 +320,7 @@ class ExtraTest:
 
     def validate(self, key: str) -> None:
         check(bool(self.name) and self.name.replace("_", "").isalnum(), f"{key}.name",
-               f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
+              f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
         self.logs.validate(f"{key}.logs")
         check(self.logs.path is not None, f"{key}.logs.path", "must be set")
 
@@ -410,19 +410,19 @@ class SimulateParams:
 
     def validate(self, key: str) -> None:
         check(self.preset is None or self.preset in PRESETS, f"{key}.preset",
-               f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, or null with every number set)")
+              f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, or null with every number set)")
         hw = self.hardware(key)
         check(math.isfinite(hw.expert_mb) and hw.expert_mb > 0, f"{key}.expert_mb", f"must be > 0, got {hw.expert_mb}")
         check(hw.gb_per_s > 0, f"{key}.link.gb_per_s",
               f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
         check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
-               f"must be >= 0, got {hw.ms_per_layer}")
+              f"must be >= 0, got {hw.ms_per_layer}")
         check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")
         width = self.prefetch.width
         check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
         check(width is None or width <= hw.slots_per_layer, f"{key}.prefetch.width",
-               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, "
-               f"got {width}")
+              f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, "
+              f"got {width}")
         for name, ms in self.prefetch.predictor_ms.items():
             where = f"{key}.prefetch.predictor_ms.{name}"
             check(isinstance(ms, (int, float)) and not isinstance(ms, bool), where, f"expected a number, got {ms!r}")
@@ -438,18 +438,18 @@ class SimulateParams:
         hw = self.hardware(key)
         shape = f"the trace has {num_experts} experts, top-{top_k}"
         check(top_k <= hw.slots_per_layer <= num_experts, f"{key}.cache.slots_per_layer",
-               f"must be in [top_k, num_experts] = [{top_k}, {num_experts}] ({shape}), got {hw.slots_per_layer}")
+              f"must be in [top_k, num_experts] = [{top_k}, {num_experts}] ({shape}), got {hw.slots_per_layer}")
         width = self.width(top_k)
         check(width <= num_experts, f"{key}.prefetch.width", f"must be <= num_experts ({shape}), got {width}")
         check(width <= hw.slots_per_layer, f"{key}.prefetch.width",
-               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}), got {width} (null means top_k = {top_k})")
+              f"must be <= cache.slots_per_layer ({hw.slots_per_layer}), got {width} (null means top_k = {top_k})")
         for value in self.sweep.slots or []:
             check(max(top_k, width) <= value <= num_experts, f"{key}.sweep.slots",
-                   f"every value must be in [max(top_k, width), num_experts] = [{max(top_k, width)}, {num_experts}], "
-                   f"got {value}")
+                  f"every value must be in [max(top_k, width), num_experts] = [{max(top_k, width)}, {num_experts}], "
+                  f"got {value}")
         for value in self.sweep.width or []:
             check(1 <= value <= hw.slots_per_layer, f"{key}.sweep.width",
-                   f"every value must be in [1, cache.slots_per_layer] = [1, {hw.slots_per_layer}], got {value}")
+                  f"every value must be in [1, cache.slots_per_layer] = [1, {hw.slots_per_layer}], got {value}")
 
     def width(self, top_k: int) -> int:
         return self.prefetch.width if self.prefetch.width is not None else top_k
