@@ -14,8 +14,6 @@ from torch import nn
 
 from routecast.data.features import Features
 
-NEURAL_KINDS = ("mlp", "lookup_mlp", "gru")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -35,8 +33,6 @@ class ModelConfig:
     num_extra: int = 0  # width of extra dense features (spec_logits)
 
     def __post_init__(self) -> None:
-        if self.kind not in NEURAL_KINDS:
-            raise ValueError(f"kind {self.kind!r}: a neural kind is one of {NEURAL_KINDS}")
         object.__setattr__(self, "architecture", tuple(int(u) for u in self.architecture))
 
     @property
@@ -51,10 +47,10 @@ class ModelConfig:
 
     @property
     def input_width(self) -> int:
-        """Width of the MLP's concatenated input (the seed's 239 for emb 5/7, 32 layers)."""
+        """Width of the MLP's concatenated features (the seed's 239 for emb 5/7, 32 layers); a kind may
+        add inputs of its own (`lookup_mlp`: the table's log-probabilities)."""
         ids = 1 + self.history_len + self.num_prev + (0 if self.sees_primary else 1)
-        width = self.layer_emb + self.expert_emb * ids + self.top_k + 1 + self.num_extra
-        return width + (self.num_experts if self.kind == "lookup_mlp" else 0)
+        return self.layer_emb + self.expert_emb * ids + self.top_k + 1 + self.num_extra
 
 
 def hidden_blocks(width: int, architecture: tuple[int, ...], dropout: float) -> list[nn.Module]:

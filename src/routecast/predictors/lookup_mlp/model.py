@@ -31,7 +31,7 @@ class LookupMLP(MLP):
     shorter context, as `routecast.predictors.references.LookupPredictor` (which fits the same counts)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+        super().__init__(config, extra_inputs=config.num_experts)  # the table's log-probabilities
         last = self.mlp[-1]
         assert isinstance(last, nn.Linear)
         nn.init.zeros_(last.weight)

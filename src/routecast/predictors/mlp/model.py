@@ -22,15 +22,16 @@ from routecast.predictors.neural import ModelConfig, hidden_blocks, neural_confi
 class MLP(nn.Module):
     """The seed's MLP (and, with a lookup table, `lookup_mlp`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, extra_inputs: int = 0) -> None:
         super().__init__()
         self.config = config
+        width = config.input_width + extra_inputs  # the features, and what a subclass adds to them
         self.sees_primary = config.sees_primary  # plain attributes for TorchScript
         self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0), persistent=False)
         self.layer_emb = nn.Embedding(config.num_layers, config.layer_emb)
         self.expert_emb = nn.Embedding(config.num_experts + 1, config.expert_emb, padding_idx=0)
-        last = config.architecture[-1] if config.architecture else config.input_width
-        self.mlp = nn.Sequential(*hidden_blocks(config.input_width, config.architecture, config.dropout),
+        last = config.architecture[-1] if config.architecture else width
+        self.mlp = nn.Sequential(*hidden_blocks(width, config.architecture, config.dropout),
                                  nn.Linear(last, config.num_experts))
 
     def features(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
