@@ -8,6 +8,7 @@ passing check reruns nothing downstream.
 """
 
 import argparse
+import logging
 
 from routecast.config.params import load_params
 from routecast.pipeline.artifacts import atomic_write_text
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="written when the params are valid; other stages depend on it")
     args = parser.parse_args(argv)
     with stage("check_params"):
-        load_params(args.params)
+        for note in load_params(args.params).idle_knobs():
+            logging.getLogger("check_params").warning(note)
         atomic_write_text(args.out, CHECKED)
 
 

@@ -9,7 +9,7 @@ from routecast.data.features import read_features
 from routecast.data.predictions import write_predictions
 from routecast.data.traces import read_trace_meta
 from routecast.evaluate.evaluation import evaluate
-from routecast.evaluate.names import CONFUSION_COLUMNS, PER_LAYER_COLUMNS
+from routecast.evaluate.names import CONFUSION_COLUMNS, per_layer_columns
 from routecast.fit.training import split_train_val
 from routecast.pipeline.artifacts import write_csv, write_json
 from routecast.pipeline.stage import stage
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", required=True, help="test split")
     parser.add_argument("--models", nargs="+", required=True, help="model files; each is named after its file")
     parser.add_argument("--metrics", required=True, help="metrics JSON")
-    parser.add_argument("--per-layer", required=True, help="CSV: test top-2 per source layer (layer, predictor, top2)")
+    parser.add_argument("--per-layer", required=True, help="CSV: test top-2 per source layer (layer, predictor, top2); "
+                                                    "set recall (layer, predictor, set_recall) for a trace "
+                                                    "without a primary")
     parser.add_argument("--confusion", required=True, help="CSV: (actual, predicted top-1) of the tuned model")
     parser.add_argument("--predictions", required=True,
                         help="Parquet: every predictor's ranked experts per test sample")
@@ -32,13 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with stage("evaluate"):
         params = load_params(args.params)
-        models = {Path(path).stem: load_checkpoint(path)[0] for path in args.models}
+        checkpoints = {Path(path).stem: load_checkpoint(path) for path in args.models}
+        models = {name: model for name, (model, _) in checkpoints.items()}
         fit, val = split_train_val(read_features(args.train))
         test = read_features(args.test)
-        result = evaluate(models, read_trace_meta(args.traces), fit, val, test, params.evaluate, params.features)
+        # the target each model trained on: train_full records it (settled: never auto); for a file
+        # without it, params.train.target settled as train_full settles it
+        targets = {name: str(checkpoint.get("target") or params.train.for_samples(fit.meta.weighted).target)
+                   for name, (_, checkpoint) in checkpoints.items()}
+        result = evaluate(models, read_trace_meta(args.traces), fit, val, test, params.evaluate, params.features,
+                          targets)
         write_json(args.metrics, result.metrics)
-        write_csv(args.per_layer, PER_LAYER_COLUMNS,
-                  [[layer, name, top2] for name, layers in result.per_layer.items() for layer, top2 in layers.items()])
+        write_csv(args.per_layer, per_layer_columns(result.per_layer_metric),
+                  [[layer, name, value] for name, layers in result.per_layer.items()
+                   for layer, value in layers.items()])
         write_csv(args.confusion, CONFUSION_COLUMNS, result.confusion)
         write_predictions(args.predictions, test, result.rankings)
 

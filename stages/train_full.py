@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params)
         model_params = params.model(args.name)
         fit, val = split_train_val(read_features(args.train))
+        train_params = params.train.for_samples(fit.meta.weighted)
         with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False) as live:
             def log_epoch(epoch: int, row: dict[str, float]) -> None:
                 live.step = epoch  # DVCLive's step is the epoch (0: lookup_mlp's table before any step)
@@ -38,12 +39,12 @@ def main(argv: list[str] | None = None) -> None:
                         live.log_metric(key, value)
                 live.next_step()
 
-            result = fit_predictor(model_params, params.train, fit, val, on_epoch=log_epoch, desc=args.name)
+            result = fit_predictor(model_params, train_params, fit, val, on_epoch=log_epoch, desc=args.name)
             live.summary.update({"best_epoch": result.best_epoch, "best_value": result.best_value,
                                  "kind": model_params.kind})
         save_checkpoint(args.out, result.model,
                         {"history": result.history, "best_epoch": result.best_epoch, "best_value": result.best_value,
-                         "position_scale": fit.meta.position_scale, "target": params.train.target})
+                         "position_scale": fit.meta.position_scale, "target": train_params.target})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ machine against a PostgreSQL `tune.storage`) and runs trials until the study hol
 
 import argparse
 import logging
+from dataclasses import replace
 
 from dvclive import Live
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage("tune-worker" if args.worker else "tune", exclusive=not args.worker):
         params = load_params(args.params)
         train, digest = read_features(args.train), file_digest(args.train)
+        params = replace(params, train=params.train.for_samples(train.meta.weighted))  # target auto: settled
         if args.worker:
             tune_worker(params, train, digest)
         else:

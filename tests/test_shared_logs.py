@@ -1,8 +1,8 @@
 """A shared real log runs through the whole pipeline at the default params: every stage's `main()`,
 in dvc.yaml's order and with dvc.yaml's arguments, in a fresh project folder. Only the import
-settings differ from params.yaml. (The FLAME and DeepSeek logs do not run yet: the prefetch stage
-cannot hold FLAME's top-6 in the default preset's slots, issue 21; the DeepSeek format has no
-importer, issue 19.)"""
+settings differ from params.yaml (and, for DeepSeek, the hardware preset of its model). (The FLAME
+log does not run yet: the prefetch stage cannot hold FLAME's top-6 in the default preset's slots,
+issue 21.)"""
 
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ def stage_commands() -> dict[str, list[str]]:
     return out
 
 
+def run_pipeline(project: Path, updates: dict[str, object]) -> None:
+    """params.yaml with `updates`, then every stage's main() in `project`."""
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    set_params(project / "params.yaml", updates)
+    commands = stage_commands()
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        for name in ORDER:
+            run_stage(commands[name])
+    finally:
+        os.chdir(cwd)
+
+
 def run_stage(command: list[str]) -> None:
     """`python stages/<name>.py ARGS` as its main(ARGS), in this process."""
     script = ROOT / command[1]
@@ -51,18 +65,9 @@ def test_every_stage_is_in_the_order_run_here() -> None:
 
 def test_the_mixtral_log_runs_the_whole_pipeline_at_the_default_params(shared_traces: Path, tmp_path: Path) -> None:
     log = shared_traces / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     # The import settings: 64-token sequences, so that a split by sequence has units (6 of them).
-    set_params(tmp_path / "params.yaml", {"extract.source": "import", "extract.logs.format": "jsonl",
-                                          "extract.logs.path": str(log), "extract.logs.tokens_per_sequence": 64})
-    commands = stage_commands()
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        for name in ORDER:
-            run_stage(commands[name])
-    finally:
-        os.chdir(cwd)
+    run_pipeline(tmp_path, {"extract.source": "import", "extract.logs.format": "jsonl", "extract.logs.path": str(log),
+                            "extract.logs.tokens_per_sequence": 64})
     evaluate = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     prefetch = json.loads((tmp_path / "metrics" / "prefetch.json").read_text())
     tuned = load_params(tmp_path / "params.yaml").tuned
@@ -71,6 +76,23 @@ def test_the_mixtral_log_runs_the_whole_pipeline_at_the_default_params(shared_tr
     assert "oracle" not in evaluate  # a real log has no generator to be exact about
     assert prefetch["tuned"]["stall_ms_per_token"] >= prefetch["perfect"]["stall_ms_per_token"]
     assert tuned.to_plain() == json.loads((tmp_path / "metrics" / "tune.json").read_text())["best_params"]
+
+
+def test_the_deepseek_log_runs_the_whole_pipeline_at_the_default_params(shared_traces: Path,
+                                                                       tmp_path: Path) -> None:
+    """Eight of its prompts (283 tokens; the whole log is benchmarks/deepseek_log.py's), at the
+    default params: sets without weights, so the target is the set and no primary figure exists."""
+    logs = shared_traces / "deepseek-v2-lite-chat-puffin" / "prompt_2[0-7]_data.csv"
+    run_pipeline(tmp_path, {"extract.source": "import", "extract.logs.format": "deepseek_csv",
+                            "extract.logs.path": str(logs), "simulate.preset": "deepseek_v2_lite_int8_pcie4"})
+    evaluate = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    prefetch = json.loads((tmp_path / "metrics" / "prefetch.json").read_text())
+    tuned = evaluate["tuned"]
+    assert tuned["top1"] is None and tuned["top2"] is None  # no primary in a set
+    assert tuned["set_recall"] > evaluate["frequency"]["set_recall"]
+    assert 0 <= tuned["macro_f1"] <= 1 and 0 <= tuned["expert_accuracy"] <= 1
+    assert "set_lookup" in evaluate and "boosted_trees" not in evaluate
+    assert 0 <= prefetch["tuned"]["hit_rate"] <= 1
 
 
 @pytest.fixture(autouse=True)

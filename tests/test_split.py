@@ -40,5 +40,34 @@ def test_random_split_is_per_sample(feats) -> None:
 
 
 def test_too_few_sequences(feats) -> None:
-    with pytest.raises(ValueError, match="at least 3 sequences"):
+    with pytest.raises(ValueError, match="at least 3 distinct sequences"):
         split_features(feats.take(np.isin(feats.seq_id, [0, 1])), SplitParams())
+
+
+def test_copies_of_a_prompt_stay_on_one_side(feats, caplog) -> None:
+    """Sequences with the same content are one unit: every copy lands on its original's side."""
+    content = feats.content.copy()
+    seqs = np.unique(feats.seq_id)
+    groups = [seqs[0:3], seqs[3:5]]  # 3 copies of one prompt, 2 of another
+    for group in groups:
+        content[np.isin(feats.seq_id, group)] = content[feats.seq_id == group[0]][0]
+    copied = feats.take(np.arange(len(feats)))
+    copied.content = content
+    for seed in range(8):
+        with caplog.at_level("INFO"):
+            train, test = split_features(copied, SplitParams(seed=seed, test_fraction=0.3))
+        for group in groups:
+            in_test = np.isin(group, test.seq_id)
+            assert in_test.all() or not in_test.any(), (seed, group, in_test)
+            in_val = np.isin(group, train.seq_id[train.is_val])
+            assert in_val.all() or not in_val.any(), (seed, group, in_val)
+    assert f"{len(seqs)} sequences, 3 of them copies of another" in caplog.text
+
+
+def test_no_copies_split_as_before(feats) -> None:
+    """Without copies the units are the sequences in their own order: the split is unchanged."""
+    plain = feats.take(np.arange(len(feats)))
+    plain.content = None
+    for seed in range(3):
+        a, b = split_features(feats, SplitParams(seed=seed)), split_features(plain, SplitParams(seed=seed))
+        assert np.array_equal(a[1].seq_id, b[1].seq_id) and np.array_equal(a[0].is_val, b[0].is_val)

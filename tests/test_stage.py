@@ -66,7 +66,7 @@ def test_too_few_sequences_to_split_is_bad_input() -> None:
     class Two:  # the two fields split_features reads before it refuses
         seq_id = np.array([0, 0, 1, 1])
 
-    with pytest.raises(InputError, match="needs at least 3 sequences"):
+    with pytest.raises(InputError, match="needs at least 3 distinct sequences"):
         split_features(Two(), SplitParams())  # type: ignore[arg-type]
 
 

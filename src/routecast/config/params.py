@@ -131,7 +131,7 @@ class LogFields:
 class LogsParams:
     """Existing routing logs to import (`extract.source: import`, see `routecast.sources.logs`)."""
 
-    format: Literal["jsonl", "flame_csv", "vllm_npy", "parquet"] = "jsonl"
+    format: Literal["jsonl", "flame_csv", "vllm_npy", "parquet", "deepseek_csv"] = "jsonl"
     path: str | None = None  # a file, a directory or a glob (relative to the project root)
     fields: LogFields = field(default_factory=LogFields)  # jsonl only
     num_experts: int | None = None  # null: infer (largest expert id + 1)
@@ -205,6 +205,7 @@ class FeaturesParams:
     history_len: int | None = None  # None: the number of layers
     position_scale: float = POSITION_SCALE
     prev_token: bool = False  # add the previous token's top-k at the target layer (decode-order traces only)
+    token: bool = False  # add the token (its id, or its text's hash): read by the context kind and the token table
 
     def validate(self, key: str) -> None:
         check(self.lookahead >= 1, f"{key}.lookahead", f"must be >= 1, got {self.lookahead}")
@@ -236,8 +237,19 @@ class TrainParams:
     early_stopping_patience: int = 5
     threads: int | None = None  # None: every usable core
     seed: int = 0
-    target: Literal["primary", "set"] = "primary"  # the next primary, or the next top-k set (multi-label)
+    # the next primary, or the next top-k set (multi-label); auto: primary, or set for a trace without weights
+    target: Literal["auto", "primary", "set"] = "auto"
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+
+    def for_samples(self, weighted: bool, key: str = "train") -> TrainParams:
+        """These params with `target` settled for samples of a weighted (or unweighted) trace: auto is
+        primary, or set where the trace's experts are unordered sets with no primary."""
+        if self.target == "auto":
+            return dataclasses.replace(self, target="primary" if weighted else "set")
+        check(weighted or self.target == "set", f"{key}.target",
+              "primary: this trace has no primary expert (its experts are unordered sets, no gate weights); "
+              "use set or auto")
+        return self
 
     def validate(self, key: str) -> None:
         check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
@@ -470,6 +482,17 @@ class Params:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+
+    def idle_knobs(self) -> list[str]:
+        """Knobs set to something that the chosen predictors do not read (valid, but doing nothing for them)."""
+        notes = []
+        if self.features.token:
+            for name in ("baseline", "tuned"):
+                kind = self.model(name).kind
+                if not registry.get(kind).reads_token:
+                    notes.append(f"features.token: {name} (kind {kind}) does not read the token; the context kind "
+                                 f"and the token_table reference do")
+        return notes
 
     def model(self, name: str) -> ModelParams:
         if name not in ("baseline", "tuned"):

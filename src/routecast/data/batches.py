@@ -126,7 +126,10 @@ def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8
     """`module`'s output for every sample of `feats` ([N, E], on the CPU), in eval mode.
 
     A sequence model (one with `forward_tokens`) reads each token's path once for all its
-    samples; any other kind runs on slices of the per-sample inputs."""
+    samples; a kind that reads whole sequences (`predict_samples`: the context kind) takes the
+    samples as they are; any other kind runs on slices of the per-sample inputs."""
+    if hasattr(module, "predict_samples"):
+        return module.predict_samples(feats, batch_size, device)
     module.eval()
     config = module.config
     inputs = sample_inputs(feats, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)

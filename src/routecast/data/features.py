@@ -12,16 +12,26 @@ l + lookahead routed for that token. Features are what is known once layer l has
                  right-padded to history_len; entry j is always layer j
     position     min(token_pos / position_scale, 1)
     spec_logits  (optional) the next layer's router logits on layer l's hidden state
+    current_set  the k experts at layer l (for a weighted trace: by weight, highest first; for
+                 an unweighted one: the set in ascending id order)
+    token        (optional, `features.token`) the token: its vocabulary id where the trace has
+                 one, else a stable 63-bit hash of its text (the same string gives the same key
+                 in every trace, so a model's vocabulary carries over to other logs)
+    content      the sequence's content hash (its tokens where the trace has them, else its
+                 routing): copies of one prompt share it, so the split keeps them on one side
     prev_experts (optional, `features.prev_token`) the previous token's top-k at layer
                  l + lookahead, stored +1 (0 = no previous token or no row). In decode the
                  previous token has finished every layer before this one starts, so this is
                  known; valid for decode-order traces only (a prefill trace's tokens run together).
 
-Target: the primary expert at layer l + lookahead; target_set: the whole top-k there.
+Target: the primary expert at layer l + lookahead; target_set: the whole top-k there. For an
+unweighted trace (`meta.weighted` False) `primary`, `secondary` and `target` are the lowest ids of
+their sets and `gating` is uniform: kept so every kind runs, never scored as a primary.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, fields
@@ -51,6 +61,7 @@ class FeatureMeta(ParquetMeta):
     lookahead: int
     position_scale: float
     source: str = "unknown"
+    weighted: bool = True  # False: the trace's sets are unordered, no primary exists (score sets only)
 
 
 @dataclass
@@ -67,6 +78,9 @@ class Features(KeyedRows):
     target_set: np.ndarray  # int16 [N, k]
     spec_logits: np.ndarray | None = None  # float32 [N, E]
     prev_experts: np.ndarray | None = None  # int16 [N, k], +1 (0 = none)
+    current_set: np.ndarray | None = None  # int16 [N, k]: the experts at layer l
+    token: np.ndarray | None = None  # int64 [N]: the token's id, or its text's hash (features.token)
+    content: np.ndarray | None = None  # int64 [N]: the sequence's content hash
     is_val: np.ndarray | None = None  # bool [N], set by split_95_5 in the train split
     report: dict[str, int] = field(default_factory=dict)
 
@@ -76,6 +90,54 @@ class Features(KeyedRows):
 
 
 # --------------------------------------------------------------------------- encoding
+
+
+def text_keys(text: np.ndarray) -> np.ndarray:
+    """A stable non-negative 63-bit key per string (blake2b of its UTF-8 bytes): the same string
+    has the same key in every trace and every run. Each distinct string is hashed once."""
+    cache: dict[str, int] = {}
+
+    def key(word: str) -> int:
+        found = cache.get(word)
+        if found is None:
+            digest = hashlib.blake2b(str(word).encode("utf-8"), digest_size=8).digest()
+            found = cache[word] = int.from_bytes(digest, "little") >> 1
+        return found
+
+    return np.fromiter((key(w) for w in text), dtype=np.int64, count=len(text))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def content_hashes(tokens: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """One int64 per token: the hash of its sequence's content, where `tokens` are the sorted
+    token keys (`token_keys`) and `value` [n_tokens] (uint64) what each token holds. The hash
+    mixes each value with its position and sums over the sequence, so two sequences collide
+    only if they hold the same values at the same positions (or with probability ~2^-64)."""
+    if len(tokens) == 0:
+        return np.zeros(0, dtype=np.int64)
+    seq, pos = tokens >> 32, tokens & 0xFFFFFFFF
+    mixed = _mix64(value.astype(np.uint64) ^ _mix64(pos.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+    starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+    per_seq = np.add.reduceat(mixed, starts)
+    lengths = np.diff(np.r_[starts, len(seq)])
+    return (_mix64(per_seq ^ lengths.astype(np.uint64)) >> np.uint64(1)).astype(np.int64).repeat(lengths)
+
+
+def row_token_keys(traces: Traces) -> np.ndarray | None:
+    """Each row's token key: its token_id, else its text's `text_keys`; None when the trace has neither."""
+    if traces.token_id is not None:
+        return traces.token_id.astype(np.int64)
+    if traces.token_text is not None:
+        return text_keys(traces.token_text)
+    return None
 
 
 def token_keys(seq_id: np.ndarray, token_pos: np.ndarray) -> np.ndarray:
@@ -169,6 +231,17 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         present = present.reshape(n_tokens, L)
     experts = grid(traces.experts, -1, np.int16)
     gates = grid(traces.weights, 0.0, np.float32)
+    row_keys = row_token_keys(traces)
+    if params.token and row_keys is None:
+        raise InputError("features.token: the trace has neither token ids nor token text (its source records "
+                         "neither); set features.token: false")
+    token_key = None if row_keys is None else grid(row_keys[:, None], -1, np.int64)[:, :, 0].max(axis=1)
+    if token_key is not None:  # the sequence's tokens say what it is
+        content_value = token_key.astype(np.uint64)
+    else:  # else its routing: every layer's experts, each (layer, slot) weighted by its own odd multiplier
+        weights = np.random.default_rng(0x5EED).integers(1, 2**62, size=L * k, dtype=np.uint64) | np.uint64(1)
+        content_value = (experts.reshape(n_tokens, L * k).astype(np.int64) + 1).astype(np.uint64) @ weights
+    content = content_hashes(tokens, content_value)
 
     # Sample grid: (token, layer l) for l < L - la, kept where layer l and l + la are both routed.
     n_src = L - la
@@ -210,7 +283,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         prev = samples(prev_grid, fresh=True)
 
     feats = Features(
-        meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source),
+        meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source, meta.weighted),
         seq_id=seq_id,
         token_pos=token_pos,
         layer=samples(layers),
@@ -223,6 +296,9 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         target_set=samples(experts[:, la:]),
         spec_logits=spec,
         prev_experts=prev,
+        current_set=samples(experts[:, :n_src]),
+        token=samples(np.broadcast_to(token_key[:, None], (n_tokens, n_src))) if params.token else None,
+        content=samples(np.broadcast_to(content[:, None], (n_tokens, n_src))),
     )
     candidates = n_tokens * n_src
     feats.report = {
@@ -242,7 +318,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
 
 # --------------------------------------------------------------------------- Parquet I/O
 
-_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts")
+_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts", "current_set")
 
 
 def features_to_table(feats: Features) -> pa.Table:

@@ -45,7 +45,12 @@ def meta_from_parquet(cls: type[T], metadata: dict[bytes, bytes] | None, where: 
         try:
             text = raw.decode()
             tp = typing.get_origin(hints[f.name]) or hints[f.name]
-            value = json.loads(text) if tp is dict else tp(text)
+            if tp is bool:
+                if text not in ("True", "False"):
+                    raise ValueError(f"expected True or False, got {text!r}")
+                value = text == "True"
+            else:
+                value = json.loads(text) if tp is dict else tp(text)
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise error(f"{where}: bad Parquet metadata {f.name!r}: {exc}") from None
         if tp is dict and not isinstance(value, dict):

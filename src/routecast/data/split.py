@@ -1,8 +1,10 @@
 """Split samples into train (with validation sequences marked) and test, by sequence.
 
 All samples of a sequence land on one side, so the test set measures generalisation to unseen
-prompts. `split.by: random` splits per sample instead; it leaks (a token's other layers sit in
-train) and exists only to reproduce the seed's random-split figure.
+prompts. Copies of one prompt (real logs repeat some: sequences whose `content` hash is equal) are
+one unit: they land on the same side, and their number is logged. `split.by: random` splits per
+sample instead; it leaks (a token's other layers sit in train) and exists only to reproduce the
+seed's random-split figure.
 """
 
 from __future__ import annotations
@@ -29,10 +31,23 @@ def split_features(feats: Features, params: SplitParams) -> tuple[Features, Feat
     """Return (train, test); train.is_val marks the validation part of train."""
     rng = np.random.default_rng(params.seed)
     if params.by == "sequence":
-        units = np.unique(feats.seq_id)
-        unit_of_sample = np.searchsorted(units, feats.seq_id)
+        sequences, first = np.unique(feats.seq_id, return_index=True)
+        unit_of_sample = np.searchsorted(sequences, feats.seq_id)
+        if getattr(feats, "content", None) is not None:  # a copy of an earlier sequence joins its unit
+            contents, unit_of_sequence = np.unique(feats.content[first], return_inverse=True)
+            # units numbered in the order their first sequence comes (no copies: the sequences' own order)
+            first_seen = np.full(len(contents), len(sequences))
+            np.minimum.at(first_seen, unit_of_sequence, np.arange(len(sequences)))
+            renumber = np.argsort(np.argsort(first_seen, kind="stable"), kind="stable")
+            unit_of_sample = renumber[unit_of_sequence][unit_of_sample]
+            units = np.arange(len(contents))
+        else:
+            units = np.arange(len(sequences))
+        copies = len(sequences) - len(units)
+        log.info("split by sequence: %d sequences, %d of them copies of another (same content): each kept on its "
+                 "original's side", len(sequences), copies)
         if len(units) < 3:
-            raise InputError(f"split.by=sequence needs at least 3 sequences (test, validation, train); "
+            raise InputError(f"split.by=sequence needs at least 3 distinct sequences (test, validation, train); "
                              f"the features hold {len(units)}")
     else:
         units = np.arange(len(feats))

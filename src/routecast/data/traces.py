@@ -1,9 +1,15 @@
 """The canonical routing trace (`data/traces.parquet`): schema, validation, streamed writing.
 
 One row per (sequence, token, layer): `seq_id`, `token_pos`, `layer`, `experts` (k ids, highest
-weight first), `weights` (their gate weights, summing to 1), optional `token_id` and
-`spec_logits` (the next layer's router logits on this layer's hidden state). File metadata
-holds `num_layers`, `num_experts`, `top_k`, `source` and `source_params`.
+weight first), `weights` (their gate weights, summing to 1), optional `token_id`, `token_text`
+(the tokenizer's string, where a log has it) and `spec_logits` (the next layer's router logits on
+this layer's hidden state). File metadata holds `num_layers`, `num_experts`, `top_k`, `weighted`,
+`source` and `source_params`.
+
+A log without gate weights (the DeepSeek-V2-Lite log) gives an unweighted trace (`weighted:
+False`): each row's experts are a set, stored in ascending id order (their order means nothing),
+and `weights` is null on disk. In memory such a trace's `weights` are uniform (1/k), so every
+consumer reads the same arrays; nothing may treat the first expert of a set as a primary.
 
 Every source writes through `TraceWriter`, which checks each batch before it is written (every
 value fits its on-disk type, int32 or int16, before it is narrowed), runs the whole-trace
@@ -60,6 +66,7 @@ class TraceMeta(ParquetMeta):
     top_k: int
     source: str = "unknown"  # the generator, model or importer that produced the trace
     source_params: dict[str, Any] = field(default_factory=dict)
+    weighted: bool = True  # False: each row's experts are a set (ascending ids), no weights, no primary
 
     def __post_init__(self) -> None:
         if not (1 <= self.num_layers <= SHAPE_LIMIT and 1 <= self.num_experts <= SHAPE_LIMIT
@@ -75,25 +82,33 @@ class Traces(KeyedRows):
     """A whole trace in memory, column by column (`meta`: a TraceMeta; seq_id, token_pos, layer)."""
 
     experts: np.ndarray  # int16 [N, k]
-    weights: np.ndarray  # float32 [N, k]
+    weights: np.ndarray  # float32 [N, k] (uniform 1/k for an unweighted trace)
     token_id: np.ndarray | None = None  # int32 [N]
     spec_logits: np.ndarray | None = None  # float32 [N, E]
+    token_text: np.ndarray | None = None  # object [N]: the tokenizer's string of the row's token
 
 
-
-def trace_schema(meta: TraceMeta, with_token_id: bool, with_spec_logits: bool) -> pa.Schema:
+def trace_schema(meta: TraceMeta, with_token_id: bool, with_spec_logits: bool,
+                 with_token_text: bool = False) -> pa.Schema:
     fields = [
         pa.field("seq_id", pa.int32(), nullable=False),
         pa.field("token_pos", pa.int32(), nullable=False),
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("experts", pa.list_(pa.int16(), meta.top_k), nullable=False),
-        pa.field("weights", pa.list_(pa.float32(), meta.top_k), nullable=False),
+        pa.field("weights", pa.list_(pa.float32(), meta.top_k), nullable=not meta.weighted),
     ]
     if with_token_id:
         fields.append(pa.field("token_id", pa.int32()))
     if with_spec_logits:
         fields.append(pa.field("spec_logits", pa.list_(pa.float32(), meta.num_experts)))
+    if with_token_text:
+        fields.append(pa.field("token_text", pa.string()))
     return pa.schema(fields, metadata=meta.to_metadata())
+
+
+def uniform_weights(rows: int, top_k: int) -> np.ndarray:
+    """The in-memory weights of an unweighted trace's rows: 1/k each."""
+    return np.full((rows, top_k), 1.0 / top_k, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- naming rows and checking values
@@ -230,7 +245,11 @@ def validate_batch(
     fail(unfit, lambda r: f"experts {experts[r].tolist()}: id {int_error('experts', int(experts[r][unfit[r]][0]))}")
     fail(experts >= num_experts,
          lambda r: f"expert id in {experts[r].tolist()} out of range [0, num_experts={num_experts})")
-    if k == 2:
+    if not meta.weighted and k > 1:
+        fail(np.diff(experts.astype(np.int32), axis=1) == 0, lambda r: f"experts {experts[r].tolist()} repeat an id")
+        fail(np.diff(experts.astype(np.int32), axis=1) < 0,
+             lambda r: f"experts {experts[r].tolist()}: an unweighted trace stores each set in ascending id order")
+    elif k == 2:
         fail(experts[:, 0] == experts[:, 1], lambda r: f"experts {experts[r].tolist()} repeat an id")
     elif k > 2:
         ordered = np.sort(experts, axis=1)
@@ -388,7 +407,8 @@ class TraceWriter:
     """
 
     def __init__(self, path: str | Path, meta: TraceMeta, with_token_id: bool = False,
-                 with_spec_logits: bool = False, where: str | None = None, infer: Sequence[str] = ()) -> None:
+                 with_spec_logits: bool = False, where: str | None = None, infer: Sequence[str] = (),
+                 with_token_text: bool = False) -> None:
         unknown = set(infer) - {"num_layers", "num_experts"}
         if unknown or (with_spec_logits and "num_experts" in infer):
             raise ValueError(f"infer: {sorted(infer)} (spec_logits need a known num_experts)")
@@ -399,7 +419,7 @@ class TraceWriter:
         self.source_params = dict(meta.source_params)  # may be updated before exit
         # the bounds each batch is checked against: inferred fields are bounded by the id types only
         self._bounds = replace(meta, **{name: SHAPE_LIMIT for name in self.infer})
-        self.schema = trace_schema(meta, with_token_id, with_spec_logits)
+        self.schema = trace_schema(meta, with_token_id, with_spec_logits, with_token_text)
         self.rows = 0
         self._layers_seen = np.zeros(self._bounds.num_layers, dtype=bool)
         self._max_expert = -1
@@ -423,18 +443,24 @@ class TraceWriter:
         return self
 
     def write(self, seq_id: Sequence[int] | np.ndarray, token_pos: Sequence[int] | np.ndarray,
-              layer: Sequence[int] | np.ndarray, experts: np.ndarray, weights: np.ndarray,
+              layer: Sequence[int] | np.ndarray, experts: np.ndarray, weights: np.ndarray | None,
               token_id: np.ndarray | None = None, spec_logits: np.ndarray | None = None,
-              where: str | None = None, origin: Any = None) -> None:
+              where: str | None = None, origin: Any = None, token_text: Sequence[str] | None = None) -> None:
         """Check and write one batch. `origin[i]` names row i in errors (an array of strings or a
-        `RowNames`); by default rows are named by their row number in the written trace."""
+        `RowNames`); by default rows are named by their row number in the written trace. An
+        unweighted trace's batch has `weights` None (or uniform: what its reader gives back)."""
         assert self._writer is not None, "use TraceWriter as a context manager"
         assert self._stats is None, "no write after finish()"
         where = where or self.where
         origin = RowNames("row", self.rows) if origin is None else origin
         names = self.schema.names
-        if ("token_id" in names) != (token_id is not None) or ("spec_logits" in names) != (spec_logits is not None):
+        if (("token_id" in names) != (token_id is not None) or ("spec_logits" in names) != (spec_logits is not None)
+                or ("token_text" in names) != (token_text is not None)):
             raise TraceError(f"{where}: every batch must carry the same optional columns ({names})")
+        if weights is None:
+            if self.meta.weighted:
+                raise TraceError(f"{where}: a weighted trace needs the weights of every row")
+            weights = uniform_weights(len(seq_id), self.meta.top_k)
         if len(seq_id) != len(token_pos) or len(seq_id) != len(layer):
             raise TraceError(f"{where}: columns seq_id, token_pos and layer have {len(seq_id)}, {len(token_pos)} "
                              f"and {len(layer)} rows")
@@ -450,6 +476,8 @@ class TraceWriter:
         if spec_logits is not None:
             cols["spec_logits"] = to_float32(spec_logits, "spec_logits", where, origin)
         validate_batch(self._bounds, **cols, where=where, origin=origin)
+        if token_text is not None and len(token_text) != len(cols["seq_id"]):
+            raise TraceError(f"{where}: column token_text has {len(token_text)} rows, seq_id has {len(cols['seq_id'])}")
         n = len(cols["seq_id"])
         if n == 0:
             return
@@ -459,12 +487,15 @@ class TraceWriter:
             pa.array(cols["token_pos"]),
             pa.array(cols["layer"]),
             pa.FixedSizeListArray.from_arrays(pa.array(cols["experts"].ravel()), k),
-            pa.FixedSizeListArray.from_arrays(pa.array(cols["weights"].ravel()), k),
+            pa.FixedSizeListArray.from_arrays(pa.array(cols["weights"].ravel()), k) if self.meta.weighted
+            else pa.nulls(n, pa.list_(pa.float32(), k)),
         ]
         if token_id is not None:
             arrays.append(pa.array(cols["token_id"]))
         if spec_logits is not None:
             arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(cols["spec_logits"].ravel()), num_experts))
+        if token_text is not None:
+            arrays.append(pa.array(token_text, type=pa.string()))
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
         assert self._keys is not None
         self._keys.add(cols["seq_id"], cols["token_pos"], cols["layer"])
@@ -538,9 +569,10 @@ class TraceWriter:
 
 def write_traces(path: str | Path, traces: Traces) -> None:
     """Write a whole in-memory trace (validated, atomic)."""
-    with TraceWriter(path, traces.meta, traces.token_id is not None, traces.spec_logits is not None) as writer:
+    with TraceWriter(path, traces.meta, traces.token_id is not None, traces.spec_logits is not None,
+                     with_token_text=traces.token_text is not None) as writer:
         writer.write(traces.seq_id, traces.token_pos, traces.layer, traces.experts, traces.weights,
-                     traces.token_id, traces.spec_logits)
+                     traces.token_id, traces.spec_logits, token_text=traces.token_text)
 
 
 # --------------------------------------------------------------------------- reading
@@ -581,8 +613,11 @@ def _columns(table: pa.Table | pa.RecordBatch, meta: TraceMeta, where: str, orig
     cols = {name: to_column_type(plain(name), name, where, origin) for name in ("seq_id", "token_pos", "layer")}
     cols["experts"] = to_column_type(_list_values(table.column("experts"), "experts", meta.top_k, where, origin),
                                      "experts", where, origin)
-    cols["weights"] = to_float32(_list_values(table.column("weights"), "weights", meta.top_k, where, origin),
-                                 "weights", where, origin)
+    if meta.weighted:
+        cols["weights"] = to_float32(_list_values(table.column("weights"), "weights", meta.top_k, where, origin),
+                                     "weights", where, origin)
+    else:
+        cols["weights"] = uniform_weights(len(cols["seq_id"]), meta.top_k)
     if "token_id" in names:
         cols["token_id"] = to_column_type(plain("token_id"), "token_id", where, origin)
     if "spec_logits" in names:
@@ -591,10 +626,21 @@ def _columns(table: pa.Table | pa.RecordBatch, meta: TraceMeta, where: str, orig
     return cols
 
 
+def _token_text(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A string column as an object array whose rows share one Python string per distinct value."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    encoded = pc.dictionary_encode(pc.fill_null(col, ""))
+    words = encoded.dictionary.to_numpy(zero_copy_only=False)
+    index = encoded.indices.to_numpy(zero_copy_only=False)
+    return words[index] if len(words) else np.full(len(col), None, dtype=object)
+
+
 def _validated(table: pa.Table | pa.RecordBatch, meta: TraceMeta, where: str, origin: Any) -> Traces:
     cols = _columns(table, meta, where, origin)
     validate_batch(meta, **cols, where=where, origin=origin)
-    return Traces(meta=meta, **cols)
+    text = _token_text(table.column("token_text")) if "token_text" in table.column_names else None
+    return Traces(meta=meta, **cols, token_text=text)
 
 
 def read_traces(path: str | Path) -> Traces:

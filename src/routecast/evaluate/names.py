@@ -8,7 +8,15 @@ plot draws, any other values): the plots read its first three columns by positio
 # The trained models (train_full's two params blocks), drawn thick in every plot.
 MODELS = ("baseline", "tuned")
 
-# metrics/evaluate/per_layer_top2.csv: test top-2 per source layer, one row per (layer, predictor).
+# metrics/evaluate/per_layer_top2.csv: test top-2 per source layer, one row per (layer, predictor);
+# for a trace without a primary (unweighted) the same file holds set recall instead.
 PER_LAYER_COLUMNS = ("layer", "predictor", "top2")
-# metrics/evaluate/confusion_tuned.csv: the tuned model's (actual, predicted top-1), one row per test sample.
+PER_LAYER_SET_COLUMNS = ("layer", "predictor", "set_recall")
+# metrics/evaluate/confusion_tuned.csv: the tuned model's (actual, predicted top-1), one row per test
+# sample; only its header for a trace without a primary.
 CONFUSION_COLUMNS = ("actual", "predicted")
+
+
+def per_layer_columns(metric: str) -> tuple[str, str, str]:
+    """The per-layer CSV's header for its metric (`top2`, or `set_recall` for an unweighted trace)."""
+    return {"top2": PER_LAYER_COLUMNS, "set_recall": PER_LAYER_SET_COLUMNS}[metric]

@@ -89,11 +89,14 @@ def split_train_val(train: Features, max_train_samples: int | None = None, seed:
 
 
 def validation_metrics(logits: torch.Tensor, val: Features, target: str) -> dict[str, float]:
-    """Loss, top-1, top-2 (next primary) and set recall (next top-k set) of `logits` on `val`."""
+    """Loss, top-1, top-2 (next primary) and set recall (next top-k set) of `logits` on `val`; top-1
+    and top-2 are NaN for a trace without a primary (not logged, never an objective there)."""
     scores = logits.float().numpy()
     hits = sample_hits(scores, scores, val)
+    primary = val.meta.weighted
     return {"val_loss": loss_fn(logits, targets(val, target), target).item(),
-            **{f"val_{m}": float(hits[m].mean()) for m in ("top1", "top2", "set_recall")}}
+            **{f"val_{m}": float(hits[m].mean()) if primary or m == "set_recall" else float("nan")
+               for m in ("top1", "top2", "set_recall")}}
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -109,6 +112,7 @@ def fit_predictor(params: ModelParams, train: TrainParams, fit: Features, val: F
     """Fit one predictor of `params.kind`; `on_epoch(epoch, row)` may raise (optuna.TrialPruned) to stop."""
     set_threads(train.threads)
     torch.manual_seed(train.seed)
+    train = train.for_samples(fit.meta.weighted)
     kind = registry.get(params.kind)
     return kind.fit(params.config, train, fit, val, epochs or train.epochs, on_epoch, desc)
 

@@ -30,7 +30,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,7 @@ def tune(params: Params, train: Features, train_digest: str,
     `on_trial` sees each trial this process finishes (e.g. to log it)."""
     start = time.perf_counter()
     _quiet_optuna()
+    params = replace(params, train=params.train.for_samples(train.meta.weighted))
     fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
     study, storage = open_study(params, train_digest)
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
@@ -312,6 +313,7 @@ def tune_worker(params: Params, train: Features, train_digest: str) -> int:
     configurations in lockstep.
     """
     _quiet_optuna()
+    params = replace(params, train=params.train.for_samples(train.meta.weighted))
     fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
     seed = derived_seed(params.tune.seed, socket.gethostname(), os.getpid())
     study, storage = open_study(params, train_digest, seed=seed)

@@ -8,10 +8,20 @@ rank membership of the next layer's top-k set. `evaluation` turns scores into me
     lookup_1..3      the published lookup ladder: (layer, e), (layer, e-1, e), (layer, e-2, e-1, e),
                      each backing off to the shorter context for a key never seen in train
     boosted_trees    gradient-boosted trees on the raw ids (the published XGBoost baseline)
+    set_lookup       for a trace of unordered sets: each expert of layer l's set votes for the
+                     experts that followed it at layer l + lookahead in train (co-occurrence)
+    token_table      the token's own table, (token, layer) -> next set, backing off to set_lookup
+                     (or lookup_1) for a token seen fewer than `min_count` times (features.token)
     oracle           the exact Bayes-optimal predictor (synthetic traces only; `routecast.predictors.oracle`)
     speculative_gate the next layer's router on this layer's hidden state (when traces carry it)
 
 `routecast.evaluate.evaluation.reference_predictors(trace_meta, train)` returns all that apply, fitted.
+
+Membership contract (`routecast.evaluate.scoring`): set scores are expected to be memberships,
+P(e in the next set), a row summing to about k; the threshold metrics (`macro_f1_p50`, predicted
+set = memberships >= 0.5) read them. frequency's and lookup's set tables are normalised set counts
+(rows sum to 1): evaluation multiplies them by k, which changes no ranking, so every top-k figure
+is the same either way. A predictor whose set scores already sum to k is taken as it is.
 """
 
 from __future__ import annotations
@@ -280,6 +290,93 @@ def _merge_rows(X: np.ndarray, y: np.ndarray, radix: list[int]) -> tuple[np.ndar
         key, digit = np.divmod(key, base)
         digits.append(digit)
     return np.column_stack(digits[:0:-1]).astype(np.float64), digits[0], count.astype(np.float64)
+
+
+def _set_cooccurrence(train: Features) -> np.ndarray:
+    """P(e' in the set at l + lookahead | e in the set at l), per layer: [slots, E, E] (a row of an
+    expert never seen at a layer is the layer's frequency)."""
+    meta = train.meta
+    E, S = meta.num_experts, meta.num_layers - meta.lookahead
+    layer = train.layer.astype(np.int64)
+    current, target = train.current_set.astype(np.int64), train.target_set.astype(np.int64)
+    counts = np.zeros(S * E * E, dtype=np.float64)
+    for i in range(current.shape[1]):  # one slot of the current set at a time: bounded memory
+        cell = ((layer * E + current[:, i])[:, None] * E + target).ravel()
+        counts += np.bincount(cell, minlength=S * E * E)
+    counts = counts.reshape(S, E, E)
+    seen = np.zeros((S, E))
+    np.add.at(seen, (layer[:, None], current), 1.0)
+    frequency = _count(layer, S, target, E)
+    frequency /= np.maximum(np.bincount(layer, minlength=S)[:, None], 1)
+    return np.where(seen[:, :, None] > 0, counts / np.maximum(seen[:, :, None], 1), frequency[:, None, :])
+
+
+class SetLookupPredictor:
+    """Co-occurrence table for unordered sets: an expert's membership at layer l + lookahead is the
+    mean over the k experts of layer l of P(e' next | e now). Scores are memberships (sum to k)."""
+
+    name = "set_lookup"
+
+    def fit(self, train: Features) -> SetLookupPredictor:
+        if train.current_set is None:
+            raise ValueError("set_lookup: the features carry no current_set column (re-encode them)")
+        self.table = _set_cooccurrence(train)
+        return self
+
+    def scores(self, test: Features) -> np.ndarray:
+        out = np.zeros((len(test), self.table.shape[2]))
+        layer = test.layer.astype(np.int64)
+        current = test.current_set.astype(np.int64)
+        for i in range(current.shape[1]):
+            out += self.table[layer, current[:, i]]
+        return out / current.shape[1]
+
+    set_scores = scores
+
+
+class TokenTablePredictor:
+    """(token, layer l) -> the experts of layer l + lookahead, counted in train: memberships
+    pulled towards a backoff predictor by `prior` pseudo-samples; a token seen in fewer than
+    `min_count` samples of a layer takes the backoff's scores."""
+
+    name = "token_table"
+
+    def __init__(self, backoff: ReferencePredictor, prior: float = 1.0, min_count: int = 1) -> None:
+        self.backoff, self.prior, self.min_count = backoff, prior, min_count
+
+    def _keys(self, feats: Features) -> np.ndarray:
+        index = np.searchsorted(self.tokens, feats.token)
+        index = np.minimum(index, max(len(self.tokens) - 1, 0))
+        known = (self.tokens[index] == feats.token) if len(self.tokens) else np.zeros(len(feats), dtype=bool)
+        return np.where(known, index * self.slots + feats.layer.astype(np.int64), -1)
+
+    def fit(self, train: Features) -> TokenTablePredictor:
+        if train.token is None:
+            raise ValueError("token_table: the features carry no token column (features.token: true)")
+        meta = train.meta
+        self.backoff.fit(train)
+        self.slots = meta.num_layers - meta.lookahead
+        self.tokens = np.unique(train.token)
+        keys = self._keys(train)
+        self.keys, row = np.unique(keys, return_inverse=True)
+        E = meta.num_experts
+        which = "primary" if meta.weighted else "set"
+        self.counts = _count(row, len(self.keys), _targets(train, which), E).astype(np.float32)
+        self.n = np.bincount(row, minlength=len(self.keys)).astype(np.float32)
+        self.set_valued = which == "set"
+        return self
+
+    def scores(self, test: Features) -> np.ndarray:
+        backoff = self.backoff.set_scores(test) if self.set_valued else self.backoff.scores(test)
+        keys = self._keys(test)
+        row = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        seen = (self.keys[row] == keys) & (keys >= 0) & (self.n[row] >= self.min_count)
+        out = np.array(backoff, dtype=np.float64)
+        r = row[seen]
+        out[seen] = (self.counts[r] + self.prior * backoff[seen]) / (self.n[r, None] + self.prior)
+        return out
+
+    set_scores = scores
 
 
 class SpeculativeGatePredictor:

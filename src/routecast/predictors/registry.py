@@ -3,7 +3,7 @@
 A `Kind` names its knobs (the dataclass under `<block>.<kind>` in params.yaml: `tuned.gru.lr`), its
 search space (`tune.search_space.<kind>`), how tune draws a configuration and reads one back from a
 trial, the configurations a new study starts from, how it is fitted, how a checkpoint rebuilds it,
-and what the `Predictor` runs. The built-in kinds (`mlp`, `lookup_mlp`, `gru`, `mixture`: one
+and what the `Predictor` runs. The built-in kinds (`mlp`, `lookup_mlp`, `gru`, `mixture`, `context`: one
 sub-package each in `routecast.predictors`) register themselves when first asked for; adding a kind
 is one module that calls `register` (tests/test_registry.py adds one from the test suite alone).
 
@@ -43,6 +43,7 @@ class Kind:
     fit: Callable[..., Any]
     load: Callable[[dict[str, Any]], Any]  # a checkpoint's plain config -> the kind's module (weights not loaded)
     serve: Callable[[Any], Any] = _same  # the fitted eval-mode module -> the module the Predictor runs
+    reads_token: bool = False  # it reads the `token` feature (features.token)
 
 
 _KINDS: dict[str, Kind] = {}
@@ -56,7 +57,7 @@ def register(kind: Kind) -> Kind:
 
 def _builtins() -> None:
     # Imported here, not at the top: each kind's module calls `register`, defined above.
-    from routecast.predictors import gru, lookup_mlp, mixture, mlp  # noqa: F401
+    from routecast.predictors import context, gru, lookup_mlp, mixture, mlp  # noqa: F401
 
 
 def names() -> tuple[str, ...]:

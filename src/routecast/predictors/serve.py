@@ -114,6 +114,9 @@ class Predictor:
     @classmethod
     def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
         config = model.config
+        if hasattr(model, "predict_samples"):  # a kind that reads the sequence so far (context)
+            return cls(model.eval(), {name: getattr(config, name) for name in _INFO} | {
+                "position_scale": float(position_scale), "sequences": True})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
         return cls(engine, _info(engine))
@@ -145,6 +148,7 @@ class Predictor:
         path = Path(path)
         if path.suffix not in (".pt2", ".ts"):
             raise InputError(f"{path}: export to .pt2 (torch.export) or .ts (TorchScript)")
+        self._per_call(f"export to {path.suffix}")
         if not isinstance(self.module, EngineModule):
             raise InputError("export from a checkpoint-built Predictor (Predictor.load of a .pt)")
         info = {"routecast.json": json.dumps(self.info)}
@@ -180,6 +184,7 @@ class Predictor:
         previous token's top-k at layer l + lookahead (-1 = none), when trained with features.prev_token.
         Tensors or NumPy arrays; tensors of the right dtype (int64, float32) skip a conversion.
         """
+        self._per_call("predict one layer's call")
         k = k or self.top_k
         if not 1 <= k <= self.info["num_experts"]:
             raise InputError(f"k={k}: must be in [1, num_experts={self.info['num_experts']}]")
@@ -187,7 +192,13 @@ class Predictor:
         return Prediction(best, scores)
 
     def predict_features(self, feats: Features, k: int | None = None) -> Prediction:
-        """Offline: predict for encoded samples (the evaluate stage's inputs)."""
+        """Offline: predict for encoded samples (the evaluate stage's inputs; for a kind that reads
+        the sequence so far, whole sequences in order, as every split keeps them)."""
+        if self.info.get("sequences"):
+            k = k or self.top_k
+            probs = torch.softmax(self.module.predict_samples(feats), dim=1)
+            scores, best = probs.topk(k, dim=1)
+            return Prediction(best, scores)
         history = feats.history.astype(np.int64) - 1  # stored +1, 0 = padding -> -1 = unknown
         experts = np.zeros((len(feats), feats.meta.top_k), dtype=np.int64)
         experts[:, 0] = feats.primary
@@ -198,6 +209,11 @@ class Predictor:
         # The samples' own position feature, whatever position_scale encoded them.
         token_pos = feats.position.astype(np.float32) * np.float32(self.info["position_scale"])
         return self.predict(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k)
+
+    def _per_call(self, what: str) -> None:
+        if self.info.get("sequences"):
+            raise InputError(f"kind {self.module.config.kind} reads the sequence so far, which a per-layer call does "
+                             f"not carry: it cannot {what} yet; use predict_features on whole sequences")
 
     def _args(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any,
               prev: Any) -> tuple[torch.Tensor, ...]:
@@ -245,9 +261,11 @@ def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
         raise InputError(f"{name}: {bad} out of range [{low}, {high}]")
 
 
+_INFO = ("num_layers", "num_experts", "top_k", "history_len", "lookahead", "num_prev", "num_extra")
+
+
 def _info(engine: EngineModule) -> dict[str, Any]:
-    return {name: getattr(engine, name) for name in ("num_layers", "num_experts", "top_k", "history_len",
-                                                     "lookahead", "num_prev", "num_extra", "position_scale")}
+    return {name: getattr(engine, name) for name in (*_INFO, "position_scale")}
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -21,7 +21,7 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, MultipleLocator
 
-from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS
+from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS, PER_LAYER_SET_COLUMNS
 from routecast.pipeline.artifacts import atomic_path
 from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 
@@ -161,16 +161,28 @@ def training_curves(runs: Mapping[str, pd.DataFrame], reference: Mapping[str, pd
     return fig
 
 
+def per_layer_metric(per_layer: pd.DataFrame) -> str:
+    """What a per-layer frame holds: `top2`, or `set_recall` (a trace without a primary)."""
+    only_set = PER_LAYER_SET_COLUMNS[2] in per_layer.columns and PER_LAYER_COLUMNS[2] not in per_layer.columns
+    return PER_LAYER_SET_COLUMNS[2] if only_set else PER_LAYER_COLUMNS[2]
+
+
 def per_layer_top2(per_layer: pd.DataFrame, reference: pd.DataFrame | None = None,
                    labels: tuple[str, str] = ("workspace", "reference"), lookahead: int | None = None) -> Figure:
     """Test top-2 per source layer for every predictor (metrics/evaluate/per_layer_top2.csv, long
-    format: PER_LAYER_COLUMNS, i.e. layer, predictor, top2)."""
+    format: PER_LAYER_COLUMNS, i.e. layer, predictor, top2); set recall instead where the frame
+    holds it (PER_LAYER_SET_COLUMNS: a trace without a primary)."""
     target = f"l + {lookahead}" if lookahead else "l + lookahead"
-    layer, _, top2 = PER_LAYER_COLUMNS
-    return by_predictor(per_layer, layer, top2, reference, labels,
-                        f"source layer l (predicting the primary expert at layer {target})",
-                        "top-2 accuracy (fraction of test samples)", "Test top-2 accuracy per layer, every predictor",
-                        fraction=True)
+    layer = PER_LAYER_COLUMNS[0]
+    if (metric := per_layer_metric(per_layer)) == PER_LAYER_COLUMNS[2]:
+        return by_predictor(per_layer, layer, metric, reference, labels,
+                            f"source layer l (predicting the primary expert at layer {target})",
+                            "top-2 accuracy (fraction of test samples)",
+                            "Test top-2 accuracy per layer, every predictor", fraction=True)
+    return by_predictor(per_layer, layer, metric, reference, labels,
+                        f"source layer l (predicting the expert set at layer {target})",
+                        "set recall (share of the true set in the predicted top-k)",
+                        "Test set recall per layer, every predictor (the trace has no primary)", fraction=True)
 
 
 def confusion_matrix(pairs: pd.DataFrame, num_experts: int | None = None, model: str = "tuned") -> Figure:

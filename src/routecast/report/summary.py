@@ -4,7 +4,9 @@
 - the test metrics of every predictor (top-1, top-2, set recall), each with its 95% interval,
   revision -> workspace, a change called real only where the two intervals do not overlap;
   the tuned model's paired top-2 differences against every other predictor (a lead stated only
-  where its interval excludes zero); the same for each `evaluate.extra_tests` trace;
+  where its interval excludes zero); the same for each `evaluate.extra_tests` trace. A trace
+  without a primary (unweighted: top-1 and top-2 null) gets set metrics instead (set recall,
+  macro F1 at top-k and at p >= 0.5) and paired set recall differences;
 - the prefetch simulation (metrics/prefetch.json): stall, gap closed, speedup, hit rate per
   predictor beside the on_demand and perfect bounds;
 - every other metric that changed (`dvc metrics diff --all --json`) and the parameters that
@@ -30,7 +32,7 @@ from typing import Any
 import pandas as pd
 from ruamel.yaml import YAML
 
-from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS
+from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS, PER_LAYER_SET_COLUMNS
 from routecast.pipeline.artifacts import atomic_write_text
 from routecast.report import plotting
 from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
@@ -47,6 +49,11 @@ TRAIN_LIVE = "metrics/train/{model}"  # DVCLive directories; a series is <dir>/p
 TUNE_LIVE = "metrics/tune/live"
 # The columns of the test metrics table: metric key in evaluate.json -> header.
 HEADLINE_METRICS = {"top1": "top-1", "top2": "top-2", "set_recall": "set recall"}
+# ... for a trace without a primary (unweighted: top1 and top2 null): set metrics only.
+SET_METRICS = {"set_recall": "set recall", "macro_f1": "macro F1 (top-k)", "macro_f1_p50": "macro F1 (p ≥ 0.5)"}
+# The tuned model's paired difference (`tuned.vs.<name>.<key>`), as the evaluate stage writes it: top-2
+# where the trace has a primary, else set recall.
+PAIRED_KEYS = {"top2_diff": "top-2", "set_recall_diff": "set recall"}
 # The columns of the prefetch table: key in prefetch.json -> (header, format).
 PREFETCH_COLUMNS = {"stall_ms_per_token": ("stall (ms/token)", "{:.2f}"), "gap_closed": ("gap closed", "{:.3f}"),
                     "speedup_vs_on_demand": ("speedup vs on_demand", "{:.3f}"), "hit_rate": ("hit rate", "{:.3f}")}
@@ -262,6 +269,18 @@ def split_line(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -
     return line
 
 
+def has_primary(side: Mapping[str, Any]) -> bool:
+    """Whether an evaluate.json block has a number for top-2 anywhere (unweighted traces have null)."""
+    return any(isinstance(entry, Mapping) and is_number(entry.get("top2")) for entry in side.values())
+
+
+def headline(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, str]:
+    """The table's columns: top-1, top-2, set recall where the workspace's trace has a primary
+    (or, with no workspace block, the revision's); set metrics where it has none."""
+    side = new if entries({}, new, "set_recall", ()) else old
+    return HEADLINE_METRICS if has_primary(side) or not entries({}, side, "set_recall", ()) else SET_METRICS
+
+
 def metric_cell(old: Mapping[str, Any], new: Mapping[str, Any], predictor: str, metric: str, rev_label: str) -> str:
     """The change cell of one predictor's metric in two evaluate.json blocks."""
     return change_cell(Estimate.of(old.get(predictor), metric), Estimate.of(new.get(predictor), metric), rev_label)
@@ -273,14 +292,26 @@ def tuned_vs(side: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
     return tuned.get("vs") if isinstance(tuned.get("vs"), Mapping) else {}, tuned.get("n_test_sequences")
 
 
-def paired_bullets(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> list[str]:
+def paired_key(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """The paired difference the bullets show: the workspace's (`top2_diff`, or `set_recall_diff` for
+    a trace without a primary), else the revision's."""
+    for side in (new, old):
+        vs, _ = tuned_vs(side)
+        for key in PAIRED_KEYS:
+            if entries({}, vs, key, ()):
+                return key
+    return "top2_diff"
+
+
+def paired_bullets(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str, key: str = "top2_diff"
+                   ) -> list[str]:
     """One line per predictor the tuned model is compared with: the workspace's sentence, and the
-    revision's difference where it printed otherwise."""
+    revision's difference where it printed otherwise (`key`: the difference, PAIRED_KEYS)."""
     (vs_old, n_old), (vs_new, n_new) = tuned_vs(old), tuned_vs(new)
     bullets = []
-    for name in entries(vs_old, vs_new, "top2_diff", ()):
-        before = Estimate.of(vs_old.get(name), "top2_diff", n_old)
-        after = Estimate.of(vs_new.get(name), "top2_diff", n_new)
+    for name in entries(vs_old, vs_new, key, ()):
+        before = Estimate.of(vs_old.get(name), key, n_old)
+        after = Estimate.of(vs_new.get(name), key, n_new)
         if after is None:
             bullets.append(f"- at `{rev_label}` only: {paired_sentence(name, before)}")
         elif before is None:
@@ -294,22 +325,29 @@ def paired_bullets(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: st
 
 def evaluate_block(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> list[str]:
     """The metrics table, the tuned model's paired differences and the models' share of the oracle."""
-    rows = [[f"**{p}**" if p in MODELS else p, *(metric_cell(old, new, p, m, rev_label) for m in HEADLINE_METRICS)]
-            for p in entries(old, new, "top2", MODELS)]
-    parts = [split_line(old, new, rev_label), "", table(["predictor", *HEADLINE_METRICS.values()], rows)]
-    if bullets := paired_bullets(old, new, rev_label):
-        parts += ["", "The tuned model's test top-2 against each other predictor, paired (the same resampled "
-                  "sequences on both sides), workspace; a lead is stated only where its 95% interval excludes "
-                  "zero:", "", *bullets]
+    columns = headline(old, new)
+    rows = [[f"**{p}**" if p in MODELS else p, *(metric_cell(old, new, p, m, rev_label) for m in columns)]
+            for p in entries(old, new, "set_recall", MODELS)]
+    parts = [split_line(old, new, rev_label), ""]
+    if columns is SET_METRICS:
+        parts += ["No top-1 or top-2: the trace has no primary expert (its sets are unordered), so only set "
+                  "metrics apply.", ""]
+    parts.append(table(["predictor", *columns.values()], rows))
+    key = paired_key(old, new)
+    if bullets := paired_bullets(old, new, rev_label, key):
+        parts += ["", f"The tuned model's test {PAIRED_KEYS[key]} against each other predictor, paired (the same "
+                  "resampled sequences on both sides), workspace; a lead is stated only where its 95% interval "
+                  "excludes zero:", "", *bullets]
     shares = [f"**{m}** {metric_cell(old, new, m, 'top2_vs_oracle', rev_label)}"
-              for m in entries(old, new, "top2_vs_oracle", MODELS) if m in MODELS]
+              for m in entries(old, new, "top2_vs_oracle", MODELS) if m in MODELS
+              and (Estimate.of(old.get(m), "top2_vs_oracle") or Estimate.of(new.get(m), "top2_vs_oracle"))]
     if shares:
         parts += ["", "Top-2 as a share of the oracle's (synthetic traces): " + "; ".join(shares) + "."]
     return parts
 
 
 def metrics_section(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: str) -> str:
-    if not entries(old, new, "top2", MODELS):
+    if not entries(old, new, "set_recall", MODELS):
         return f"No `{EVALUATE_JSON}` in the workspace or at `{rev_label}`: run `dvc repro` first."
     return "\n".join([
         f"Each cell: `{rev_label}` → workspace (change in points, verdict); [lo, hi] is the 95% interval from a "
@@ -366,19 +404,21 @@ def prefetch_section(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: 
         table(["predictor", *(header for header, _ in PREFETCH_COLUMNS.values())], rows)])
 
 
-def shown_elsewhere(path: str, key: str) -> bool:
-    """Whether a `dvc metrics diff` key is one the sections above render."""
+def shown_elsewhere(path: str, key: str, metrics: tuple[str, ...] = tuple(HEADLINE_METRICS)) -> bool:
+    """Whether a `dvc metrics diff` key is one the sections above render (`metrics`: the test
+    metrics table's columns)."""
     parts = key.split(".")  # names are identifiers (params.py checks extra test names), so "." splits
     if path == EVALUATE_JSON:
         rest = parts[3:] if parts[0] == "extra_tests" else parts[1:]
         if not rest:
             return False
         base = rest[0].removesuffix("_lo").removesuffix("_hi")
-        return rest[0] == "vs" or base in (*HEADLINE_METRICS, "top2_vs_oracle", "n_test", "n_test_sequences")
+        return rest[0] == "vs" or base in (*metrics, "top2_vs_oracle", "n_test", "n_test_sequences")
     return path == PREFETCH_JSON and len(parts) == 2 and parts[1] in PREFETCH_COLUMNS
 
 
-def others_section(metrics_diff: Mapping[str, Mapping[str, Any]], rev_label: str) -> str:
+def others_section(metrics_diff: Mapping[str, Mapping[str, Any]], rev_label: str,
+                   metrics: tuple[str, ...] = tuple(HEADLINE_METRICS)) -> str:
     def fmt(value: Any) -> str:
         if isinstance(value, float) and is_number(value):
             return f"{value:.4g}"
@@ -387,7 +427,7 @@ def others_section(metrics_diff: Mapping[str, Mapping[str, Any]], rev_label: str
     rows = [[f"`{path}`", key, fmt(entry.get("old")), fmt(entry.get("new")),
              f"{entry['diff']:+.4g}" if is_number(entry.get("diff")) else ""]
             for path, found in sorted(metrics_diff.items()) for key, entry in sorted(found.items())
-            if entry.get("old") != entry.get("new") and not shown_elsewhere(path, key)]
+            if entry.get("old") != entry.get("new") and not shown_elsewhere(path, key, metrics)]
     if not rows:
         return ""
     return "\n".join([f"<details><summary>Every other metric that changed ({len(rows)})</summary>", "",
@@ -437,12 +477,24 @@ def make_plots(repo: Path, rev: str, out_dir: Path, labels: tuple[str, str]) -> 
     def both(path: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
         return read_csv(repo, path, list(columns[:3])), read_csv(repo, path, list(columns[:3]), rev)
 
-    per_layer, per_layer_old = both(PER_LAYER_CSV, PER_LAYER_COLUMNS)
-    if per_layer is not None:
-        add("Test top-2 per layer", "per_layer_top2",
+    # The per-layer CSV holds top-2, or set recall for a trace without a primary: its third column says.
+    def per_layer_csv(rev_: str | None) -> pd.DataFrame | None:
+        frame = read_csv(repo, PER_LAYER_CSV, list(PER_LAYER_COLUMNS[:2]), rev_)
+        if frame is None:
+            return None
+        unweighted = PER_LAYER_SET_COLUMNS[2] in frame.columns and PER_LAYER_COLUMNS[2] not in frame.columns
+        return read_csv(repo, PER_LAYER_CSV, list(PER_LAYER_SET_COLUMNS if unweighted else PER_LAYER_COLUMNS), rev_)
+
+    if (per_layer := per_layer_csv(None)) is not None:
+        metric = plotting.per_layer_metric(per_layer)
+        per_layer_old = per_layer_csv(rev)
+        if per_layer_old is not None and plotting.per_layer_metric(per_layer_old) != metric:
+            per_layer_old = None  # the revision's trace had (or lacked) a primary: another metric
+        add(f"Test {'top-2' if metric == 'top2' else 'set recall'} per layer", f"per_layer_{metric}",
             plotting.per_layer_top2(per_layer, per_layer_old, labels, param(repo, "features.lookahead")),
             f"Every predictor on the test split; thick: the two models; {changed_only}.")
-    if (pairs := read_csv(repo, CONFUSION_CSV, list(CONFUSION_COLUMNS))) is not None:
+    pairs = read_csv(repo, CONFUSION_CSV, list(CONFUSION_COLUMNS))
+    if pairs is not None and len(pairs):  # header only for a trace without a primary
         add("Confusion matrix (tuned model)", "confusion_tuned", plotting.confusion_matrix(pairs),
             "Top-1 prediction against the actual primary expert, each row normalised to 1; workspace only.")
     if (history := read_series(repo, TUNE_LIVE, plotting.TUNE_SERIES)) is not None:
@@ -478,6 +530,9 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
         lines += [note, ""]
     if Estimate.of(evaluate_new.get("tuned"), "top2") is not None:
         lines += [f"Tuned model, test top-2: {metric_cell(evaluate_old, evaluate_new, 'tuned', 'top2', label)}", ""]
+    elif Estimate.of(evaluate_new.get("tuned"), "set_recall") is not None:  # no primary: set recall instead
+        lines += [f"Tuned model, test set recall: "
+                  f"{metric_cell(evaluate_old, evaluate_new, 'tuned', 'set_recall', label)}", ""]
     lines += ["### Test metrics", "", metrics_section(evaluate_old, evaluate_new, label), ""]
     if extra := extra_tests_section(evaluate_old, evaluate_new, label):
         lines += ["### Cross-trace tests", "", extra, ""]
@@ -485,7 +540,8 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
                                 param(repo, "simulate.preset"))
     if prefetch:
         lines += ["### Prefetch simulation", "", prefetch, ""]
-    if others := others_section(metrics_diff, label):
+    shown = (*HEADLINE_METRICS, *headline(evaluate_old, evaluate_new))
+    if others := others_section(metrics_diff, label, shown):
         lines += ["### Other metrics", "", others, ""]
     lines += ["### Parameters", "", params_section(params_diff, label), "", "### Plots", ""]
     if not plots:

@@ -23,4 +23,8 @@ PRESETS: dict[str, HardwarePreset] = {
     "mixtral_3bit_pcie4": HardwarePreset(expert_mb=66.060288, gb_per_s=25.0, ms_per_layer=0.29, slots_per_layer=4),
     # mixtral-offloading's own demo: the ~3-bit experts on a Colab T4 (16 GB, PCIe 3.0 x16).
     "mixtral_3bit_t4": HardwarePreset(expert_mb=66.060288, gb_per_s=12.0, ms_per_layer=0.64, slots_per_layer=4),
+    # DeepSeek-V2-Lite's int8 experts (3 x 2048 x 1408 bytes; the shared DeepSeek log ran in 8-bit) on a
+    # 16 GB PCIe 4.0 x16 GPU (RTX 4080), 10% of each layer's 64 experts cached (MoE-Beyond's setting).
+    "deepseek_v2_lite_int8_pcie4": HardwarePreset(expert_mb=8.650752, gb_per_s=25.0, ms_per_layer=0.15,
+                                                  slots_per_layer=6),
 }

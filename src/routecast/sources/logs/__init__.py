@@ -6,6 +6,7 @@ says what the format holds (its fields and warts):
     jsonl      long-format JSON lines, one per (sequence, token, layer), plain or gzip-compressed
     flame_csv  one dense `layer_L.csv` per MoE layer, one score column per expert (FLAME-MoE)
     vllm_npy   vLLM `routed_experts` arrays `[seq_len, num_layers, k]`, one per sequence
+    deepseek_csv  DeepSeek-V2-Lite's `prompt_N_data.csv`, one per prompt: unordered expert sets, no weights
     parquet    a canonical trace (validated and rewritten)
 
 `common` holds what the readers share.
@@ -31,6 +32,7 @@ from typing import Any
 
 from routecast.config.params import LogsParams
 from routecast.errors import InputError
+from routecast.sources.logs.deepseek_csv import import_deepseek_csv
 from routecast.sources.logs.flame_csv import import_flame_csv
 from routecast.sources.logs.jsonl import import_jsonl
 from routecast.sources.logs.parquet import import_parquet
@@ -44,7 +46,7 @@ def import_logs(params: LogsParams, out: str | Path) -> dict[str, Any]:
     if params.path is None:
         raise InputError("extract.logs.path: must be set to import logs")
     readers = {"jsonl": import_jsonl, "flame_csv": import_flame_csv, "vllm_npy": import_vllm_npy,
-               "parquet": import_parquet}
+               "parquet": import_parquet, "deepseek_csv": import_deepseek_csv}
     report = readers[params.format](params, Path(out))
     log.info("imported %s (%s): %s", params.path, params.format,
              ", ".join(f"{k}={v}" for k, v in report.items()))

@@ -1,0 +1,155 @@
+"""The `context` kind: causal over tokens and layers, learns its token vocabulary from the fit split
+only (unseen tokens share one row), trains to a set target on an unweighted trace, round-trips
+through a checkpoint, and is deterministic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from routecast.config.params import FeaturesParams, ModelParams, SplitParams, TrainParams
+from routecast.data.batches import predict_logits
+from routecast.data.features import encode_features
+from routecast.data.split import split_features
+from routecast.data.traces import TraceMeta, Traces
+from routecast.fit.training import fit_predictor, split_train_val
+from routecast.predictors.checkpoints import load_checkpoint, save_checkpoint
+from routecast.predictors.context.model import ContextConfig, ContextPredictor, build_vocab
+
+L, E, K = 5, 8, 2
+TINY = {"width": 16, "layers": 1, "heads": 2, "window": 8, "batch_windows": 4, "lr": 1e-2, "dropout": 0.0}
+
+
+def set_trace(n_seq: int = 40, n_tok: int = 12, seed: int = 0) -> Traces:
+    """An unweighted trace where token t's set at layer l + 1 is its set at layer l shifted by the
+    token's word (a word w in 0..3 adds w + 1), so the token and the current set decide the next set."""
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 4, (n_seq, n_tok))
+    rows = []
+    for s in range(n_seq):
+        for t in range(n_tok):
+            first = rng.choice(E, K, replace=False)
+            for layer in range(L):
+                experts = np.sort((first + layer * (words[s, t] + 1)) % E)
+                rows.append((s, t, layer, experts, f"w{words[s, t]}"))
+    seq, pos, layer, experts, text = zip(*rows)
+    meta = TraceMeta(L, E, K, source="test", weighted=False)
+    return Traces(meta, np.array(seq, np.int32), np.array(pos, np.int32), np.array(layer, np.int16),
+                  np.array(experts, np.int16), np.full((len(seq), K), 1 / K, np.float32),
+                  token_text=np.array(text, dtype=object))
+
+
+@pytest.fixture(scope="module")
+def split():
+    feats = encode_features(set_trace(), FeaturesParams(token=True))
+    train, test = split_features(feats, SplitParams(test_fraction=0.2, val_fraction=0.2))
+    return (*split_train_val(train), test)
+
+
+def test_prediction_for_token_t_layer_l_reads_nothing_after_it() -> None:
+    """Change token t's experts past layer l, and everything of later tokens: logit (t, l) stays."""
+    torch.manual_seed(0)
+    config = ContextConfig("context", L, E, K, 1, L, width=16, layers=2, heads=2, window=6, vocab_size=3)
+    model = ContextPredictor(config).eval()
+    model.vocab.copy_(torch.tensor([11, 22, 33]))
+    route = torch.randint(1, E + 1, (1, 6, L, K))
+    key = torch.tensor([[11, 22, 99, 33, 11, 22]])
+    with torch.no_grad():
+        base = model(route, key)
+        for t, layer in [(0, 0), (2, 1), (3, 3), (5, 2)]:
+            changed, changed_key = route.clone(), key.clone()
+            changed[0, t, layer + 1:] = torch.randint(1, E + 1, changed[0, t, layer + 1:].shape)
+            changed[0, t + 1:] = torch.randint(1, E + 1, changed[0, t + 1:].shape)
+            changed_key[0, t + 1:] = 33
+            torch.testing.assert_close(model(changed, changed_key)[0, t, layer], base[0, t, layer], rtol=0, atol=1e-6)
+        # and an earlier token's routing does reach it
+        changed = route.clone()
+        changed[0, 1] = (changed[0, 1] % E) + 1
+        assert not torch.allclose(model(changed, key)[0, 3, 2], base[0, 3, 2])
+
+
+def test_vocabulary_comes_from_the_fit_split_and_unseen_tokens_share_row_zero() -> None:
+    feats = encode_features(set_trace(n_seq=6), FeaturesParams(token=True))
+    vocab = build_vocab(feats, min_count=1)
+    assert len(vocab) == 4  # the four words
+    rare = build_vocab(feats.take(feats.seq_id == 0), min_count=10**6)
+    assert len(rare) == 0
+    config = ContextConfig("context", L, E, K, 1, L, width=8, layers=1, heads=2, window=4, vocab_size=2)
+    model = ContextPredictor(config)
+    model.vocab.copy_(torch.from_numpy(np.sort(vocab[:2])))
+    index = model.token_index(torch.from_numpy(vocab))
+    assert sorted(index.tolist()) == [0, 0, 1, 2]
+
+
+def test_learns_the_next_set_from_token_and_routing(split) -> None:
+    fit, val, test = split
+    train = TrainParams(epochs=60, threads=1, early_stopping_patience=60)
+    result = fit_predictor(ModelParams.of("context", **TINY), train, fit, val)
+    logits = predict_logits(result.model, test).numpy()
+    predicted = np.argsort(-logits, axis=1, kind="stable")[:, :K]
+    recall = (predicted[:, :, None] == test.target_set[:, None, :]).any(axis=2).mean()
+    assert recall > 0.9, recall  # set_lookup alone cannot: the shift depends on the token's word
+
+
+def test_checkpoint_round_trip_and_determinism(split, tmp_path: Path) -> None:
+    fit, val, test = split
+    a = fit_predictor(ModelParams.of("context", **TINY), TrainParams(epochs=1, threads=1), fit, val)
+    b = fit_predictor(ModelParams.of("context", **TINY), TrainParams(epochs=1, threads=1), fit, val)
+    expected = predict_logits(a.model, test)
+    torch.testing.assert_close(predict_logits(b.model, test), expected, rtol=0, atol=0)
+    save_checkpoint(tmp_path / "c.pt", a.model)
+    loaded, _ = load_checkpoint(tmp_path / "c.pt")
+    torch.testing.assert_close(predict_logits(loaded, test), expected, rtol=0, atol=0)
+
+
+def test_a_model_trained_with_tokens_refuses_samples_without_them(split) -> None:
+    fit, val, test = split
+    model = fit_predictor(ModelParams.of("context", **TINY), TrainParams(epochs=1, threads=1), fit, val).model
+    bare = test.take(np.arange(len(test)))
+    bare.token = None
+    with pytest.raises(ValueError, match="features.token"):
+        predict_logits(model, bare)
+
+
+def test_without_earlier_tokens_nothing_of_them_is_read() -> None:
+    torch.manual_seed(0)
+    config = ContextConfig("context", L, E, K, 1, L, width=16, layers=1, heads=2, window=6, earlier_tokens=False)
+    model = ContextPredictor(config).eval()
+    route = torch.randint(1, E + 1, (1, 6, L, K))
+    key = torch.zeros((1, 6), dtype=torch.long)
+    changed = route.clone()
+    changed[0, :3] = torch.randint(1, E + 1, changed[0, :3].shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, key)[0, 3:], model(route, key)[0, 3:], rtol=0, atol=1e-6)
+
+
+def test_predictor_scores_whole_sequences_and_refuses_a_per_layer_call(split, tmp_path: Path) -> None:
+    from routecast.errors import InputError
+    from routecast.predictors.serve import Predictor
+
+    fit, val, test = split
+    model = fit_predictor(ModelParams.of("context", **TINY), TrainParams(epochs=1, threads=1), fit, val).model
+    save_checkpoint(tmp_path / "c.pt", model)
+    predictor = Predictor.load(tmp_path / "c.pt")
+    got = predictor.predict_features(test, k=E)
+    expected = torch.softmax(predict_logits(model, test), dim=1)
+    torch.testing.assert_close(got.scores, torch.gather(expected, 1, got.experts), rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="sequence so far"):
+        predictor.export(tmp_path / "c.ts")
+
+
+def test_check_params_says_which_predictors_ignore_the_token(tmp_path: Path) -> None:
+    from conftest import ROOT, set_params
+    from routecast.config.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    assert load_params(path).idle_knobs() == []
+    set_params(path, {"features.token": True})
+    notes = load_params(path).idle_knobs()
+    assert len(notes) == 2 and "baseline (kind mlp) does not read the token" in notes[0]
+    set_params(path, {"tuned": {"kind": "context"}})
+    assert len(load_params(path).idle_knobs()) == 1
