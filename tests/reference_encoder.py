@@ -10,7 +10,6 @@ from routecast.config.params import FeaturesParams
 from routecast.data.features import FeatureMeta, Features
 from routecast.data.traces import Traces
 
-
 M64 = (1 << 64) - 1
 
 
