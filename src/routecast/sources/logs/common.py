@@ -20,6 +20,18 @@ CHUNK_ROWS = 1_000_000  # rows per TraceWriter.write batch (vllm_npy, parquet)
 MAX_LINE_BYTES = 64 << 20  # a longer "line" means the file is not line-oriented text
 
 
+def header_line(file: Path, encoding: str = "utf-8") -> str:
+    """A CSV file's first line as text; a TraceError naming the file for an empty or non-text file."""
+    with open(file, "rb") as fh:
+        raw = fh.readline(MAX_LINE_BYTES)
+    if not raw.strip():
+        raise TraceError(f"{file}: empty file: no header line")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise TraceError(f"{file}: line 1: not UTF-8 text: is this a CSV file?") from None
+
+
 def source_params(params: LogsParams, **extra: Any) -> dict[str, Any]:
     out = {k: v for k, v in asdict(params).items() if v is not None}
     if params.format != "jsonl":

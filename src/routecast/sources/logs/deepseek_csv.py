@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from routecast.config.params import LogsParams
 from routecast.data.traces import SHAPE_LIMIT, TraceError, TraceMeta, TraceWriter
-from routecast.sources.logs.common import MAX_LINE_BYTES, input_files, log_report, short, source_params
+from routecast.sources.logs.common import header_line, input_files, log_report, short, source_params
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,7 @@ def _ordered_files(path: str) -> list[tuple[int, Path]]:
 
 
 def _check_header(file: Path) -> None:
-    with open(file, "rb") as fh:
-        raw = fh.readline(MAX_LINE_BYTES)
-    if not raw.strip():
-        raise TraceError(f"{file}: empty file: no header line")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise TraceError(f"{file}: line 1: not UTF-8 text: is this a CSV file?") from None
+    text = header_line(file, "utf-8-sig")
     names = [name.strip() for name in next(csv.reader([text.rstrip("\r\n")]), [])]
     if names != HEADER:
         raise TraceError(f"{file}: line 1: expected the header {','.join(HEADER)!r}, got {short(text.rstrip())}")

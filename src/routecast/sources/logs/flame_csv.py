@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from routecast.config.params import LogsParams
 from routecast.data.traces import SHAPE_LIMIT, RowNames, TraceError, TraceMeta, TraceWriter
-from routecast.sources.logs.common import MAX_LINE_BYTES, input_files, log_report, renormalize, short, source_params
+from routecast.sources.logs.common import header_line, input_files, log_report, renormalize, short, source_params
 
 CSV_BLOCK_BYTES = 16 << 20  # bytes parsed at a time
 _LAYER_FILE = re.compile(r"layer_(\d+)\.csv$")
@@ -28,14 +28,7 @@ _CSV_NUMBER = re.compile(r"[ \t]*[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|in
 
 def _csv_header(file: Path) -> tuple[list[str], int]:
     """The column names on line 1, and the expert count (columns expert_0..expert_{E-1})."""
-    with open(file, "rb") as fh:
-        raw = fh.readline(MAX_LINE_BYTES)
-    if not raw.strip():
-        raise TraceError(f"{file}: empty file: no header line")
-    try:
-        header = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TraceError(f"{file}: line 1: not UTF-8 text: is this a CSV file?") from None
+    header = header_line(file)
     names = [name.strip() for name in header.rstrip("\r\n").split(",")]
     expert_cols = [c for c in names if c.startswith("expert_")]
     if not expert_cols or expert_cols != [f"expert_{i}" for i in range(len(expert_cols))]:
