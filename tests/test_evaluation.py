@@ -65,7 +65,7 @@ def test_ties_go_to_the_lower_expert() -> None:
 def test_per_layer_top2_on_a_hand_made_case() -> None:
     scores = np.tile([0.1, 0.2, 0.3, 0.4], (4, 1))  # best two: 3, 2
     feats = hand_features(target=[3, 0, 2, 2], target_set=[[3, 0], [0, 1], [2, 1], [2, 3]], layer=[0, 0, 1, 2])
-    assert per_layer_top2(scores, feats) == {0: 0.5, 1: 1.0, 2: 1.0}
+    assert per_layer_top2(ranked(scores, 2), feats) == {0: 0.5, 1: 1.0, 2: 1.0}
 
 
 def test_bootstrap_resamples_sequences_not_samples() -> None:
@@ -108,7 +108,7 @@ def test_summary_has_intervals_paired_differences_and_oracle_ratio() -> None:
                           seq_id=np.repeat(np.arange(30), 20))
     def fake(p_hit: float) -> Scored:
         hits = {m: (rng.random(n) < p_hit).astype(float) for m in METRICS}
-        return Scored(hits, np.zeros((n, 4)), np.zeros((n, 4)))
+        return Scored(hits, np.zeros((n, 2), dtype=np.int64), np.zeros((n, 4), dtype=np.int64))
 
     scored = {"tuned": fake(0.7), "lookup_3": fake(0.5), "oracle": fake(0.8), "baseline": fake(0.6)}
     out = summarise(scored, feats, EvaluateParams(bootstrap=300))

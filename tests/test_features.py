@@ -75,16 +75,33 @@ def test_parquet_round_trip(traces: Traces, tmp_path: Path) -> None:
         assert np.array_equal(getattr(back, name), getattr(feats, name)), name
 
 
+def test_read_features_in_batches_and_of_no_rows(traces: Traces, tmp_path: Path, monkeypatch) -> None:
+    """read_features decodes a few rows at a time (so memory stays bounded); the pieces join back
+    into the same columns, and a file of no samples reads back as empty columns of the right width."""
+    import routecast.data.features as features_module
+
+    feats = encode_features(traces, FeaturesParams())
+    write_features(tmp_path / "f.parquet", feats)
+    monkeypatch.setattr(features_module, "_READ_BATCH", 7)
+    back = read_features(tmp_path / "f.parquet")
+    for name in ("seq_id", "layer", "gating", "history", "target_set", "current_set", "content"):
+        assert np.array_equal(getattr(back, name), getattr(feats, name)), name
+    write_features(tmp_path / "empty.parquet", feats.take(np.zeros(0, dtype=np.int64)))
+    empty = read_features(tmp_path / "empty.parquet")
+    assert len(empty) == 0 and empty.history.shape == (0, feats.history.shape[1])
+    assert empty.target_set.shape == (0, feats.meta.top_k)
+
+
 def test_samples_read_from_parquet_become_tensors_without_a_warning(traces: Traces, tmp_path: Path) -> None:
-    """Parquet columns are read-only views of Arrow's buffers; `torch.from_numpy` warns on those
-    (every training run printed it). sample_inputs copies just those it must, and shares nothing
-    read-only with torch."""
+    """`torch.from_numpy` warns on a read-only array (every training run once printed it). The
+    columns read_features returns are NumPy's own, writable (copied out of Arrow, whose memory goes
+    back at once), and sample_inputs shares nothing read-only with torch."""
     from routecast.data.batches import sample_inputs
 
     feats = encode_features(traces, FeaturesParams(prev_token=True))
     write_features(tmp_path / "f.parquet", feats)
     back = read_features(tmp_path / "f.parquet")
-    assert not back.gating.flags.writeable  # the case this is about
+    assert all(getattr(back, name).flags.writeable for name in ("gating", "history", "spec_logits", "prev_experts"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inputs = sample_inputs(back, use_prev=True, use_extra=True)

@@ -86,3 +86,24 @@ def test_torch_runs_its_avx2_code_paths() -> None:
         pytest.skip("ROUTECAST_NATIVE_ISA=1: native code paths asked for")
     assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
     assert os.environ["MKL_CBWR"] == "AVX2" and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+
+
+def test_an_epoch_gathers_in_chunks_with_the_same_batches(data, monkeypatch) -> None:
+    """SampleBatches gathers a chunk of whole batches at a time (memory bounded by the chunk): the
+    batches are exactly those of one gather of the whole shuffled set, in the same order."""
+    from routecast.data.batches import sample_inputs, targets
+    from routecast.fit import training
+
+    train, _ = data
+    batches = training.SampleBatches(sample_inputs(train), targets(train, "set"), 64, torch.device("cpu"))
+
+    def epoch() -> list:
+        return list(batches.epoch(torch.Generator().manual_seed(3)))
+
+    monkeypatch.setattr(training, "GATHER_SAMPLES", 10 ** 9)  # one gather
+    whole = epoch()
+    monkeypatch.setattr(training, "GATHER_SAMPLES", 200)  # chunks of 3 batches
+    chunked = epoch()
+    assert len(whole) == len(chunked) == -(-batches.n_used // 64) > 3
+    for (x1, y1), (x2, y2) in zip(whole, chunked):
+        assert all(torch.equal(a, b) for a, b in zip(x1, x2)) and torch.equal(y1, y2)

@@ -155,8 +155,9 @@ def score_metrics(scores: np.ndarray, test: Features, set_scores: np.ndarray | N
     return {**{m: float(v.mean()) for m, v in hits.items()}, "n_test": int(len(test))}
 
 
-def per_layer_top2(scores: np.ndarray, test: Features) -> dict[int, float]:
-    hits = (ranked(scores, 2) == test.target.astype(np.int64)[:, None]).any(axis=1)
+def per_layer_top2(top2: np.ndarray, test: Features) -> dict[int, float]:
+    """Top-2 per source layer, from each sample's two best experts [N, 2]."""
+    hits = (top2 == test.target.astype(np.int64)[:, None]).any(axis=1)
     layers = test.layer.astype(np.int64)
     return {int(layer): float(hits[layers == layer].mean()) for layer in np.unique(layers)}
 
@@ -230,12 +231,15 @@ class SequenceBootstrap:
 
 @dataclass
 class Scored:
-    """One predictor on one test set: per-sample values, scores and, per count metric (F1), its
-    TP/FP/FN per test sequence and expert ([n_sequences, 3, E], `scoring.set_counts`)."""
+    """One predictor on one test set: per-sample values, its two best experts for the primary
+    (`top2`, [N, 2]), its ranking for the set (`ranking`, [N, R]: the predictions file's) and, per
+    count metric (F1), its TP/FP/FN per test sequence and expert ([n_sequences, 3, E],
+    `scoring.set_counts`). The rankings, not the [N, E] scores: at 64 experts those are half a
+    kilobyte a sample, twice over, for every predictor."""
 
     hits: dict[str, np.ndarray]
-    scores: np.ndarray
-    set_scores: np.ndarray
+    top2: np.ndarray
+    ranking: np.ndarray
     counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -261,7 +265,8 @@ def score_all(predictors: list[Any], test: Features) -> dict[str, Scored]:
         hits["expert_accuracy_p50"] = expert_accuracy(pred["p50"], truth)
         counts = {"macro_f1": set_counts(pred["topk"], truth, sequence_of, n_sequences),
                   "macro_f1_p50": set_counts(pred["p50"], truth, sequence_of, n_sequences)}
-        out[predictor.name] = Scored(hits, scores, set_scores, counts)
+        ranking = ranked(set_scores, prediction_ranks(test.meta.num_experts))
+        out[predictor.name] = Scored(hits, ranked(scores, 2), ranking, counts)
     return out
 
 
@@ -403,14 +408,14 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
     weighted = test.meta.weighted
     confusion = []
     if "tuned" in scored and weighted:
-        confusion = list(zip(test.target.tolist(), ranked(scored["tuned"].scores, 1)[:, 0].tolist()))
-    per_layer = {name: per_layer_top2(s.scores, test) if weighted else per_layer_mean(s.hits["set_recall"], test)
+        confusion = list(zip(test.target.tolist(), scored["tuned"].top2[:, 0].tolist()))
+    per_layer = {name: per_layer_top2(s.top2, test) if weighted else per_layer_mean(s.hits["set_recall"], test)
                  for name, s in scored.items()}
     return EvaluationResult(
         metrics=metrics,
         per_layer=per_layer,
         confusion=confusion,
-        rankings={name: ranked(s.set_scores, prediction_ranks(test.meta.num_experts)) for name, s in scored.items()},
+        rankings={name: s.ranking for name, s in scored.items()},
         per_layer_metric="top2" if weighted else "set_recall",
     )
 

@@ -140,6 +140,9 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
     return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
+GATHER_SAMPLES = 1 << 16  # samples gathered at once in a shuffled epoch (SampleBatches)
+
+
 class SampleBatches:
     """Shuffled slices of per-sample inputs (the MLP kinds), all on the training device: no host work
     in an epoch but one shuffle of indices."""
@@ -152,11 +155,20 @@ class SampleBatches:
     def order(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(len(self.y), generator=generator)[: self.n_used].to(self.y.device)
 
+    def gather(self, idx: torch.Tensor) -> tuple:
+        """The samples `idx`: (inputs, targets, ...)."""
+        return self.inputs.index(idx), self.y[idx]
+
     def epoch(self, generator: torch.Generator):
         perm = self.order(generator)
-        xs, ys = self.inputs.index(perm), self.y[perm]  # one gather, then slices
-        for i in range(0, self.n_used, self.batch_size):
-            yield xs.index(slice(i, i + self.batch_size)), ys[i:i + self.batch_size]
+        # Gather a chunk of whole batches at once, then slice: few gathers, and memory bounded by
+        # the chunk, not by the training set (at 64 experts a dense set target is 256 bytes a sample).
+        chunk = self.batch_size * max(1, GATHER_SAMPLES // self.batch_size)
+        for start in range(0, self.n_used, chunk):
+            gathered = self.gather(perm[start:start + chunk])
+            for i in range(0, len(gathered[1]), self.batch_size):
+                cut = slice(i, i + self.batch_size)
+                yield tuple(part.index(cut) if isinstance(part, Inputs) else part[cut] for part in gathered)
 
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch

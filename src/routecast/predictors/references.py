@@ -125,9 +125,12 @@ def _backed_off(keys: np.ndarray, counts: np.ndarray, query: np.ndarray, backoff
     if len(keys) == 0:
         return backoff
     row = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    seen = keys[row] == query
-    found = np.where(seen[:, None], counts[row], 0.0)
-    return (found + _BACKOFF_PSEUDO_COUNT * backoff) / (found.sum(axis=1, keepdims=True) + _BACKOFF_PSEUDO_COUNT)
+    found = counts[row]
+    found[keys[row] != query] = 0.0
+    total = found.sum(axis=1, keepdims=True) + _BACKOFF_PSEUDO_COUNT
+    found += _BACKOFF_PSEUDO_COUNT * backoff  # in place: [N, E] float64 is large at 64 experts
+    found /= total
+    return found
 
 
 def lookup_ladder(max_order: int = 3) -> list[LookupPredictor]:
@@ -151,22 +154,33 @@ def lookup_tables(train: Features, target: str = "primary", max_order: int = 3):
 
 
 def cross_fitted_lookup_scores(train: Features, target: str = "primary", folds: int = 5, seed: int = 0,
-                               max_order: int = 3) -> np.ndarray:
+                               max_order: int = 3, log: bool = False) -> np.ndarray:
     """The ladder's scores for every training sample from tables fitted on the other folds of
-    sequences (so a sample's own sequence never counts towards its score): [N, E]."""
+    sequences (so a sample's own sequence never counts towards its score): [N, E] float64.
+
+    `log`: their logarithms (floored at 1e-12) as float32 instead, taken fold by fold, so the
+    float64 scores of all samples never exist at once (the `lookup_mlp` input: a quarter of the
+    memory at 64 experts)."""
     sequences = np.unique(train.seq_id)
     fold_of = np.random.default_rng(seed).permutation(len(sequences)) % min(folds, len(sequences))
     sample_fold = fold_of[np.searchsorted(sequences, train.seq_id)]
-    out = np.empty((len(train), train.meta.num_experts))
+    out = np.empty((len(train), train.meta.num_experts), dtype=np.float32 if log else np.float64)
     for fold in np.unique(sample_fold):
         inside = sample_fold == fold
         table = LookupPredictor(max_order).fit(train.take(~inside)) if (~inside).any() else None
-        part = train.take(inside)
-        if table is None:
-            out[inside] = 1.0 / train.meta.num_experts
-        else:
-            out[inside] = table.scores(part) if target == "primary" else table.set_scores(part)
+        rows = np.flatnonzero(inside)
+        for start in range(0, len(rows), _SCORE_CHUNK):  # in chunks: the scores' temporaries stay small
+            chunk = rows[start:start + _SCORE_CHUNK]
+            if table is None:
+                scores = np.full((len(chunk), train.meta.num_experts), 1.0 / train.meta.num_experts)
+            else:
+                part = train.take(chunk)
+                scores = table.scores(part) if target == "primary" else table.set_scores(part)
+            out[chunk] = np.log(np.maximum(scores, 1e-12)) if log else scores
     return out
+
+
+_SCORE_CHUNK = 1 << 16  # samples scored at once by cross_fitted_lookup_scores
 
 
 def _expert_at(feats: Features, offset: int) -> np.ndarray:

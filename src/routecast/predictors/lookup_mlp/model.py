@@ -4,7 +4,6 @@ table and learns a correction (small data cannot leave it below the table)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -117,8 +116,7 @@ def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Feature
                            architecture=tuple(params.architecture), dropout=params.dropout)
     model = LookupMLP(config)
     model.set_tables(*lookup_tables(fit_split, train.target))
-    table = torch.from_numpy(np.log(np.maximum(cross_fitted_lookup_scores(fit_split, train.target, seed=train.seed),
-                                               1e-12))).float()
+    table = torch.from_numpy(cross_fitted_lookup_scores(fit_split, train.target, seed=train.seed, log=True))
     inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
     batches = _TableBatches(inputs, targets(fit_split, train.target), table, train.batch_size,
                             pick_device(train.device))
@@ -137,12 +135,8 @@ class _TableBatches(SampleBatches):
         super().__init__(inputs, y, batch_size, device)
         self.table = table.to(device)
 
-    def epoch(self, generator: torch.Generator):  # noqa: ANN201
-        perm = self.order(generator)
-        xs, ys, table = self.inputs.index(perm), self.y[perm], self.table[perm]  # one gather, then slices
-        for i in range(0, self.n_used, self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            yield xs.index(sl), ys[sl], table[sl]
+    def gather(self, idx: torch.Tensor) -> tuple:
+        return (*super().gather(idx), self.table[idx])
 
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         x, y, table = batch
