@@ -61,15 +61,16 @@ def engine_inputs(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
     w = rng.uniform(0.5, 1.0, n).astype(np.float32)
     weights = torch.from_numpy(np.stack([w, 1 - w], 1))
     token_pos = torch.from_numpy(rng.integers(0, 4096, n).astype(np.float32))
-    return layer, history, experts, weights, token_pos, torch.zeros((n, 0)), torch.zeros((n, 0), dtype=torch.long)
+    return (layer, history, experts, weights, token_pos, torch.zeros((n, 0)), torch.zeros((n, 0), dtype=torch.long),
+            torch.full((n,), -1, dtype=torch.long))
 
 
 def module_inputs(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The same state as the kind module's inputs (+1 encodings, masked history, position)."""
-    layer, history, experts, weights, token_pos, extra, prev = args
+    layer, history, experts, weights, token_pos, extra, prev, token = args
     hist = torch.where(torch.arange(H)[None] <= layer[:, None], history + 1, 0)
     return (layer, experts[:, 0], experts[:, 1] + 1, hist, weights, torch.clamp(token_pos / 2048.0, max=1.0), prev,
-            extra)
+            extra, token)
 
 
 def latencies(fn, seconds: float, min_calls: int = 200) -> dict[str, float]:

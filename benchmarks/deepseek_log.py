@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import tempfile
@@ -131,8 +132,13 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         repo = copy_repo(Path(tmp) / "repo", PARAMS, tiny=False)
-        run(["dvc", "repro"], repo)
+        proc = run(["dvc", "repro"], repo)
         result["repro_seconds"] = round(time.perf_counter() - start, 1)
+        # each stage's own peak, from its last log line ("<stage> done in 12.3s, peak memory 1.23 GiB")
+        peaks: dict[str, float] = {}
+        for m in re.finditer(r"(\S+) done in [\d.]+s, peak memory ([\d.]+) GiB", proc.stdout + proc.stderr):
+            peaks[m[1]] = max(peaks.get(m[1], 0.0), float(m[2]))
+        result["stage_peak_gib"] = peaks
         evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
         tune = json.loads((repo / "metrics" / "tune.json").read_text())
         prefetch = json.loads((repo / "metrics" / "prefetch.json").read_text())

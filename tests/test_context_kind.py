@@ -17,7 +17,8 @@ from routecast.data.split import split_features
 from routecast.data.traces import TraceMeta, Traces
 from routecast.fit.training import fit_predictor, split_train_val
 from routecast.predictors.checkpoints import load_checkpoint, save_checkpoint
-from routecast.predictors.context.model import ContextConfig, ContextPredictor, build_vocab
+from routecast.predictors.context.model import ContextConfig, ContextPredictor
+from routecast.predictors.tokens import build_vocab
 
 L, E, K = 5, 8, 2
 TINY = {"width": 16, "layers": 1, "heads": 2, "window": 8, "batch_windows": 4, "lr": 1e-2, "dropout": 0.0}
@@ -150,6 +151,7 @@ def test_check_params_says_which_predictors_ignore_the_token(tmp_path: Path) -> 
     assert load_params(path).idle_knobs() == []
     set_params(path, {"features.token": True})
     notes = load_params(path).idle_knobs()
-    assert len(notes) == 2 and "baseline (kind mlp) does not read the token" in notes[0]
+    assert len(notes) == 1 and "tuned (kind mixture) does not read the token" in notes[0]
+    assert "the kinds context, gru, lookup_mlp, mlp and the token_table reference" in notes[0]
     set_params(path, {"tuned": {"kind": "context"}})
-    assert len(load_params(path).idle_knobs()) == 1
+    assert load_params(path).idle_knobs() == []

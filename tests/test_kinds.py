@@ -14,6 +14,7 @@ from routecast.data.batches import predict_logits, sample_inputs, token_view
 from routecast.data.features import FeatureMeta, encode_features
 from routecast.data.split import split_features
 from routecast.data.traces import TraceMeta, Traces
+from routecast.errors import InputError
 from routecast.evaluate.evaluation import ModelScorer
 from routecast.fit.training import fit_predictor, split_train_val
 from routecast.predictors.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -40,13 +41,16 @@ def small_params(kind: str, **knobs: object) -> ModelParams:
     return ModelParams.of(kind, **{**SMALL[kind], **knobs})
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "prev_short_history"])
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "prev_short_history_token"])
 def data(request):
-    """A small synthetic split; `prev_short_history`: the previous token's experts as a feature and a
-    history shorter than the layers (the current primary then comes from its own column)."""
+    """A small synthetic split; `prev_short_history_token`: the previous token's experts as a feature,
+    a history shorter than the layers (the current primary then comes from its own column), and
+    the token (features.token: ids 0..9, so the vocabulary has seen and unseen rows)."""
     traces, _ = generate(SyntheticParams(num_sequences=24, tokens_per_sequence=32, num_layers=8,
                                          route_persistence=0.25, seed=1))
-    features = FeaturesParams(prev_token=True, history_len=4) if request.param else FeaturesParams()
+    if request.param:
+        traces.token_id = ((traces.seq_id * 7 + traces.token_pos) % 10).astype(np.int32)
+    features = FeaturesParams(prev_token=True, history_len=4, token=True) if request.param else FeaturesParams()
     train, test = split_features(encode_features(traces, features), SplitParams(test_fraction=0.2, val_fraction=0.2))
     return (*split_train_val(train), test)
 
@@ -63,7 +67,7 @@ def test_causal_prediction_for_layer_l_ignores_layers_after_l(trained, data, kin
     previous token's experts are the only other input): the prediction does not move."""
     _, _, test = data
     model = trained[kind].model
-    x = sample_inputs(test, use_prev=test.prev_experts is not None)
+    x = sample_inputs(test, use_prev=test.prev_experts is not None, use_token=test.token is not None)
     scrambled = x.history.clone()
     later = torch.arange(x.history.shape[1]).unsqueeze(0) > x.layer.unsqueeze(1)
     scrambled[later] = torch.randint(1, test.meta.num_experts + 1, scrambled.shape)[later]
@@ -77,7 +81,8 @@ def test_gru_reads_a_token_once_and_equals_the_per_sample_call(trained, data) ->
     model = trained["gru"].model
     per_token = predict_logits(model, test)  # token batches (forward_tokens)
     with torch.no_grad():
-        per_sample = model(*sample_inputs(test, use_prev=test.prev_experts is not None))
+        per_sample = model(*sample_inputs(test, use_prev=test.prev_experts is not None,
+                                          use_token=test.token is not None))
     torch.testing.assert_close(per_token, per_sample, rtol=0, atol=1e-5)
     # and changing a later layer of the token's path changes nothing before it
     view = token_view(test)
@@ -86,6 +91,46 @@ def test_gru_reads_a_token_once_and_equals_the_per_sample_call(trained, data) ->
     changed = history.clone()
     changed[:, 3:] = (changed[:, 3:] % test.meta.num_experts) + 1
     torch.testing.assert_close(model.path_states(changed)[:, :3], states[:, :3])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lookup_mlp", "gru"])
+def test_the_token_is_an_input_of_every_neural_kind(kind: str) -> None:
+    """Layer 0 routes at random and layer 1 by the token alone (token_id 0..5 -> expert): from
+    layer 0, the next primary is knowable only from the token. With features.token each neural
+    kind gets it; without, it cannot beat chance by much. A token never seen in training reads the
+    unseen-token row."""
+    rng = np.random.default_rng(0)
+    L, E, n_tokens = 3, 6, 1200
+    token = rng.integers(0, 6, n_tokens)
+    primary = np.stack([rng.integers(0, E, n_tokens), (token * 5 + 1) % E, rng.integers(0, E, n_tokens)], 1)
+    secondary = (primary + rng.integers(1, E, primary.shape)) % E
+    traces = Traces(TraceMeta(L, E, 2, source="test"), np.repeat(np.arange(n_tokens) // 20, L).astype(np.int32),
+                    np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32),
+                    np.tile(np.arange(L), n_tokens).astype(np.int16),
+                    np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
+                    np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32),
+                    token_id=np.repeat(token, L).astype(np.int32))
+    train_params = TrainParams(epochs=30, batch_size=64, threads=1, early_stopping_patience=30)
+    accuracy = {}
+    for use_token in (True, False):
+        feats = encode_features(traces, FeaturesParams(token=use_token))
+        train, test = split_features(feats, SplitParams(test_fraction=0.2))
+        fit, val = split_train_val(train)
+        model = fit_predictor(small_params(kind, lr=1e-2), train_params, fit, val).model
+        first = test.take(test.layer == 0)
+        accuracy[use_token] = (ModelScorer(kind, model).scores(first).argmax(1) == first.target).mean()
+        if use_token:
+            assert model.config.token_emb > 0 and model.config.vocab_size == 6
+            unseen = first.take(np.arange(len(first)))
+            unseen.token = np.full(len(first), 10 ** 9, dtype=np.int64)
+            predictor = Predictor.from_model(model)
+            np.testing.assert_allclose(predictor.predict_features(unseen, k=E).scores.numpy().sum(1), 1.0, atol=1e-5)
+            unseen.token = None
+            with pytest.raises(InputError, match="trained with features.token"):
+                predictor.predict_features(unseen)
+            with pytest.raises(InputError, match="pass token"):
+                predictor.predict([0], [[1]], [[1, 2]], [[0.6, 0.4]], [0])
+    assert accuracy[True] > 0.95 and accuracy[False] < 0.5, (kind, accuracy)
 
 
 @pytest.mark.parametrize("kind", KINDS)

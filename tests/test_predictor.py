@@ -94,7 +94,7 @@ def test_exports_run_with_torch_alone(predictor: Predictor, tmp_path: Path, suff
             f"args = (torch.tensor({LAYER.tolist()}), torch.tensor({HISTORY.tolist()}), "
             f"torch.tensor({EXPERTS.tolist()}),"
             f" torch.tensor({WEIGHTS.tolist()}).float(), torch.tensor({POS}).float(), torch.zeros(3, 0),"
-            f" torch.zeros(3, 0, dtype=torch.long))\n"
+            f" torch.zeros(3, 0, dtype=torch.long), torch.full((3,), -1))\n"
             f"best, scores = {run}\n"
             "assert 'routecast' not in sys.modules\n"
             "print(json.dumps([best[:, :3].tolist(), scores[:, :3].tolist()]))")

@@ -55,6 +55,7 @@ class PriorConfig:
     kind: ClassVar[str] = NAME
     num_prev: ClassVar[int] = 0
     num_extra: ClassVar[int] = 0
+    token_emb: ClassVar[int] = 0
     num_layers: int
     num_experts: int
     top_k: int
@@ -71,7 +72,8 @@ class LayerPrior(nn.Module):
         self.register_buffer("log_prior", torch.zeros(config.num_layers, config.num_experts))
 
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
-                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
+                token: torch.Tensor) -> torch.Tensor:
         return self.log_prior[layer]
 
 

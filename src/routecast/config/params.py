@@ -490,7 +490,8 @@ class Params:
             for name in ("baseline", "tuned"):
                 kind = self.model(name).kind
                 if not registry.get(kind).reads_token:
-                    notes.append(f"features.token: {name} (kind {kind}) does not read the token; the context kind "
+                    readers = ", ".join(sorted(k for k in registry.names() if registry.get(k).reads_token))
+                    notes.append(f"features.token: {name} (kind {kind}) does not read the token; the kinds {readers} "
                                  f"and the token_table reference do")
         return notes
 

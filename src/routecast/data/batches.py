@@ -11,6 +11,7 @@ them in this order (see `routecast.predictors.neural`):
     position  float32 [N]     min(token_pos / position_scale, 1)
     prev      int64 [N, P]    the previous token's top-k at the target layer, +1 (P = 0 when off)
     extra     float32 [N, X]  spec_logits (X = 0 when off)
+    token     int64 [N]       the token's key (features.token: its id or text hash; -1: none or off)
 
 `TokenView` groups the samples of each token (they are contiguous and in layer order in every
 split) so a sequence model reads each token's path once and predicts every layer of it.
@@ -37,6 +38,7 @@ class Inputs(NamedTuple):
     position: torch.Tensor
     prev: torch.Tensor
     extra: torch.Tensor
+    token: torch.Tensor
 
     def index(self, idx: torch.Tensor | slice) -> Inputs:
         return Inputs(*(t[idx] for t in self))
@@ -53,9 +55,13 @@ def _tensor(values: np.ndarray, dtype: type) -> torch.Tensor:
     return torch.from_numpy(np.require(values, dtype=dtype, requirements=("C", "W")))
 
 
-def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = False) -> Inputs:
+def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = False,
+                  use_token: bool = False) -> Inputs:
     """The model inputs of every sample of `feats` (see the module doc for the encodings)."""
     n = len(feats)
+    if use_token and feats.token is None:
+        raise InputError("the model was trained with features.token, but these samples have no token column: "
+                         "encode them with features.token: true")
     if use_prev and feats.prev_experts is None:
         raise InputError("the model was trained with features.prev_token, but these samples have no prev_experts "
                          "column: encode them with features.prev_token: true")
@@ -72,6 +78,7 @@ def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = Fal
         position=torch.from_numpy(feats.position.astype(np.float32)),
         prev=_tensor(prev, np.int64),
         extra=_tensor(extra, np.float32),
+        token=torch.from_numpy(feats.token.astype(np.int64)) if use_token else torch.full((n,), -1, dtype=torch.long),
     )
 
 
@@ -132,7 +139,8 @@ def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8
         return module.predict_samples(feats, batch_size, device)
     module.eval()
     config = module.config
-    inputs = sample_inputs(feats, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    inputs = sample_inputs(feats, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
+                           use_token=config.token_emb > 0)
     out = torch.empty((len(feats), feats.meta.num_experts))
     if not hasattr(module, "forward_tokens"):
         for i in range(0, len(feats), batch_size):
@@ -147,6 +155,7 @@ def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8
         sample = torch.from_numpy(rows[rows >= 0])
         x = inputs.index(sample).to(device)
         logits = module.forward_tokens(history[t0:t0 + per_batch].to(device), torch.from_numpy(token).to(device),
-                                       x.layer, x.primary, x.secondary, x.gating, x.position, x.prev, x.extra)
+                                       x.layer, x.primary, x.secondary, x.gating, x.position, x.prev, x.extra,
+                                       x.token)
         out[sample] = logits.float().cpu()
     return out

@@ -199,7 +199,7 @@ class TokenBatches:
     def forward(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         history, token, x, y = batch
         logits = model.forward_tokens(history, token, x.layer, x.primary, x.secondary, x.gating, x.position, x.prev,
-                                      x.extra)
+                                      x.extra, x.token)
         return logits, y
 
 

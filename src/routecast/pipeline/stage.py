@@ -1,4 +1,4 @@
-"""What every stage script shares: logging, timing, and one clear line for bad input.
+"""What every stage script shares: logging, timing (and peak memory), and one clear line for bad input.
 
 Bad input (`InputError`, which `ParamsError`, `TraceError` and `PredictionsError` are; a missing
 input file) is told in one line and exits 1. Any other exception is a bug and propagates with its
@@ -67,4 +67,11 @@ def stage(name: str, exclusive: bool = True) -> Iterator[None]:
         if hint:
             log.error("%s", hint)
         raise
-    log.info("%s done in %.1fs", name, time.perf_counter() - start)
+    log.info("%s done in %.1fs, peak memory %.2f GiB", name, time.perf_counter() - start, peak_gib())
+
+
+def peak_gib() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

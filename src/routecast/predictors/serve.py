@@ -3,6 +3,7 @@
     from routecast import Predictor
     predictor = Predictor.load("data/models/tuned.pt")          # a train_full checkpoint
     experts, scores = predictor.predict(layer, history, experts_now, weights_now, token_pos)
+    # trained with features.token: also token=the token's id (or routecast.data.features.text_keys of its text)
     predictor.export("tuned.ts")                                 # TorchScript (or .pt2: torch.export)
     predictor = Predictor.load("tuned.ts")                       # the export, without the checkpoint
 
@@ -58,7 +59,8 @@ class EngineModule(nn.Module):
     forward(layer [N], history [N, <=H] (expert ids at layers 0..; -1 unknown; entries past
     `layer` ignored), experts [N, k] (the top-k at `layer`, best first), weights [N, k],
     token_pos [N], extra [N, X], prev [N, P] (the previous token's top-k at the target layer,
-    -1 unknown; P = 0 unless trained with features.prev_token))."""
+    -1 unknown; P = 0 unless trained with features.prev_token), token [N] (the token's key, -1:
+    none; read only by a model trained with features.token))."""
 
     def __init__(self, core: nn.Module, config: Any, position_scale: float) -> None:
         super().__init__()
@@ -66,11 +68,12 @@ class EngineModule(nn.Module):
         self.num_layers, self.num_experts, self.top_k = config.num_layers, config.num_experts, config.top_k
         self.history_len, self.lookahead = config.history_len, config.lookahead
         self.num_prev, self.num_extra = config.num_prev, config.num_extra
+        self.reads_token = config.token_emb > 0
         self.position_scale = float(position_scale)
         self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0))
 
     def forward(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         layer = layer.long()
         history = history.long()
         if history.shape[1] < self.history_len:
@@ -83,14 +86,14 @@ class EngineModule(nn.Module):
             secondary = torch.zeros_like(primary)
         position = torch.clamp(token_pos.float() / self.position_scale, max=1.0)
         return self.core(layer, primary, secondary, hist, weights.float(), position, (prev.long() + 1).clamp(min=0),
-                         extra.float())
+                         extra.float(), token.long())
 
     @torch.jit.export
     def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts at the next layer, best first, and their probabilities (softmax over all)."""
-        probs = torch.softmax(self.forward(layer, history, experts, weights, token_pos, extra, prev), dim=1)
+        probs = torch.softmax(self.forward(layer, history, experts, weights, token_pos, extra, prev, token), dim=1)
         scores, best = probs.topk(k, dim=1)
         return best, scores
 
@@ -107,7 +110,7 @@ class Predictor:
 
     def __init__(self, module: Any, info: dict[str, Any]) -> None:
         self.module = module
-        self.info = info  # num_layers, num_experts, top_k, history_len, lookahead, num_prev, num_extra, position_scale
+        self.info = info  # _INFO, position_scale (and `sequences`: a kind that reads the sequence so far)
         self._empty: dict[tuple[int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -115,8 +118,8 @@ class Predictor:
     def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
         config = model.config
         if hasattr(model, "predict_samples"):  # a kind that reads the sequence so far (context)
-            return cls(model.eval(), {name: getattr(config, name) for name in _INFO} | {
-                "position_scale": float(position_scale), "sequences": True})
+            return cls(model.eval(), {name: getattr(config, name) for name in _INFO if name != "reads_token"} | {
+                "reads_token": config.vocab_size > 0, "position_scale": float(position_scale), "sequences": True})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
         return cls(engine, _info(engine))
@@ -168,27 +171,30 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any = None,
-               prev: Any = None) -> torch.Tensor:
+               prev: Any = None, token: Any = None) -> torch.Tensor:
         """Logits [N, num_experts] for the expert at the next layer."""
-        return self.module(*self._args(layer, history, experts, weights, token_pos, extra, prev))
+        return self.module(*self._args(layer, history, experts, weights, token_pos, extra, prev, token))
 
     @torch.inference_mode()
     def predict(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any = None,
-                prev: Any = None, k: int | None = None) -> Prediction:
+                prev: Any = None, k: int | None = None, token: Any = None) -> Prediction:
         """The k (default top_k) experts expected at the next layer, best first, with probabilities.
 
         layer [N] int: the layer l that just routed each token; history [N, <=H] int: its primary
         expert at layers 0..l (-1 = unknown; columns past l are ignored); experts [N, top_k] int and
         weights [N, top_k] float: the top-k chosen at layer l, best first; token_pos [N] (int or float);
         extra [N, X] float: spec_logits, when the model was trained with them; prev [N, top_k] int: the
-        previous token's top-k at layer l + lookahead (-1 = none), when trained with features.prev_token.
+        previous token's top-k at layer l + lookahead (-1 = none), when trained with features.prev_token;
+        token [N] int: the token's key (its id, or `routecast.data.features.text_keys` of its text; -1 =
+        none), when trained with features.token.
         Tensors or NumPy arrays; tensors of the right dtype (int64, float32) skip a conversion.
         """
         self._per_call("predict one layer's call")
         k = k or self.top_k
         if not 1 <= k <= self.info["num_experts"]:
             raise InputError(f"k={k}: must be in [1, num_experts={self.info['num_experts']}]")
-        best, scores = self.module.predict(*self._args(layer, history, experts, weights, token_pos, extra, prev), k)
+        best, scores = self.module.predict(*self._args(layer, history, experts, weights, token_pos, extra, prev, token),
+                                           k)
         return Prediction(best, scores)
 
     def predict_features(self, feats: Features, k: int | None = None) -> Prediction:
@@ -208,7 +214,11 @@ class Predictor:
         prev = feats.prev_experts.astype(np.int64) - 1 if self.info["num_prev"] else None
         # The samples' own position feature, whatever position_scale encoded them.
         token_pos = feats.position.astype(np.float32) * np.float32(self.info["position_scale"])
-        return self.predict(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k)
+        token = feats.token if self.info.get("reads_token") else None
+        if self.info.get("reads_token") and token is None:
+            raise InputError("this model was trained with features.token, but these samples have no token column: "
+                             "encode them with features.token: true")
+        return self.predict(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k, token)
 
     def _per_call(self, what: str) -> None:
         if self.info.get("sequences"):
@@ -216,7 +226,7 @@ class Predictor:
                              f"not carry: it cannot {what} yet; use predict_features on whole sequences")
 
     def _args(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any,
-              prev: Any) -> tuple[torch.Tensor, ...]:
+              prev: Any, token: Any) -> tuple[torch.Tensor, ...]:
         info = self.info
         layer, history = _as_tensor(layer, torch.int64), _as_tensor(history, torch.int64)
         experts, weights = _as_tensor(experts, torch.int64), _as_tensor(weights, torch.float32)
@@ -234,7 +244,15 @@ class Predictor:
         _check_range("experts", experts, 0, E - 1)
         _check_range("history", history, -1, E - 1)
         _check_range("prev", prev, -1, E - 1)
-        return layer, history, experts, weights, token_pos, extra, prev
+        if token is None:
+            if info.get("reads_token"):
+                raise InputError("this model was trained with features.token: pass token, each token's key (its id, "
+                                 "or routecast.data.features.text_keys of its text; -1: none)")
+            token = torch.full((n,), -1, dtype=torch.int64)
+        else:
+            token = _as_tensor(token, torch.int64)
+            _check_shape("token", token, (n,))
+        return layer, history, experts, weights, token_pos, extra, prev, token
 
     def _optional(self, value: Any, n: int, width: int, dtype: torch.dtype, what: str) -> torch.Tensor:
         if value is None:
@@ -261,7 +279,7 @@ def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
         raise InputError(f"{name}: {bad} out of range [{low}, {high}]")
 
 
-_INFO = ("num_layers", "num_experts", "top_k", "history_len", "lookahead", "num_prev", "num_extra")
+_INFO = ("num_layers", "num_experts", "top_k", "history_len", "lookahead", "num_prev", "num_extra", "reads_token")
 
 
 def _info(engine: EngineModule) -> dict[str, Any]:
@@ -285,8 +303,10 @@ class _PredictAll(nn.Module):
         self.engine = engine
 
     def forward(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.engine.predict(layer, history, experts, weights, token_pos, extra, prev, self.engine.num_experts)
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor,
+                token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine.predict(layer, history, experts, weights, token_pos, extra, prev, token,
+                                   self.engine.num_experts)
 
 
 def _export_program(engine: EngineModule) -> torch.export.ExportedProgram:
@@ -294,7 +314,7 @@ def _export_program(engine: EngineModule) -> torch.export.ExportedProgram:
     example = (torch.zeros(n, dtype=torch.long), torch.zeros((n, engine.history_len), dtype=torch.long),
                torch.zeros((n, engine.top_k), dtype=torch.long), torch.full((n, engine.top_k), 1.0 / engine.top_k),
                torch.zeros(n), torch.zeros((n, engine.num_extra)),
-               torch.zeros((n, engine.num_prev), dtype=torch.long))
+               torch.zeros((n, engine.num_prev), dtype=torch.long), torch.full((n,), -1, dtype=torch.long))
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     return torch.export.export(_PredictAll(engine), example, dynamic_shapes=tuple({0: batch} for _ in example))
 
@@ -306,9 +326,9 @@ class _ExportedModule:
         self.program = program
 
     def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
-        best, scores = self.program(layer, history, experts, weights, token_pos, extra, prev)
+                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        best, scores = self.program(layer, history, experts, weights, token_pos, extra, prev, token)
         return best[:, :k], scores[:, :k]
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from routecast.data.features import Features
 from routecast.errors import InputError
 from routecast.fit.training import EpochCallback, TrainResult, pick_device, train_neural
 from routecast.predictors.context import ContextParams
+from routecast.predictors.tokens import build_vocab, token_rows
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,7 @@ class ContextPredictor(nn.Module):
 
     def token_index(self, key: torch.Tensor) -> torch.Tensor:
         """Embedding row of each token key: 1 + its place in the vocabulary, 0 if not in it."""
-        if self.vocab.numel() == 0:
-            return torch.zeros_like(key)
-        at = torch.searchsorted(self.vocab, key).clamp(max=self.vocab.numel() - 1)
-        return torch.where(self.vocab[at] == key, at + 1, 0)
+        return token_rows(self.vocab, key)
 
     def forward(self, route: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """route [B, W, L, k] (+1 ids), key [B, W] -> logits [B, W, slots, E] for every (token, layer l)."""
@@ -226,15 +224,6 @@ class WindowBatches:
     def forward(self, model: nn.Module, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         logits, rows = window_logits(model, self.tokens, batch, self.device)
         return logits, self.y[rows.to(self.device)]
-
-
-def build_vocab(feats: Features, min_count: int) -> np.ndarray:
-    """The token keys seen at least `min_count` times among `feats`' tokens (sorted); empty without tokens."""
-    if feats.token is None:
-        return np.zeros(0, dtype=np.int64)
-    first = feats.layer == feats.layer.min() if len(feats) else np.zeros(0, dtype=bool)
-    keys, counts = np.unique(feats.token[first], return_counts=True)
-    return keys[counts >= min_count].astype(np.int64)
 
 
 def fit(params: ContextParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,

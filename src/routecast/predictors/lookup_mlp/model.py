@@ -13,7 +13,7 @@ from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, SampleBatches, TrainResult, pick_device, train_neural
 from routecast.predictors.mlp import MLPParams
 from routecast.predictors.mlp.model import MLP
-from routecast.predictors.neural import ModelConfig, neural_config
+from routecast.predictors.neural import ModelConfig, neural_config, token_vocab
 from routecast.predictors.references import cross_fitted_lookup_scores, lookup_tables
 
 # The reference ladder's (routecast.predictors.references), so lookup_mlp starts at that table.
@@ -79,14 +79,18 @@ class LookupMLP(MLP):
 
     def forward_with_table(self, table: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
                            secondary: torch.Tensor, history: torch.Tensor, gating: torch.Tensor,
-                           position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.features(layer, primary, secondary, history, gating, position, prev, extra), table], 1)
+                           position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
+                           token: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.features(layer, primary, secondary, history, gating, position, prev, extra, token), table],
+                      1)
         return self.scale * table + self.mlp(x)
 
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
-                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
+                token: torch.Tensor) -> torch.Tensor:
         table = self.table_logp(layer, primary, history)
-        return self.forward_with_table(table, layer, primary, secondary, history, gating, position, prev, extra)
+        return self.forward_with_table(table, layer, primary, secondary, history, gating, position, prev, extra,
+                                       token)
 
 
 def _context_key(layer: torch.Tensor, history: torch.Tensor, primary: torch.Tensor, order: int,
@@ -116,8 +120,10 @@ def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Feature
                            architecture=tuple(params.architecture), dropout=params.dropout)
     model = LookupMLP(config)
     model.set_tables(*lookup_tables(fit_split, train.target))
+    model.token.set_vocab(token_vocab(fit_split))
     table = torch.from_numpy(cross_fitted_lookup_scores(fit_split, train.target, seed=train.seed, log=True))
-    inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0)
+    inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
+                           use_token=config.token_emb > 0)
     batches = _TableBatches(inputs, targets(fit_split, train.target), table, train.batch_size,
                             pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc, score_first=True)

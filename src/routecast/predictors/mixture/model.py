@@ -39,6 +39,7 @@ class MixtureConfig:
     tolerance: float = 1e-5  # stop when the mean log-likelihood per token gains less than this
     num_prev: int = 0  # width of the previous-token feature (0: off; the mixture reads its primary)
     num_extra: int = 0  # extra dense features: none are used (kept for the common call)
+    token_emb: int = 0  # the token (features.token): not read (check_params says so)
     target: str = "primary"  # primary | set: what the module's output ranks
 
     @property
@@ -89,7 +90,8 @@ class MixtureModule(nn.Module):
         self.out_table = torch.from_numpy(ahead.transpose(1, 2, 0, 3).copy()).float()  # [S, E, Z, E]
 
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
-                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+                gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
+                token: torch.Tensor) -> torch.Tensor:
         e = history - 1  # -1: unknown
         H = e.shape[1]
         first = e[:, 0].clamp(min=0)
