@@ -127,8 +127,11 @@ def test_without_earlier_tokens_nothing_of_them_is_read() -> None:
         torch.testing.assert_close(model(changed, key)[0, 3:], model(route, key)[0, 3:], rtol=0, atol=1e-6)
 
 
-def test_predictor_scores_whole_sequences_and_refuses_a_per_layer_call(split, tmp_path: Path) -> None:
+def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, tmp_path: Path) -> None:
+    """predict_context (the engine's call: the last tokens' routing, the predicted token's layers past
+    l unknown) gives what evaluate gives for whole sequences; an export is refused with a clear error."""
     from routecast.errors import InputError
+    from routecast.predictors.context.model import tokens_of
     from routecast.predictors.serve import Predictor
 
     fit, val, test = split
@@ -138,8 +141,26 @@ def test_predictor_scores_whole_sequences_and_refuses_a_per_layer_call(split, tm
     got = predictor.predict_features(test, k=E)
     expected = torch.softmax(predict_logits(model, test), dim=1)
     torch.testing.assert_close(got.scores, torch.gather(expected, 1, got.experts), rtol=0, atol=1e-6)
-    with pytest.raises(InputError, match="sequence so far"):
-        predictor.export(tmp_path / "c.ts")
+    # one test sequence's first `window` tokens: evaluate reads token t with tokens 0..t before it
+    seq = test.take(test.seq_id == test.seq_id[0])
+    tokens = tokens_of(seq, TINY["window"])
+    for suffix in (".ts", ".pt2"):
+        with pytest.raises(InputError, match="no .ts or .pt2 export yet"):
+            predictor.export(tmp_path / f"c{suffix}")
+    for t in range(min(len(tokens.row), TINY["window"])):
+        route, key = tokens.route[None, :t + 1] - 1, tokens.key[None, :t + 1]
+        for layer in np.flatnonzero(tokens.row[t] >= 0):
+            now = route.clone()
+            now[0, t, layer + 1:] = -1  # what an engine knows of token t at layer l
+            call = predictor.predict_context(now, key, k=E)
+            want = expected[tokens.row[t, layer]]
+            torch.testing.assert_close(call.scores[0, layer], want[call.experts[0, layer]], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="predict_context"):
+        predictor.predict([0], [[1]], [[1, 2]], [[0.5, 0.5]], [0])
+    with pytest.raises(InputError, match="pass key"):
+        predictor.predict_context(route)
+    with pytest.raises(InputError, match="window=8"):
+        predictor.predict_context(torch.zeros((1, 9, L, K), dtype=torch.long), torch.zeros((1, 9), dtype=torch.long))
 
 
 def test_check_params_says_which_predictors_ignore_the_token(tmp_path: Path) -> None:

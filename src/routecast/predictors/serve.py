@@ -118,8 +118,11 @@ class Predictor:
     def from_model(cls, model: nn.Module, position_scale: float = POSITION_SCALE) -> Predictor:
         config = model.config
         if hasattr(model, "predict_samples"):  # a kind that reads the sequence so far (context)
-            return cls(model.eval(), {name: getattr(config, name) for name in _INFO if name != "reads_token"} | {
-                "reads_token": config.vocab_size > 0, "position_scale": float(position_scale), "sequences": True})
+            from routecast.predictors.context.model import ContextEngine
+
+            info = {name: getattr(config, name) for name in _INFO if name != "reads_token"}
+            return cls(ContextEngine(model), info | {"reads_token": config.vocab_size > 0, "sequences": True,
+                                                     "position_scale": float(position_scale), "window": config.window})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
         return cls(engine, _info(engine))
@@ -151,9 +154,11 @@ class Predictor:
         path = Path(path)
         if path.suffix not in (".pt2", ".ts"):
             raise InputError(f"{path}: export to .pt2 (torch.export) or .ts (TorchScript)")
-        self._per_call(f"export to {path.suffix}")
-        if not isinstance(self.module, EngineModule):
+        if not isinstance(self.module, nn.Module) or isinstance(self.module, torch.jit.ScriptModule):
             raise InputError("export from a checkpoint-built Predictor (Predictor.load of a .pt)")
+        if self.info.get("sequences"):
+            raise InputError("the context kind has no .ts or .pt2 export yet (TorchScript does not compile its "
+                             "transformer); call predict_context on the .pt checkpoint")
         info = {"routecast.json": json.dumps(self.info)}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             if path.suffix == ".pt2":
@@ -173,6 +178,7 @@ class Predictor:
     def logits(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any = None,
                prev: Any = None, token: Any = None) -> torch.Tensor:
         """Logits [N, num_experts] for the expert at the next layer."""
+        self._per_call("give one layer's logits")
         return self.module(*self._args(layer, history, experts, weights, token_pos, extra, prev, token))
 
     @torch.inference_mode()
@@ -197,12 +203,48 @@ class Predictor:
                                            k)
         return Prediction(best, scores)
 
+    @torch.inference_mode()
+    def predict_context(self, route: Any, key: Any = None, k: int | None = None) -> Prediction:
+        """A kind that reads the sequence so far (`context`), once per layer: the k (default top_k)
+        experts expected for the last token of each sequence at every layer l + lookahead, best
+        first, with their probabilities ([B, slots, k]; an engine at layer l reads [:, l]).
+
+        route [B, W, num_layers, top_k] int: the experts of each sequence's last W tokens (W <=
+        `window`), -1 unknown (the last token's layers past l); key [B, W] int: their token keys
+        (ids, or `routecast.data.features.text_keys` of their text; -1 none), needed when the model
+        was trained with features.token."""
+        if not self.info.get("sequences"):
+            raise InputError(f"predict_context is the call of a kind that reads the sequence so far (context); "
+                             f"this {self.info.get('kind', 'model')} takes predict(layer, history, ...)")
+        k = k or self.top_k
+        info = self.info
+        if not 1 <= k <= info["num_experts"]:
+            raise InputError(f"k={k}: must be in [1, num_experts={info['num_experts']}]")
+        route = _as_tensor(route, torch.int64)
+        _check_shape("route", route, (None, None, info["num_layers"], info["top_k"]))
+        B, W = route.shape[0], route.shape[1]
+        if not 1 <= W <= info["window"]:
+            raise InputError(f"route holds {W} tokens a sequence: the model reads 1 to window={info['window']}")
+        _check_range("route", route, -1, info["num_experts"] - 1)
+        if key is None:
+            if info.get("reads_token"):
+                raise InputError("this model was trained with features.token: pass key, each token's key (its id, "
+                                 "or routecast.data.features.text_keys of its text; -1: none)")
+            key = torch.full((B, W), -1, dtype=torch.int64)
+        key = _as_tensor(key, torch.int64)
+        _check_shape("key", key, (B, W))
+        best, scores = self.module.predict(route, key, k)
+        return Prediction(best, scores)
+
     def predict_features(self, feats: Features, k: int | None = None) -> Prediction:
         """Offline: predict for encoded samples (the evaluate stage's inputs; for a kind that reads
-        the sequence so far, whole sequences in order, as every split keeps them)."""
+        the sequence so far, whole sequences in order, as every split keeps them, from its checkpoint)."""
         if self.info.get("sequences"):
             k = k or self.top_k
-            probs = torch.softmax(self.module.predict_samples(feats), dim=1)
+            if not isinstance(self.module, nn.Module) or not hasattr(self.module, "core"):
+                raise InputError("predict_features of a context model reads its windows from the checkpoint: "
+                                 "Predictor.load the .pt (an export takes predict_context)")
+            probs = torch.softmax(self.module.core.predict_samples(feats), dim=1)
             scores, best = probs.topk(k, dim=1)
             return Prediction(best, scores)
         history = feats.history.astype(np.int64) - 1  # stored +1, 0 = padding -> -1 = unknown
@@ -222,8 +264,8 @@ class Predictor:
 
     def _per_call(self, what: str) -> None:
         if self.info.get("sequences"):
-            raise InputError(f"kind {self.module.config.kind} reads the sequence so far, which a per-layer call does "
-                             f"not carry: it cannot {what} yet; use predict_features on whole sequences")
+            raise InputError(f"this kind reads the sequence so far, which this call does not carry: it cannot {what}; "
+                             "call predict_context with the last tokens' routing (or predict_features)")
 
     def _args(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any, extra: Any,
               prev: Any, token: Any) -> tuple[torch.Tensor, ...]:
@@ -320,16 +362,15 @@ def _export_program(engine: EngineModule) -> torch.export.ExportedProgram:
 
 
 class _ExportedModule:
-    """A loaded .pt2 program behind the EngineModule interface Predictor calls."""
+    """A loaded .pt2 program behind the interface Predictor calls (EngineModule's, or ContextEngine's)."""
 
     def __init__(self, program: Any) -> None:
         self.program = program
 
-    def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        best, scores = self.program(layer, history, experts, weights, token_pos, extra, prev, token)
-        return best[:, :k], scores[:, :k]
+    def predict(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        *inputs, k = args
+        best, scores = self.program(*inputs)
+        return best[..., :k], scores[..., :k]
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("a .pt2 export returns ranked experts and probabilities, not logits; "

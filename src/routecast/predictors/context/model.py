@@ -190,6 +190,31 @@ class ContextPredictor(nn.Module):
                              "column: encode them with features.token: true")
 
 
+class ContextEngine(nn.Module):
+    """The context kind as an engine calls it, once per layer (`routecast.Predictor.predict_context`).
+
+    forward(route [B, W, num_layers, top_k] int: the experts of each sequence's last W tokens
+    (W <= window), raw ids, -1 unknown (the last token is the one predicted: its layers past l are
+    unknown, and never read for layer l anyway), key [B, W] int: their token keys (-1: none)) ->
+    logits [B, slots, E]: the last token's experts at layer l + lookahead, for every layer l."""
+
+    def __init__(self, model: ContextPredictor) -> None:
+        super().__init__()
+        self.core = model.eval()
+        c = model.config
+        self.num_layers, self.num_experts, self.top_k, self.window = c.num_layers, c.num_experts, c.top_k, c.window
+
+    def forward(self, route: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return self.core((route.long() + 1).clamp(min=0), key.long())[:, -1]
+
+    @torch.jit.export
+    def predict(self, route: torch.Tensor, key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last token's k best experts at every layer l + lookahead, best first ([B, slots, k]),
+        and their probabilities (softmax over all)."""
+        scores, best = torch.softmax(self.forward(route, key), dim=2).topk(k, dim=2)
+        return best, scores
+
+
 def window_logits(model: ContextPredictor, tokens: Tokens, windows: np.ndarray, device: torch.device | str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of the samples the `windows` score, and those samples' rows."""
