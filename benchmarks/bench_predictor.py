@@ -49,7 +49,8 @@ def models() -> dict[str, torch.nn.Module]:
     rng = np.random.default_rng(0)
     Z = 32
     tables = MixtureTables(rng.dirichlet(np.ones(Z)), rng.dirichlet(np.ones(E), (Z,)),
-                           rng.dirichlet(np.ones(E), (Z, L - 1, E)), rng.dirichlet(np.ones(E), (Z, L, E)), None, 0.0)
+                           rng.dirichlet(np.ones(E), (Z, L - 1, E)), rng.dirichlet(np.ones(E), (Z, L, E)),
+                           prev=None, token=None, vocab=None, loglik=0.0)
     out["mixture"] = MixtureModule(MixtureConfig(L, E, K, H, num_types=Z), tables)
     return {name: m.eval() for name, m in out.items()}
 

@@ -21,7 +21,6 @@ from routecast.fit.tuning import (
     file_digest,
     importance_rows,
     intermediate_rows,
-    study_name,
     tune,
     tune_worker,
 )
@@ -66,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
 
                 result = tune(params, train, digest, on_trial=log_trial)
             write_tuned(result.best, args.params)
-            # Always written (also for a database storage), so DVC's study output exists.
+            # Always written (also for a database storage), so DVC's study output exists. The name is
+            # the one the trials ran under, not recomputed: the code's digest is part of it.
             write_json(f"{args.study_dir}/study.json",
-                       {"study": study_name(params, digest), "storage": redact(params.tune.storage)})
+                       {"study": result.summary["study"], "storage": redact(params.tune.storage)})
             write_csv(args.importances, IMPORTANCE_COLUMNS, importance_rows(result.importances))
             write_csv(args.intermediate, INTERMEDIATE_COLUMNS, intermediate_rows(result.trials))
             write_json(args.metrics, result.summary)

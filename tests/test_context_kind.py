@@ -161,18 +161,3 @@ def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, 
         predictor.predict_context(route)
     with pytest.raises(InputError, match="window=8"):
         predictor.predict_context(torch.zeros((1, 9, L, K), dtype=torch.long), torch.zeros((1, 9), dtype=torch.long))
-
-
-def test_check_params_says_which_predictors_ignore_the_token(tmp_path: Path) -> None:
-    from conftest import ROOT, set_params
-    from routecast.config.params import load_params
-
-    path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text())
-    assert load_params(path).idle_knobs() == []
-    set_params(path, {"features.token": True})
-    notes = load_params(path).idle_knobs()
-    assert len(notes) == 1 and "tuned (kind mixture) does not read the token" in notes[0]
-    assert "the kinds context, gru, lookup_mlp, mlp and the token_table reference" in notes[0]
-    set_params(path, {"tuned": {"kind": "context"}})
-    assert load_params(path).idle_knobs() == []

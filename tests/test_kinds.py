@@ -93,12 +93,12 @@ def test_gru_reads_a_token_once_and_equals_the_per_sample_call(trained, data) ->
     torch.testing.assert_close(model.path_states(changed)[:, :3], states[:, :3])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "lookup_mlp", "gru"])
-def test_the_token_is_an_input_of_every_neural_kind(kind: str) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_token_is_an_input_of_every_kind(kind: str) -> None:
     """Layer 0 routes at random and layer 1 by the token alone (token_id 0..5 -> expert): from
-    layer 0, the next primary is knowable only from the token. With features.token each neural
-    kind gets it; without, it cannot beat chance by much. A token never seen in training reads the
-    unseen-token row."""
+    layer 0, the next primary is knowable only from the token. With features.token each kind gets
+    it (the mixture as a per-type emission, with a type for each token); without, it cannot beat
+    chance by much. A token never seen in training reads the unseen-token row."""
     rng = np.random.default_rng(0)
     L, E, n_tokens = 3, 6, 1200
     token = rng.integers(0, 6, n_tokens)
@@ -116,11 +116,12 @@ def test_the_token_is_an_input_of_every_neural_kind(kind: str) -> None:
         feats = encode_features(traces, FeaturesParams(token=use_token))
         train, test = split_features(feats, SplitParams(test_fraction=0.2))
         fit, val = split_train_val(train)
-        model = fit_predictor(small_params(kind, lr=1e-2), train_params, fit, val).model
+        knobs = {"num_types": 8, "restarts": 3} if kind == "mixture" else {"lr": 1e-2}
+        model = fit_predictor(small_params(kind, **knobs), train_params, fit, val).model
         first = test.take(test.layer == 0)
         accuracy[use_token] = (ModelScorer(kind, model).scores(first).argmax(1) == first.target).mean()
         if use_token:
-            assert model.config.token_emb > 0 and model.config.vocab_size == 6
+            assert model.config.reads_token and model.config.vocab_size == 6
             unseen = first.take(np.arange(len(first)))
             unseen.token = np.full(len(first), 10 ** 9, dtype=np.int64)
             predictor = Predictor.from_model(model)

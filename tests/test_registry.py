@@ -55,7 +55,7 @@ class PriorConfig:
     kind: ClassVar[str] = NAME
     num_prev: ClassVar[int] = 0
     num_extra: ClassVar[int] = 0
-    token_emb: ClassVar[int] = 0
+    reads_token: ClassVar[bool] = False
     num_layers: int
     num_experts: int
     top_k: int
@@ -172,6 +172,17 @@ def test_its_knobs_are_checked_like_any_kinds(layer_prior, project: Path) -> Non
     set_params(project / "params.yaml", {f"tuned.{NAME}.smoothing": 1.0, f"tuned.{NAME}.lr": 1e-3})
     with pytest.raises(ParamsError, match=rf"tuned\.{NAME}\.lr: unknown key \(known: smoothing\)"):
         load_params(project / "params.yaml")
+
+
+def test_check_params_says_when_a_kind_ignores_the_token(layer_prior, project: Path) -> None:
+    """Every built-in kind reads the token; a kind that does not is named, with the ones that do."""
+    assert load_params(project / "params.yaml").idle_knobs() == []
+    set_params(project / "params.yaml", {"features.token": True})
+    notes = load_params(project / "params.yaml").idle_knobs()
+    assert len(notes) == 1 and f"tuned (kind {NAME}) does not read the token" in notes[0], notes
+    assert "the kinds context, gru, lookup_mlp, mixture, mlp and the token_table reference" in notes[0]
+    set_params(project / "params.yaml", {"tuned": {"kind": "mixture"}})
+    assert load_params(project / "params.yaml").idle_knobs() == []
 
 
 def test_an_unregistered_kind_is_refused_naming_the_known_ones(project: Path) -> None:

@@ -140,7 +140,7 @@ def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8
     module.eval()
     config = module.config
     inputs = sample_inputs(feats, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
-                           use_token=config.token_emb > 0)
+                           use_token=config.reads_token)
     out = torch.empty((len(feats), feats.meta.num_experts))
     if not hasattr(module, "forward_tokens"):
         for i in range(0, len(feats), batch_size):

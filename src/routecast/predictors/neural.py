@@ -45,6 +45,10 @@ class ModelConfig:
         return self.num_layers - self.lookahead
 
     @property
+    def reads_token(self) -> bool:
+        return self.token_emb > 0
+
+    @property
     def sees_primary(self) -> bool:
         """The history holds layer l's primary for every l: no separate input needed (the seed's shape)."""
         return self.history_len >= self.slots

@@ -12,8 +12,8 @@ checks and tune's bookkeeping read it without loading a model; its `fit`, `load`
 beside the kind's torch module (`predictors/<kind>/model.py`), imported when first called.
 
 A kind's module has a `config` that says what the `Predictor` wraps around it: `kind`, `num_layers`,
-`num_experts`, `top_k`, `history_len`, `lookahead`, `num_prev`, `num_extra`, `token_emb` (> 0: it reads
-the token, and `reads_token` says so); it is called with the
+`num_experts`, `top_k`, `history_len`, `lookahead`, `num_prev`, `num_extra`, `reads_token` (it reads
+the token: the module was trained with features.token); it is called with the
 tensors of `routecast.data.batches.Inputs` and returns logits (or log-probabilities) over the
 experts of layer l + lookahead.
 """

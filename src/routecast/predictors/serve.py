@@ -68,7 +68,7 @@ class EngineModule(nn.Module):
         self.num_layers, self.num_experts, self.top_k = config.num_layers, config.num_experts, config.top_k
         self.history_len, self.lookahead = config.history_len, config.lookahead
         self.num_prev, self.num_extra = config.num_prev, config.num_extra
-        self.reads_token = config.token_emb > 0
+        self.reads_token = config.reads_token
         self.position_scale = float(position_scale)
         self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0))
 
@@ -121,7 +121,7 @@ class Predictor:
             from routecast.predictors.context.model import ContextEngine
 
             info = {name: getattr(config, name) for name in _INFO if name != "reads_token"}
-            return cls(ContextEngine(model), info | {"reads_token": config.vocab_size > 0, "sequences": True,
+            return cls(ContextEngine(model), info | {"reads_token": config.reads_token, "sequences": True,
                                                      "position_scale": float(position_scale), "window": config.window})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()

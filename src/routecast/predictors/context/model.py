@@ -56,6 +56,10 @@ class ContextConfig:
     def slots(self) -> int:
         return self.num_layers - self.lookahead
 
+    @property
+    def reads_token(self) -> bool:
+        return self.vocab_size > 0
+
 
 # --------------------------------------------------------------------------- the samples as token windows
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from tqdm import tqdm
 
 from routecast.config.params import TrainParams
@@ -25,6 +26,7 @@ from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, TrainResult, scored_once
 from routecast.predictors.mixture import MixtureParams
 from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables
+from routecast.predictors.tokens import TOKEN_MIN_COUNT, build_vocab, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,14 @@ class Paths:
     primary: np.ndarray  # int64 [T, L]
     secondary: np.ndarray  # int64 [T, L]
     prev: np.ndarray | None  # int64 [T, L]: the previous token's primary at each layer
+    token: np.ndarray | None  # int64 [T]: the token's row in `vocab` (0: not in it), with features.token
+    vocab: np.ndarray | None  # int64 [V]: the token keys seen at least TOKEN_MIN_COUNT times (sorted)
 
 
-def token_paths(feats: Features) -> Paths:
+def token_paths(feats: Features, use_token: bool = False) -> Paths:
     """Reassemble every token's path from its samples: history and layer l's experts from the
-    features, layer l + lookahead's from the targets (training data: the targets are known)."""
+    features, layer l + lookahead's from the targets (training data: the targets are known); and,
+    with `use_token`, the token's vocabulary row."""
     view = token_view(feats)
     meta = feats.meta
     T, L, la = len(view), meta.num_layers, meta.lookahead
@@ -58,7 +63,12 @@ def token_paths(feats: Features) -> Paths:
         secondary[t, slot + la] = feats.target_set[rows, 1]
     if prev is not None:
         prev[t, slot + la] = feats.prev_experts[rows, 0].astype(np.int64) - 1
-    return Paths(primary, secondary, prev)
+    token = vocab = None
+    if use_token and feats.token is not None:
+        vocab = build_vocab(feats, TOKEN_MIN_COUNT)
+        first = view.row[np.arange(T), view.present.argmax(1)]  # any of the token's samples carries its key
+        token = token_rows(torch.from_numpy(vocab), torch.from_numpy(feats.token[first].astype(np.int64))).numpy()
+    return Paths(primary, secondary, prev, token, vocab)
 
 
 class _Counts:
@@ -99,6 +109,9 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
         if k > 1 else None
     prev_c = _Counts(np.arange(L) * E + paths.prev.clip(0), paths.prev >= 0, L * E) \
         if config.num_prev and paths.prev is not None else None
+    V = config.vocab_size + 1
+    token_c = _Counts(paths.token[:, None], np.ones((T, 1), dtype=bool), V) \
+        if config.token and paths.token is not None else None
 
     # Type-independent backoffs: per-layer frequency of each expert, then the pooled tables.
     freq = np.bincount((np.arange(L) * E + P.clip(0))[P >= 0], minlength=L * E).reshape(L, E) + 1.0
@@ -112,6 +125,8 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
                                 1.0)
     if prev_c is not None:
         pooled_prev = _smooth(prev_c.counts(np.ones((T, 1)))[0].reshape(L, E), freq, 1.0)
+    if token_c is not None:
+        pooled_token = _smooth(token_c.counts(np.ones((T, 1)))[0], np.full(V, 1.0 / V), 1.0)
 
     def m_step(resp: np.ndarray) -> MixtureTables:
         a = config.smoothing
@@ -120,8 +135,9 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
         second = _smooth(second_c.counts(resp).reshape(Z, L, E, E) * off, pooled_second[None], a) \
             if second_c is not None else np.full((Z, L, E, E), 1.0 / E)
         prev = _smooth(prev_c.counts(resp).reshape(Z, L, E), pooled_prev[None], a) if prev_c is not None else None
+        token = _smooth(token_c.counts(resp), pooled_token[None], a) if token_c is not None else None
         return MixtureTables(prior / prior.sum(), _smooth(init_c.counts(resp), pooled_init[None], a), trans, second,
-                             prev, float("nan"))
+                             prev, token, paths.vocab if token_c is not None else None, float("nan"))
 
     def e_step(tables: MixtureTables) -> tuple[np.ndarray, float]:
         with np.errstate(divide="ignore"):
@@ -131,6 +147,8 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
                 ll += second_c.loglik(np.log(tables.second).reshape(Z, -1))
             if prev_c is not None:
                 ll += prev_c.loglik(np.log(tables.prev).reshape(Z, -1))
+            if token_c is not None:
+                ll += token_c.loglik(np.log(tables.token))
         top = ll.max(axis=1, keepdims=True)
         w = np.exp(ll - top)
         total = w.sum(axis=1, keepdims=True)
@@ -159,7 +177,7 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
 
 def fit_mixture(config: MixtureConfig, fit: Features, seed: int = 0) -> MixtureModule:
     start = time.perf_counter()
-    paths = token_paths(fit)
+    paths = token_paths(fit, use_token=config.token)
     with tqdm(total=1, desc=f"mixture EM ({config.num_types} types)", leave=False):
         tables = fit_em(paths, config, seed)
     log.info("mixture: fitted %d types on %d tokens in %.1fs", config.num_types, len(paths.primary),
@@ -171,9 +189,12 @@ def fit(params: MixtureParams, train: TrainParams, fit_split: Features, val: Fea
         on_epoch: EpochCallback | None, desc: str) -> TrainResult:
     """EM to convergence (`routecast.predictors.mixture.em`), scored once on validation."""
     m = fit_split.meta
+    use_token = fit_split.token is not None
     config = MixtureConfig(m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead, params.num_types,
                            params.smoothing, params.iterations, params.restarts,
-                           num_prev=m.top_k if fit_split.prev_experts is not None else 0, target=train.target)
+                           num_prev=m.top_k if fit_split.prev_experts is not None else 0, token=use_token,
+                           vocab_size=len(build_vocab(fit_split, TOKEN_MIN_COUNT)) if use_token else 0,
+                           target=train.target)
     start = time.perf_counter()
     module = fit_mixture(config, fit_split, seed=train.seed)
     result = scored_once(module, train, fit_split, val, epochs, time.perf_counter() - start, on_epoch)
@@ -184,4 +205,5 @@ def fit(params: MixtureParams, train: TrainParams, fit_split: Features, val: Fea
 
 
 def load(config: dict) -> MixtureModule:
+    config = {k: v for k, v in config.items() if k != "token_emb"}  # checkpoints before the mixture read tokens
     return MixtureModule(MixtureConfig(**config))

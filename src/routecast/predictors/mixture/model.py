@@ -4,10 +4,12 @@
 Each token is taken to have a hidden type z (one of `num_types`); given z, its primary expert
 walks a Markov chain over the layers with per-layer tables, and the secondary at each layer
 depends on (z, layer, primary). With `features.prev_token`, the previous token's primary at each
-layer is one more per-type emission.
+layer is one more per-type emission; with `features.token`, so is the token itself (its row in the
+vocabulary of `routecast.predictors.tokens`: the tokens seen at least twice in training; every other
+token shares row 0).
 
 A prediction for layer l + lookahead filters the type posterior along what the sample shows
-(the primaries at layers 0..l, the secondary at l, the previous token's expert), then pushes it
+(the primaries at layers 0..l, the secondary at l, the previous token's expert, the token), then pushes it
 through the type's transition(s): exactly the synthetic oracle's computation with fitted tables.
 A transition with an unseen end (a missing row, a truncated history) is skipped. Gate weights
 and position are not used (in the synthetic generator they carry nothing about the type).
@@ -24,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from routecast.predictors.tokens import token_rows
+
 
 @dataclass(frozen=True)
 class MixtureConfig:
@@ -39,12 +43,17 @@ class MixtureConfig:
     tolerance: float = 1e-5  # stop when the mean log-likelihood per token gains less than this
     num_prev: int = 0  # width of the previous-token feature (0: off; the mixture reads its primary)
     num_extra: int = 0  # extra dense features: none are used (kept for the common call)
-    token_emb: int = 0  # the token (features.token): not read (check_params says so)
+    token: bool = False  # read the token (features.token): one more per-type emission
+    vocab_size: int = 0  # tokens with a row of their own in that emission (row 0: every other token)
     target: str = "primary"  # primary | set: what the module's output ranks
 
     @property
     def kind(self) -> str:
         return "mixture"
+
+    @property
+    def reads_token(self) -> bool:
+        return self.token
 
 
 @dataclass
@@ -54,6 +63,8 @@ class MixtureTables:
     trans: np.ndarray  # [Z, L-1, E, E]
     second: np.ndarray  # [Z, L, E, E]
     prev: np.ndarray | None  # [Z, L, E]
+    token: np.ndarray | None  # [Z, V + 1]: P(token's vocabulary row | type)
+    vocab: np.ndarray | None  # int64 [V]: the token keys with a row of their own (sorted)
     loglik: float  # mean training log-likelihood per token
 
 
@@ -66,9 +77,11 @@ class MixtureModule(nn.Module):
         self.lookahead = config.lookahead  # a plain attribute for TorchScript
         Z, L, E, la = config.num_types, config.num_layers, config.num_experts, config.lookahead
         shapes = {"log_prior": (Z,), "log_init": (E, Z), "log_trans": (L - 1, E, E, Z), "log_second": (L, E, E, Z),
-                  "log_prev": (L, E, Z) if config.num_prev else (0,), "out_table": (L - la, E, Z, E)}
+                  "log_prev": (L, E, Z) if config.num_prev else (0,), "out_table": (L - la, E, Z, E),
+                  "log_token": (config.vocab_size + 1, Z) if config.token else (0,)}
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(shape))
+        self.register_buffer("vocab", torch.zeros(config.vocab_size if config.token else 0, dtype=torch.long))
         if tables is not None:
             self.load_tables(tables)
 
@@ -82,6 +95,9 @@ class MixtureModule(nn.Module):
             self.log_second = torch.from_numpy(np.log(tables.second).transpose(1, 2, 3, 0).copy()).float()
             if tables.prev is not None and c.num_prev:
                 self.log_prev = torch.from_numpy(np.log(tables.prev).transpose(1, 2, 0).copy()).float()
+            if tables.token is not None and c.token:
+                self.log_token = torch.from_numpy(np.log(tables.token).T.copy()).float()
+                self.vocab = torch.from_numpy(np.asarray(tables.vocab, dtype=np.int64))
         ahead = tables.trans[:, 0:L - la]  # [Z, S, E, E]: lookahead-step transition from layer l
         for d in range(1, la):
             ahead = np.einsum("zlab,zlbc->zlac", ahead, tables.trans[:, d:L - la + d])
@@ -107,6 +123,8 @@ class MixtureModule(nn.Module):
         if self.log_prev.dim() == 3 and prev.shape[1] > 0:
             emitted = self.log_prev[layer + self.lookahead, (prev[:, 0] - 1).clamp(min=0)]
             ll = ll + torch.where((prev[:, :1] > 0), emitted, torch.zeros_like(emitted))
+        if self.log_token.dim() == 2:
+            ll = ll + self.log_token[token_rows(self.vocab, token)]
         post = torch.softmax(ll, dim=1)  # P(type | what the sample shows)
         probs = torch.einsum("nz,nze->ne", post, self.out_table[layer, primary])
         return torch.log(probs.clamp_min(1e-12))
