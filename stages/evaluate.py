@@ -9,7 +9,7 @@ from routecast.data.features import read_features
 from routecast.data.predictions import write_predictions
 from routecast.data.traces import read_trace_meta
 from routecast.evaluate.evaluation import evaluate
-from routecast.evaluate.names import CONFUSION_COLUMNS, per_layer_columns
+from routecast.evaluate.names import CONFUSION_COLUMNS, per_horizon_columns, per_layer_columns
 from routecast.fit.training import split_train_val
 from routecast.pipeline.artifacts import write_csv, write_json
 from routecast.pipeline.stage import stage
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-layer", required=True, help="CSV: test top-2 per source layer (layer, predictor, top2); "
                                                     "set recall (layer, predictor, set_recall) for a trace "
                                                     "without a primary")
+    parser.add_argument("--per-horizon", required=True, help="CSV: test top-2 and set recall per horizon "
+                                                      "(horizon, predictor, top2, set_recall; set recall alone "
+                                                      "for a trace without a primary)")
     parser.add_argument("--confusion", required=True, help="CSV: (actual, predicted top-1) of the tuned model")
     parser.add_argument("--predictions", required=True,
                         help="Parquet: every predictor's ranked experts per test sample")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.per_layer, per_layer_columns(result.per_layer_metric),
                   [[layer, name, value] for name, layers in result.per_layer.items()
                    for layer, value in layers.items()])
+        write_csv(args.per_horizon, per_horizon_columns(result.per_layer_metric), result.per_horizon)
         write_csv(args.confusion, CONFUSION_COLUMNS, result.confusion)
         write_predictions(args.predictions, test, result.rankings)
 

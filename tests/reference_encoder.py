@@ -49,7 +49,7 @@ def encode_features_reference(traces: Traces, params: FeaturesParams) -> Feature
     for i in range(len(traces)):
         rows.setdefault((int(traces.seq_id[i]), int(traces.token_pos[i])), {})[int(traces.layer[i])] = i
     names = ("seq_id", "token_pos", "layer", "primary", "secondary", "gating", "history", "position", "target",
-             "target_set", "spec_logits", "prev_experts", "current_set", "content")
+             "target_set", "spec_logits", "prev_experts", "current_set", "content", "horizon_set")
     content = content_reference(traces, rows)
     out: dict[str, list] = {n: [] for n in names}
     for (seq, pos), by_layer in sorted(rows.items()):
@@ -76,10 +76,16 @@ def encode_features_reference(traces: Traces, params: FeaturesParams) -> Feature
             out["content"].append(content[seq])
             if traces.spec_logits is not None:
                 out["spec_logits"].append(traces.spec_logits[i])
+            ahead = []  # the top-k at layer + d for every horizon d, -1 where it is past the end or missing
+            for d in params.horizons:
+                row = by_layer.get(layer + d) if layer + d < L else None
+                ahead.append([-1] * k if row is None else traces.experts[row].tolist())
+            out["horizon_set"].append(ahead)
             prev = prev_rows.get(layer + la)
             out["prev_experts"].append([0] * k if prev is None else (traces.experts[prev].astype(int) + 1).tolist())
     return Features(
-        meta=FeatureMeta(L, meta.num_experts, k, H, la, float(params.position_scale), meta.source),
+        meta=FeatureMeta(L, meta.num_experts, k, H, la, float(params.position_scale), meta.source,
+                         horizons=tuple(params.horizons)),
         seq_id=np.array(out["seq_id"], dtype=np.int32),
         token_pos=np.array(out["token_pos"], dtype=np.int32),
         layer=np.array(out["layer"], dtype=np.int16),
@@ -95,4 +101,6 @@ def encode_features_reference(traces: Traces, params: FeaturesParams) -> Feature
         prev_experts=np.array(out["prev_experts"], dtype=np.int16).reshape(-1, k) if params.prev_token else None,
         current_set=np.array(out["current_set"], dtype=np.int16).reshape(-1, k),
         content=np.array(out["content"], dtype=np.int64),
+        horizon_set=(np.array(out["horizon_set"], dtype=np.int16).reshape(-1, len(params.horizons), k)
+                     if len(params.horizons) > 1 else None),
     )

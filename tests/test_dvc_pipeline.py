@@ -174,12 +174,12 @@ def test_a_bad_log_keeps_the_last_good_trace(pipeline_repo: Path, tmp_path: Path
 
 
 def test_a_failure_mid_stage_says_how_to_restore_what_dvc_removed(pipeline_repo: Path, tmp_path: Path) -> None:
-    """A value only the data can refute (a lookahead past the trace's last layer) fails inside
+    """A value only the data can refute (a horizon past the trace's last layer) fails inside
     encode_features, after DVC removed its outputs; the error names them and the commands that
     bring back the locked versions, and following it restores every output byte for byte."""
     repo = committed_clone(pipeline_repo, tmp_path / "repo")
     before = outputs(repo)
-    proc = run(["dvc", "exp", "run", "-S", "features.lookahead=100"], repo, check=False)
+    proc = run(["dvc", "exp", "run", "-S", "features.horizons=[100]"], repo, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and stages_run(out) == ["check_params", "encode_features"], out
     removed = "data/features.parquet, metrics/features.json"

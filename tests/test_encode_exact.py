@@ -12,6 +12,7 @@ from reference_encoder import encode_features_reference
 from routecast.config.params import FeaturesParams, SyntheticParams
 from routecast.data.features import Features, encode_features
 from routecast.data.traces import TraceError, Traces
+from routecast.errors import InputError
 from routecast.sources.synthetic import generate
 
 
@@ -52,13 +53,15 @@ def expected_report(traces: Traces, params: FeaturesParams) -> dict[str, int]:
             "history_entries_missing": sum(1 for have in layers.values() for l in range(L - 1) if l not in have)}
 
 
-PARAMS = [FeaturesParams(), FeaturesParams(lookahead=2, history_len=4, prev_token=True),
-          FeaturesParams(history_len=9, lookahead=1, prev_token=True), FeaturesParams(lookahead=2, position_scale=4.0)]
+PARAMS = [FeaturesParams(), FeaturesParams(horizons=[2], history_len=4, prev_token=True),
+          FeaturesParams(history_len=9, horizons=[1], prev_token=True),
+          FeaturesParams(horizons=[2], position_scale=4.0), FeaturesParams(horizons=[1, 2, 4, 8], history_len=5)]
 
 
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("layout", ["complete", "missing", "shuffled_missing", "shuffled_complete"])
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"la{p.lookahead}_h{p.history_len}_prev{int(p.prev_token)}")
+@pytest.mark.parametrize("params", PARAMS,
+                         ids=lambda p: f"la{'_'.join(map(str, p.horizons))}_h{p.history_len}_prev{int(p.prev_token)}")
 def test_vectorised_equals_reference(spec: bool, layout: str, params: FeaturesParams) -> None:
     traces = small_trace(spec)
     rng = np.random.default_rng(7)
@@ -96,3 +99,23 @@ def test_duplicate_rows_are_rejected(shuffled: bool) -> None:
     rows = np.sort(rows) if not shuffled else np.random.default_rng(0).permutation(rows)
     with pytest.raises(TraceError, match="duplicate rows"):
         encode_features(subset(traces, rows), FeaturesParams())
+
+
+def test_a_horizon_past_the_last_layer_is_refused_naming_it() -> None:
+    with pytest.raises(InputError, match=r"features.horizons=\[1, 6\]: horizon 6 is past the last layer .* 6 layers"):
+        encode_features(small_trace(False), FeaturesParams(horizons=[1, 6]))
+
+
+def test_at_horizon_is_the_samples_with_a_target_there() -> None:
+    """`at_horizon(d)` keeps the samples whose layer l + d is routed, with that layer's top-k as the
+    target: with a trace row missing, the same samples as encoding with `horizons: [d]` alone
+    (here no sample lacks l + 1 but has l + d); the main horizon is the samples as they are."""
+    traces = small_trace(False)
+    traces = subset(traces, np.delete(np.arange(len(traces)), 4))  # the first token's layer 4
+    feats = encode_features(traces, FeaturesParams(horizons=[1, 3]))
+    assert feats.at_horizon(1).target is feats.target and feats.at_horizon(1).horizon_set is None
+    ahead = feats.at_horizon(3)
+    assert_same(ahead, encode_features(traces, FeaturesParams(horizons=[3])))
+    assert 0 < len(ahead) < len(feats)
+    with pytest.raises(ValueError, match=r"horizon 2 is not one of the features' horizons \[1, 3\]"):
+        feats.at_horizon(2)

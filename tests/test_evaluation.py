@@ -179,3 +179,55 @@ def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -
                                                                 num_layers=6, num_experts=6))
     with pytest.raises(TraceError, match="six.*num_experts=6, the training trace 8"):
         evaluate({}, traces.meta, fit, fit.take(np.arange(0)), test, params, FeaturesParams())
+
+
+def test_every_horizon_is_scored_with_its_own_references_oracle_and_heads() -> None:
+    """features.horizons [1, 2, 4]: the main horizon's figures as before, and under `horizons` each
+    later horizon's, from the models' heads (the mixture's pushed posterior) and references fitted
+    for it; a kind without heads (context) is left out there, saying so. The oracle's share at
+    every horizon is the model's top-2 over the oracle's, and the oracle's top-2 falls with the
+    horizon (the type posterior is pushed further)."""
+    from routecast.config.params import ModelParams, TrainParams
+    from routecast.fit.training import fit_predictor
+    from routecast.predictors.references import LookupPredictor
+
+    params = SyntheticParams(num_sequences=24, tokens_per_sequence=24, num_layers=8, seed=4)
+    traces, _ = generate(params)
+    features = FeaturesParams(horizons=[1, 2, 4])
+    train, test = split_features(encode_features(traces, features), SplitParams(test_fraction=0.2))
+    fit, val = train.take(~train.is_val), train.take(train.is_val)
+    mixture = fit_predictor(ModelParams.of("mixture", num_types=8, restarts=1), TrainParams(threads=1), fit, val).model
+    context = fit_predictor(ModelParams.of("context", width=16, layers=1, heads=2), TrainParams(epochs=1, threads=1),
+                            fit, val).model  # the main horizon only
+    result = evaluate({"tuned": mixture, "baseline": context}, traces.meta, fit, val, test,
+                      EvaluateParams(bootstrap=100), features)
+    metrics = result.metrics
+    assert set(metrics["horizons"]) == {"2", "4"} and "baseline" in metrics  # context: the main horizon
+    oracle_top2 = [metrics["oracle"]["top2"]]
+    for d in (2, 4):
+        block = metrics["horizons"][str(d)]
+        assert "baseline" not in block and {"tuned", "oracle", "lookup_3", "boosted_trees"} <= set(block)
+        test_d = test.at_horizon(d)
+        assert block["tuned"]["n_test"] == len(test_d) < len(test)
+        lookup = LookupPredictor(3).fit(fit.at_horizon(d))
+        assert block["lookup_3"]["top2"] == pytest.approx(score_metrics(lookup.scores(test_d), test_d)["top2"])
+        ratio = block["tuned"]["top2"] / block["oracle"]["top2"]
+        assert block["tuned"]["top2_vs_oracle"] == pytest.approx(ratio)
+        assert block["tuned"]["top2_lo"] <= block["tuned"]["top2"] <= block["tuned"]["top2_hi"]
+        assert set(block["tuned"]["vs"]) == set(block) - {"tuned"}
+        oracle_top2.append(block["oracle"]["top2"])
+    assert oracle_top2[0] > oracle_top2[1] > oracle_top2[2]
+    rows = {(d, name): (top2, recall) for d, name, top2, recall in result.per_horizon}  # per_horizon.csv
+    assert rows[(1, "baseline")] == (metrics["baseline"]["top2"], metrics["baseline"]["set_recall"])
+    assert rows[(4, "oracle")] == (oracle_top2[2], metrics["horizons"]["4"]["oracle"]["set_recall"])
+    main = len(metrics["validation"])  # every predictor scored at the main horizon
+    assert (2, "baseline") not in rows and len(rows) == main + sum(len(b) for b in metrics["horizons"].values())
+
+
+def test_a_ranking_holds_only_its_own_columns() -> None:
+    """evaluate keeps every predictor's top-2 and ranking for the whole stage: each must own its
+    [N, k] memory, not be a view that pins the whole [N, E] argsort."""
+    scores = np.random.default_rng(0).random((1000, 64))
+    best = ranked(scores, 2)
+    assert best.base is None and best.nbytes == 1000 * 2 * 8
+    np.testing.assert_array_equal(best, np.argsort(-scores, axis=1, kind="stable")[:, :2])

@@ -135,8 +135,10 @@ def test_the_token_is_an_input_of_every_kind(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_learns_a_deterministic_router(kind: str) -> None:
-    """Next primary = (primary + layer + 1) mod E, secondary random: every kind gets it right."""
+def test_learns_a_deterministic_router_at_every_horizon(kind: str, tmp_path: Path) -> None:
+    """Next primary = (primary + layer + 1) mod E, secondary random: every kind gets it right, one
+    layer ahead and three (`features.horizons: [1, 3]`: one model, a head per horizon; the
+    mixture pushes its posterior three steps)."""
     rng = np.random.default_rng(0)
     L, E, n_tokens = 6, 5, 1000
     primary = np.zeros((n_tokens, L), dtype=np.int64)
@@ -149,13 +151,31 @@ def test_learns_a_deterministic_router(kind: str) -> None:
                     np.tile(np.arange(L), n_tokens).astype(np.int16),
                     np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
                     np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))
-    train, test = split_features(encode_features(traces, FeaturesParams()), SplitParams(test_fraction=0.2))
+    feats = encode_features(traces, FeaturesParams(horizons=[1, 3]))
+    train, test = split_features(feats, SplitParams(test_fraction=0.2))
     fit, val = split_train_val(train)
     params = small_params(kind, **({"num_types": 2, "restarts": 2} if kind == "mixture" else {"lr": 1e-2}))
     result = fit_predictor(params, TrainParams(epochs=40, batch_size=64, threads=1, early_stopping_patience=40), fit,
                            val)
+    assert result.model.config.horizons == (1, 3)
     scores = ModelScorer(kind, result.model).scores(test)
     assert (scores.argmax(1) == test.target).mean() > 0.97, kind
+    # the Predictor and its TorchScript export run the main horizon's head (the first of the horizons)
+    predictor = Predictor.from_model(result.model)
+    got = predictor.predict_features(test, k=E)
+    np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(scores, got.experts.numpy(), 1), atol=1e-5)
+    exported = Predictor.load(predictor.export(tmp_path / "m.ts")).predict_features(test, k=E)
+    torch.testing.assert_close(exported.scores, got.scores, rtol=0, atol=1e-5)
+    ahead = test.at_horizon(3)
+    assert len(ahead) == len(test) * 3 // 5  # layers 0..2 of the five with a next layer
+    np.testing.assert_array_equal(ahead.target, (ahead.primary + 3 * ahead.layer + 6) % E)
+    scores = ModelScorer(kind, result.model.at_horizon(3)).scores(ahead)
+    assert (scores.argmax(1) == ahead.target).mean() > 0.97, kind
+    with pytest.raises(ValueError, match=r"horizon 2: this .* predicts \[1, 3\]"):
+        result.model.at_horizon(2)
+    save_checkpoint(tmp_path / "m.pt", result.model, {"position_scale": test.meta.position_scale})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")  # every head comes back
+    np.testing.assert_array_equal(ModelScorer(kind, loaded.at_horizon(3)).scores(ahead), scores)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from routecast.config.params import FeaturesParams, SyntheticParams, load_params
+from routecast.config.params import POSITION_SCALE, FeaturesParams, SyntheticParams, load_params
 from routecast.data.features import Features, encode_features, token_keys
 from routecast.data.traces import TraceMeta, Traces, read_trace_meta, write_traces
 from routecast.evaluate.scoring import ranked
@@ -148,12 +148,12 @@ def test_forward_algorithm_equals_closed_form():
 
 
 @pytest.mark.parametrize("features, drop, persistence", [
-    (FeaturesParams(lookahead=2), 0.0, 0.0),
+    (FeaturesParams(horizons=[2]), 0.0, 0.0),
     (FeaturesParams(history_len=5), 0.0, 0.0),
     (FeaturesParams(), 0.1, 0.0),
     (FeaturesParams(), 0.0, 0.4),
     (FeaturesParams(prev_token=True), 0.0, 0.4),
-    (FeaturesParams(prev_token=True, lookahead=2, history_len=5), 0.1, 0.4),
+    (FeaturesParams(prev_token=True, horizons=[2], history_len=5), 0.1, 0.4),
 ])
 def test_oracle_exact_for_lookahead_truncated_missing_history_and_persistence(features, drop, persistence):
     """Calibration: a predictor whose scores are the true P(target | features) scores, on average,
@@ -221,3 +221,50 @@ def test_oracle_from_trace_metadata(tmp_path):
     np.testing.assert_array_equal(oracle.scores(feats), posterior_next_expert(router, feats))
     with pytest.raises(ValueError, match="synthetic"):
         OraclePredictor.from_trace_meta(TraceMeta(5, 8, 2, source="import"))
+
+
+def brute_force_probs(router, feats: Features) -> tuple[np.ndarray, np.ndarray]:
+    """P(primary at layer l + d = e | features) and P(e in the top-2 there | features), d =
+    `feats.meta.lookahead`, by summing the generator's joint probability over every hidden type and
+    every path of primaries (E^L of them): no closed form, no forward algorithm."""
+    import itertools
+
+    p = router.params
+    Z, L, E = p.num_types, p.num_layers, p.num_experts
+    d = feats.meta.lookahead
+    paths = np.array(list(itertools.product(range(E), repeat=L)))  # [E^L, L]
+    path_prob = router.init[:, paths[:, 0]]  # [Z, E^L]
+    for j in range(L - 1):
+        path_prob = path_prob * router.trans[:, j, paths[:, j], paths[:, j + 1]]
+    primary = np.zeros((len(feats), E))
+    member = np.zeros((len(feats), E))
+    for i in range(len(feats)):
+        layer, pos = int(feats.layer[i]), int(feats.token_pos[i])
+        seen = feats.history[i, :layer + 1].astype(np.int64) - 1
+        fits = (paths[:, :layer + 1] == seen).all(axis=1)
+        prior = router.type_prior(np.array([min(pos / POSITION_SCALE, 1.0)]))[0]  # [Z]
+        w = prior[:, None] * path_prob[:, fits] * router.second[:, layer, seen[-1], feats.secondary[i]][:, None]
+        w /= w.sum()
+        ahead = paths[fits, layer + d]
+        for z in range(Z):
+            np.add.at(primary[i], ahead, w[z])
+            # the secondary at layer l + d given its primary a: second[z, l + d, a, e]
+            np.add.at(member[i], ahead, w[z])
+            member[i] += (w[z][:, None] * router.second[z, layer + d, ahead]).sum(axis=0)
+    return primary, member
+
+
+@pytest.mark.parametrize("horizon", [1, 2, 3])
+def test_oracle_exact_at_every_horizon_by_brute_force(horizon: int) -> None:
+    """On a generator small enough to enumerate (3 types, 4 layers, 3 experts), the oracle's
+    P(primary at l + d) and P(e in the top-2 at l + d) equal the sums over every hidden path, at
+    every horizon d of `features.horizons` (read through `Features.at_horizon`)."""
+    params = SyntheticParams(num_sequences=2, tokens_per_sequence=6, num_layers=4, num_experts=3, num_types=3,
+                             type_concentration=0.5, position_effect=3.0, seed=5)
+    traces, router = generate(params)
+    feats = encode_features(traces, FeaturesParams(horizons=[1, 2, 3])).at_horizon(horizon)
+    assert len(feats) == 12 * (4 - horizon) and feats.meta.lookahead == horizon
+    want_primary, want_set = brute_force_probs(router, feats)
+    np.testing.assert_allclose(next_layer_probs(router, feats, target="primary"), want_primary, atol=1e-10)
+    np.testing.assert_allclose(next_layer_probs(router, feats, target="set"), want_set, atol=1e-10)
+    np.testing.assert_array_equal(feats.target, traces.experts.reshape(12, 4, 2)[:, horizon:, 0].ravel())

@@ -48,6 +48,10 @@ def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
         ({"tune.search_space.forest": None}, "tune.search_space.forest"),
         ({"split.by": "token"}, "split.by"),
         ({"extract.synthetic.top_k": 9}, "extract.synthetic.top_k"),
+        ({"features.horizons": []}, "features.horizons"),
+        ({"features.horizons": [2, 1]}, "features.horizons"),
+        ({"features.horizons": [0, 1]}, "features.horizons"),
+        ({"features.horizons": [1, 2], "features.prev_token": True}, "features.prev_token"),
     ],
 )
 def test_bad_value_names_the_key(params_file: Path, updates: dict, key: str) -> None:
@@ -61,6 +65,14 @@ def test_bad_value_names_the_key(params_file: Path, updates: dict, key: str) -> 
 def test_unknown_key_is_named(params_file: Path) -> None:
     set_params(params_file, {"train.epoch": 3})
     with pytest.raises(ParamsError, match=r"train\.epoch: unknown key"):
+        load_params(params_file)
+
+
+def test_a_renamed_key_says_what_replaced_it(params_file: Path) -> None:
+    text = params_file.read_text().replace("  horizons:\n  - 1\n", "  lookahead: 2\n")
+    params_file.write_text(text)
+    with pytest.raises(ParamsError, match=r"features\.lookahead: replaced by features\.horizons \(lookahead d is "
+                                          r"`horizons: \[d\]`\)"):
         load_params(params_file)
 
 

@@ -164,6 +164,6 @@ def test_speculative_gate_only_when_the_target_is_the_next_layer():
     params = SyntheticParams(num_sequences=6, tokens_per_sequence=16, num_layers=6, spec_noise=1.0)
     traces, _ = generate(params)
     for lookahead, expected in ((1, True), (2, False)):
-        feats = encode_features(traces, FeaturesParams(lookahead=lookahead))
+        feats = encode_features(traces, FeaturesParams(horizons=[lookahead]))
         names = [p.name for p in reference_predictors(traces.meta, feats)]
         assert ("speculative_gate" in names) == expected, lookahead

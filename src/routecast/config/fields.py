@@ -172,7 +172,8 @@ def build(cls: type, mapping: Any, key: str) -> Any:
     for name in mapping:
         if name not in fields:
             where = f"{key}.{name}" if key else str(name)
-            raise ParamsError(where, f"unknown key (known: {', '.join(fields)})")
+            renamed = getattr(cls, "RENAMED", {})  # keys of earlier versions: say what took their place
+            raise ParamsError(where, renamed[name] if name in renamed else f"unknown key (known: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         where = f"{key}.{name}" if key else name

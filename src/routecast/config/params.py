@@ -15,7 +15,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -201,14 +201,28 @@ class ExtractParams:
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    lookahead: int = 1
+    # predict the experts at layer l + d for each horizon d (increasing); the first is the main target
+    horizons: list[int] = field(default_factory=lambda: [1])
     history_len: int | None = None  # None: the number of layers
     position_scale: float = POSITION_SCALE
     prev_token: bool = False  # add the previous token's top-k at the target layer (decode-order traces only)
-    token: bool = False  # add the token (its id, or its text's hash): read by the context kind and the token table
+    token: bool = False  # add the token (its id, or its text's hash): read by every learned kind and the token table
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lookahead": "replaced by features.horizons (lookahead d is `horizons: [d]`)"}
+
+    @property
+    def lookahead(self) -> int:
+        """The main horizon: the target of every single-horizon figure (top-2, tune's objective, prefetch)."""
+        return self.horizons[0]
 
     def validate(self, key: str) -> None:
-        check(self.lookahead >= 1, f"{key}.lookahead", f"must be >= 1, got {self.lookahead}")
+        check(len(self.horizons) >= 1, f"{key}.horizons", "must name at least one horizon")
+        check(all(d >= 1 for d in self.horizons), f"{key}.horizons", f"must be >= 1, got {self.horizons}")
+        check(all(a < b for a, b in zip(self.horizons, self.horizons[1:])), f"{key}.horizons",
+              f"must be strictly increasing, got {self.horizons}")
+        check(not (self.prev_token and len(self.horizons) > 1), f"{key}.prev_token",
+              f"reads the previous token at layer l + the horizon, so it takes one horizon, not {self.horizons}")
         check(self.history_len is None or self.history_len >= 1, f"{key}.history_len",
               f"must be >= 1 or null, got {self.history_len}")
         check(self.position_scale > 0, f"{key}.position_scale", f"must be > 0, got {self.position_scale}")
@@ -493,6 +507,13 @@ class Params:
                     readers = ", ".join(sorted(k for k in registry.names() if registry.get(k).reads_token))
                     notes.append(f"features.token: {name} (kind {kind}) does not read the token; the kinds {readers} "
                                  f"and the token_table reference do")
+        if len(self.features.horizons) > 1:
+            for name in ("baseline", "tuned"):
+                kind = self.model(name).kind
+                if not registry.get(kind).every_horizon:
+                    kinds = ", ".join(sorted(k for k in registry.names() if registry.get(k).every_horizon))
+                    notes.append(f"features.horizons: {name} (kind {kind}) predicts the first horizon only; the kinds "
+                                 f"{kinds} and the references predict every horizon")
         return notes
 
     def model(self, name: str) -> ModelParams:

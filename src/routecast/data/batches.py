@@ -82,8 +82,15 @@ def sample_inputs(feats: Features, use_prev: bool = False, use_extra: bool = Fal
     )
 
 
-def targets(feats: Features, target: str) -> torch.Tensor:
-    """`primary`: the next layer's primary expert [N]; `set`: its top-k set as a 0/1 matrix [N, E]."""
+def targets(feats: Features, target: str, every_horizon: bool = False) -> torch.Tensor:
+    """`primary`: the next layer's primary expert [N]; `set`: its top-k set as a 0/1 matrix [N, E].
+
+    `every_horizon` (features with several horizons): the target at every horizon, -1 where a
+    sample has none: `primary` [N, H], `set` the expert ids [N, H, k] (not a 0/1 matrix: H times
+    the memory of one horizon's would not fit at DeepSeek's scale)."""
+    if every_horizon and feats.horizon_set is not None:
+        ahead = torch.from_numpy(feats.horizon_set.astype(np.int64))
+        return ahead[:, :, 0].contiguous() if target == "primary" else ahead
     if target == "primary":
         return torch.from_numpy(feats.target.astype(np.int64))
     multi = np.zeros((len(feats), feats.meta.num_experts), dtype=np.float32)

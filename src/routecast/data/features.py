@@ -1,7 +1,8 @@
 """Encode a canonical trace into samples: the seed's features and the next layer's target.
 
 One sample per (token, layer l) with `l + lookahead < num_layers`, both layer l and layer
-l + lookahead routed for that token. Features are what is known once layer l has routed:
+l + lookahead routed for that token; `lookahead` is the first (main) of `features.horizons`.
+Features are what is known once layer l has routed:
 
     layer        l
     primary      the 1st expert at layer l (also history entry l when l < history_len; kept
@@ -24,13 +25,18 @@ l + lookahead routed for that token. Features are what is known once layer l has
                  previous token has finished every layer before this one starts, so this is
                  known; valid for decode-order traces only (a prefill trace's tokens run together).
 
-Target: the primary expert at layer l + lookahead; target_set: the whole top-k there. For an
-unweighted trace (`meta.weighted` False) `primary`, `secondary` and `target` are the lowest ids of
-their sets and `gating` is uniform: kept so every kind runs, never scored as a primary.
+Target: the primary expert at layer l + lookahead; target_set: the whole top-k there. With more
+than one horizon, horizon_set [N, H, k] holds the top-k at layer l + d for each horizon d (-1 where
+l + d is past the last layer or that row is missing); `Features.at_horizon(d)` is the samples with
+a target at horizon d, that target in `target` and `target_set`.
+
+For an unweighted trace (`meta.weighted` False) `primary`, `secondary` and `target` are the lowest
+ids of their sets and `gating` is uniform: kept so every kind runs, never scored as a primary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -62,6 +68,12 @@ class FeatureMeta(ParquetMeta):
     position_scale: float
     source: str = "unknown"
     weighted: bool = True  # False: the trace's sets are unordered, no primary exists (score sets only)
+    horizons: tuple[int, ...] = ()  # every horizon d predicted (the first is `lookahead`); () reads as (lookahead,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "horizons", tuple(self.horizons) or (self.lookahead,))
+        if self.horizons[0] != self.lookahead:
+            raise ValueError(f"horizons {self.horizons} must start with the lookahead {self.lookahead}")
 
 
 @dataclass
@@ -82,11 +94,29 @@ class Features(KeyedRows):
     token: np.ndarray | None = None  # int64 [N]: the token's id, or its text's hash (features.token)
     content: np.ndarray | None = None  # int64 [N]: the sequence's content hash
     is_val: np.ndarray | None = None  # bool [N], set by split_95_5 in the train split
+    horizon_set: np.ndarray | None = None  # int16 [N, H, k]: the top-k at l + horizons[j] (-1: none); H > 1 only
     report: dict[str, int] = field(default_factory=dict)
 
     def take(self, index: np.ndarray) -> Features:
         """Rows `index` (an integer array or boolean mask)."""
         return take_rows(self, index, report={})
+
+    def at_horizon(self, d: int) -> Features:
+        """The samples with a target at layer l + d (a horizon of `meta.horizons`), that target in
+        `target` and `target_set` and `meta.lookahead` = d: every single-horizon scorer reads it
+        as it reads the main horizon."""
+        horizons = self.meta.horizons
+        if d not in horizons:
+            raise ValueError(f"horizon {d} is not one of the features' horizons {list(horizons)}")
+        if d == horizons[0]:
+            return dataclasses.replace(self, horizon_set=None) if self.horizon_set is not None else self
+        j = horizons.index(d)
+        assert self.horizon_set is not None  # several horizons: written by encode_features
+        rows = np.flatnonzero(self.horizon_set[:, j, 0] >= 0)
+        view = take_rows(self, rows, report={}, horizon_set=None)
+        target_set = self.horizon_set[rows, j]
+        return dataclasses.replace(view, meta=dataclasses.replace(self.meta, lookahead=d, horizons=(d,)),
+                                   target=target_set[:, 0].copy(), target_set=target_set)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -183,8 +213,9 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
     meta = traces.meta
     L, k, E, la = meta.num_layers, meta.top_k, meta.num_experts, params.lookahead
     H = params.history_len or L
-    if la >= L:
-        raise InputError(f"features.lookahead={la} leaves no sample: the trace has {L} layers")
+    if max(params.horizons) >= L:
+        raise InputError(f"features.horizons={list(params.horizons)}: horizon {max(params.horizons)} is past the "
+                         f"last layer (no layer l + {max(params.horizons)}): the trace has {L} layers")
     n_rows = len(traces)
     layer = np.asarray(traces.layer)
 
@@ -281,9 +312,18 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         routed = has_prev[1:, None] & present[:-1, la:]  # [n_tokens - 1, n_src]
         np.add(experts[:-1, la:], 1, out=prev_grid[1:], where=routed[:, :, None])
         prev = samples(prev_grid, fresh=True)
+    ahead = None
+    if len(params.horizons) > 1:  # the top-k at l + d for every horizon d (-1 past the last layer or missing)
+        ahead_grid = np.full((n_tokens, n_src, len(params.horizons), k), -1, dtype=np.int16)
+        for j, d in enumerate(params.horizons):
+            if d < L:
+                routed = present[:, d:d + n_src]  # [n_tokens, min(n_src, L - d)]
+                np.copyto(ahead_grid[:, :L - d, j], experts[:, d:d + n_src], where=routed[:, :, None])
+        ahead = samples(ahead_grid, fresh=True)
 
     feats = Features(
-        meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source, meta.weighted),
+        meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source, meta.weighted,
+                         tuple(params.horizons)),
         seq_id=seq_id,
         token_pos=token_pos,
         layer=samples(layers),
@@ -299,6 +339,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         current_set=samples(experts[:, :n_src]),
         token=samples(np.broadcast_to(token_key[:, None], (n_tokens, n_src))) if params.token else None,
         content=samples(np.broadcast_to(content[:, None], (n_tokens, n_src))),
+        horizon_set=ahead,
     )
     candidates = n_tokens * n_src
     feats.report = {
@@ -318,7 +359,7 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
 
 # --------------------------------------------------------------------------- Parquet I/O
 
-_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts", "current_set")
+_MATRIX_COLUMNS = ("gating", "history", "target_set", "spec_logits", "prev_experts", "current_set", "horizon_set")
 
 
 def features_to_table(feats: Features) -> pa.Table:
@@ -327,8 +368,9 @@ def features_to_table(feats: Features) -> pa.Table:
         value = getattr(feats, f.name)
         if not isinstance(value, np.ndarray):
             continue
-        if f.name in _MATRIX_COLUMNS:
-            columns[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(value.ravel()), value.shape[1])
+        if f.name in _MATRIX_COLUMNS:  # horizon_set's [N, H, k] is stored as [N, H * k]
+            width = int(np.prod(value.shape[1:]))
+            columns[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(value.ravel()), width)
         else:
             columns[f.name] = pa.array(value)
     table = pa.table(columns)
@@ -433,4 +475,6 @@ def read_features(path: str | Path) -> Features:
                and f.name not in ("meta", "report")]
     if missing:
         raise InputError(f"{path}: missing feature column(s) {missing}; was it written by encode_features?")
+    if "horizon_set" in kwargs:
+        kwargs["horizon_set"] = kwargs["horizon_set"].reshape(len(kwargs["horizon_set"]), len(meta.horizons), -1)
     return Features(meta=meta, **kwargs)

@@ -20,11 +20,12 @@ T = TypeVar("T")
 
 
 def meta_to_parquet(meta: Any) -> dict[bytes, bytes]:
-    """Every field of `meta` as a Parquet key-value pair (dicts as JSON)."""
+    """Every field of `meta` as a Parquet key-value pair (dicts and tuples as JSON)."""
     out = {}
     for f in dataclasses.fields(meta):
         value = getattr(meta, f.name)
-        text = json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict) else str(value)
+        as_json = isinstance(value, (dict, tuple, list))
+        text = json.dumps(value, sort_keys=True, default=str) if as_json else str(value)
         out[f.name.encode()] = text.encode()
     return out
 
@@ -50,11 +51,15 @@ def meta_from_parquet(cls: type[T], metadata: dict[bytes, bytes] | None, where: 
                     raise ValueError(f"expected True or False, got {text!r}")
                 value = text == "True"
             else:
-                value = json.loads(text) if tp is dict else tp(text)
+                value = json.loads(text) if tp in (dict, tuple) else tp(text)
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise error(f"{where}: bad Parquet metadata {f.name!r}: {exc}") from None
         if tp is dict and not isinstance(value, dict):
             raise error(f"{where}: bad Parquet metadata {f.name!r}: not a JSON object")
+        if tp is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+                raise error(f"{where}: bad Parquet metadata {f.name!r}: not a JSON list of integers")
+            value = tuple(value)
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
@@ -106,7 +111,8 @@ class KeyedRows:
 
 
 def take_rows(columns: T, index: np.ndarray, **changes: Any) -> T:
-    """The rows `index` (integers or a mask) of every NumPy column of the dataclass `columns`."""
+    """The rows `index` (integers or a mask) of every NumPy column of the dataclass `columns`
+    (the fields in `changes` are set to their new values instead)."""
     taken = {f.name: getattr(columns, f.name)[index] for f in dataclasses.fields(columns)
-             if isinstance(getattr(columns, f.name), np.ndarray)}
+             if isinstance(getattr(columns, f.name), np.ndarray) and f.name not in changes}
     return dataclasses.replace(columns, **taken, **changes)

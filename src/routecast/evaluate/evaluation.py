@@ -79,6 +79,7 @@ ORDER = ("top1", "top2", "set_recall", "exact_set", "macro_f1", "macro_f1_p50", 
          "expert_accuracy_p50")
 PRIMARY_METRICS = ("top1", "top2")  # read the next primary: null on an unweighted trace
 VALIDATION_METRICS = ("top1", "top2", "set_recall", "exact_set")  # the `validation` block, kept small
+HORIZON_METRICS = ("top2", "set_recall")  # the `horizons` block: these, their intervals, the oracle share, vs
 
 
 @dataclass
@@ -250,6 +251,15 @@ class EvaluationResult:
     confusion: list[tuple[int, int]]  # (actual, predicted top-1) of the tuned model, per test sample
     rankings: dict[str, np.ndarray] = field(default_factory=dict)  # predictor -> [N, R] best experts (set scores)
     per_layer_metric: str = "top2"  # set_recall for a trace without a primary
+    per_horizon: list[list[Any]] = field(default_factory=list)  # [horizon, predictor, metric(s)] rows
+
+    @staticmethod
+    def horizon_rows(metrics: dict[str, Any], horizons: tuple[int, ...], weighted: bool) -> list[list[Any]]:
+        """per_horizon.csv's rows from the metrics: the main horizon's, then the `horizons` block's."""
+        values = ("top2", "set_recall") if weighted else ("set_recall",)
+        blocks = [(horizons[0], metrics)] + [(int(d), block) for d, block in metrics.get("horizons", {}).items()]
+        return [[d, name, *(entry.get(v) for v in values)] for d, block in blocks
+                for name, entry in block.items() if isinstance(entry, dict) and "set_recall" in entry]
 
 
 def score_all(predictors: list[Any], test: Features) -> dict[str, Scored]:
@@ -402,6 +412,8 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
         _log_line(name, m)
     if len(val):
         metrics["validation"] = validation_block(score_all(predictors, val), val)
+    if len(test.meta.horizons) > 1:
+        metrics["horizons"] = evaluate_horizons(models, targets, trace_meta, fit, test, params)
     if params.extra_tests:
         metrics["extra_tests"] = {t.name: evaluate_extra(t, predictors, trace_meta, fit, features, params)
                                   for t in params.extra_tests}
@@ -417,7 +429,37 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
         confusion=confusion,
         rankings={name: s.ranking for name, s in scored.items()},
         per_layer_metric="top2" if weighted else "set_recall",
+        per_horizon=EvaluationResult.horizon_rows(metrics, test.meta.horizons, weighted),
     )
+
+
+def evaluate_horizons(models: dict[str, torch.nn.Module], targets: dict[str, str], trace_meta: TraceMeta,
+                      fit: Features, test: Features, params: EvaluateParams) -> dict[str, Any]:
+    """Every horizon d after the main one (`features.horizons`): each model's head for d, and every
+    reference fitted for d on the same training samples (`Features.at_horizon`), scored on the test
+    samples with a target at l + d. Per predictor: HORIZON_METRICS with their intervals over
+    sequences, the share of the oracle, and the tuned model's paired differences."""
+    out: dict[str, Any] = {}
+    for d in test.meta.horizons[1:]:
+        start = time.perf_counter()
+        fit_d, test_d = fit.at_horizon(d), test.at_horizon(d)
+        predictors: list[Any] = []
+        for name, model in models.items():
+            if hasattr(model, "at_horizon") and d in getattr(model.config, "horizons", ()):
+                predictors.append(ModelScorer(name, model.at_horizon(d), params.batch_size,
+                                              targets.get(name, "primary")))
+            else:
+                log.info("horizon %d: %s (kind %s) predicts %s only, not scored here", d, name, model.config.kind,
+                         list(getattr(model.config, "horizons", (model.config.lookahead,))))
+        predictors += reference_predictors(trace_meta, fit_d)
+        summary = summarise(score_all(predictors, test_d), test_d, params)
+        keep = {f"{m}{suffix}" for m in HORIZON_METRICS for suffix in ("", "_lo", "_hi")}
+        keep |= {"top2_vs_oracle", "top2_vs_oracle_lo", "top2_vs_oracle_hi", "n_test", "vs"}
+        out[str(d)] = {name: {k: v for k, v in entry.items() if k in keep} for name, entry in summary.items()}
+        for name, m in summary.items():
+            _log_line(f"l+{d} {name}", m)
+        log.info("horizon %d: %d test samples, scored in %.1fs", d, len(test_d), time.perf_counter() - start)
+    return out
 
 
 def evaluate_extra(test: ExtraTest, predictors: list[Any], trace_meta: TraceMeta, fit: Features,

@@ -12,6 +12,10 @@ MODELS = ("baseline", "tuned")
 # for a trace without a primary (unweighted) the same file holds set recall instead.
 PER_LAYER_COLUMNS = ("layer", "predictor", "top2")
 PER_LAYER_SET_COLUMNS = ("layer", "predictor", "set_recall")
+# metrics/evaluate/per_horizon.csv: test top-2 and set recall per horizon d (features.horizons: the
+# target is layer l + d), one row per (horizon, predictor); set recall alone for an unweighted trace.
+PER_HORIZON_COLUMNS = ("horizon", "predictor", "top2", "set_recall")
+PER_HORIZON_SET_COLUMNS = ("horizon", "predictor", "set_recall")
 # metrics/evaluate/confusion_tuned.csv: the tuned model's (actual, predicted top-1), one row per test
 # sample; only its header for a trace without a primary.
 CONFUSION_COLUMNS = ("actual", "predicted")
@@ -20,3 +24,8 @@ CONFUSION_COLUMNS = ("actual", "predicted")
 def per_layer_columns(metric: str) -> tuple[str, str, str]:
     """The per-layer CSV's header for its metric (`top2`, or `set_recall` for an unweighted trace)."""
     return {"top2": PER_LAYER_COLUMNS, "set_recall": PER_LAYER_SET_COLUMNS}[metric]
+
+
+def per_horizon_columns(metric: str) -> tuple[str, ...]:
+    """The per-horizon CSV's header (its first value column: `metric`, as the per-layer CSV's)."""
+    return {"top2": PER_HORIZON_COLUMNS, "set_recall": PER_HORIZON_SET_COLUMNS}[metric]

@@ -41,8 +41,10 @@ TP, FP, FN = 0, 1, 2
 
 
 def ranked(scores: np.ndarray, k: int) -> np.ndarray:
-    """The k best experts per row, best first; ties go to the lower expert id (stable)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """The k best experts per row, best first; ties go to the lower expert id (stable). An array of
+    its own: a slice of the full [N, E] argsort would keep all of it alive (at 64 experts and 218,100
+    test samples, 112 MB for every ranking evaluate keeps, where the slice needs 3.5 MB a column)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k].copy()
 
 
 def sample_hits(scores: np.ndarray, set_scores: np.ndarray, test: Features) -> dict[str, np.ndarray]:

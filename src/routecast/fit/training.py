@@ -37,6 +37,7 @@ from routecast.data.features import Features
 from routecast.errors import InputError
 from routecast.evaluate.scoring import sample_hits
 from routecast.predictors import registry
+from routecast.predictors.horizons import every_head
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,17 @@ def validation_metrics(logits: torch.Tensor, val: Features, target: str) -> dict
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Cross-entropy on the primary, or on the top-k set as a uniform target distribution."""
+    """Cross-entropy on the primary, or on the top-k set as a uniform target distribution.
+
+    Every horizon's head at once (logits [B, H, E]; target [B, H] or [B, H, k] expert ids, -1 where a
+    sample has no target at that horizon): each head's mean over its samples, averaged over heads."""
+    if logits.dim() == 3:
+        logp = F.log_softmax(logits.float(), dim=2)
+        ids = target if target.dim() == 3 else target.unsqueeze(2)
+        valid = (ids[:, :, 0] >= 0).float()  # [B, H]
+        per_sample = -logp.gather(2, ids.clamp(min=0)).mean(2)  # [B, H]
+        per_head = (per_sample * valid).sum(0) / valid.sum(0).clamp(min=1.0)
+        return per_head.mean()
     if kind == "primary":
         return F.cross_entropy(logits.float(), target)
     logp = F.log_softmax(logits.float(), dim=1)
@@ -233,7 +244,7 @@ def train_neural(model: nn.Module, batches: SampleBatches | TokenBatches, lr: fl
         model.train()
         total_loss, n_seen = torch.zeros((), device=device), 0
         for batch in batches.epoch(generator):
-            with autocast:
+            with autocast, every_head(model):
                 logits, target = batches.forward(model, batch)
             loss = loss_fn(logits, target, train.target)
             optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,8 @@ Every neural kind maps a batch of samples (the tensors of `routecast.data.batche
 primary, secondary+1, history+1, gating, position, prev+1, extra, token) to logits [N, num_experts] over
 the experts of layer l + lookahead, and sees nothing of layer l + 1 or later of the token.
 `ModelConfig` is plain data, so a checkpoint is the config plus a state dict.
+
+With several `features.horizons` a kind has one output head per horizon (`routecast.predictors.horizons`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ class ModelConfig:
     num_extra: int = 0  # width of extra dense features (spec_logits)
     token_emb: int = 0  # width of the token's embedding (0: features.token off)
     vocab_size: int = 0  # tokens with an embedding row of their own (routecast.predictors.tokens)
+    horizons: tuple[int, ...] = ()  # one output head per horizon (features.horizons); () reads as (lookahead,)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architecture", tuple(int(u) for u in self.architecture))
+        object.__setattr__(self, "horizons", tuple(int(d) for d in self.horizons) or (self.lookahead,))
+
+    @property
+    def heads(self) -> int:
+        return len(self.horizons)
 
     @property
     def slots(self) -> int:
@@ -80,7 +88,8 @@ def neural_config(kind: str, feats: Features, **knobs: object) -> ModelConfig:
     num_extra = m.num_experts if feats.spec_logits is not None else 0
     token_emb = TOKEN_EMB if feats.token is not None else 0
     return ModelConfig(kind, m.num_layers, m.num_experts, m.top_k, m.history_len, m.lookahead, num_prev=num_prev,
-                       num_extra=num_extra, token_emb=token_emb, vocab_size=len(token_vocab(feats)), **knobs)
+                       num_extra=num_extra, token_emb=token_emb, vocab_size=len(token_vocab(feats)),
+                       horizons=m.horizons, **knobs)
 
 
 def token_vocab(feats: Features) -> np.ndarray:

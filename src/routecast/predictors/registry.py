@@ -45,6 +45,7 @@ class Kind:
     load: Callable[[dict[str, Any]], Any]  # a checkpoint's plain config -> the kind's module (weights not loaded)
     serve: Callable[[Any], Any] = _same  # the fitted eval-mode module -> the module the Predictor runs
     reads_token: bool = False  # it reads the `token` feature (features.token)
+    every_horizon: bool = False  # one fit predicts every horizon of features.horizons (routecast.predictors.horizons)
 
 
 _KINDS: dict[str, Kind] = {}

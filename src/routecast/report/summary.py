@@ -491,7 +491,7 @@ def make_plots(repo: Path, rev: str, out_dir: Path, labels: tuple[str, str]) -> 
         if per_layer_old is not None and plotting.per_layer_metric(per_layer_old) != metric:
             per_layer_old = None  # the revision's trace had (or lacked) a primary: another metric
         add(f"Test {'top-2' if metric == 'top2' else 'set recall'} per layer", f"per_layer_{metric}",
-            plotting.per_layer_top2(per_layer, per_layer_old, labels, param(repo, "features.lookahead")),
+            plotting.per_layer_top2(per_layer, per_layer_old, labels, (param(repo, "features.horizons") or [None])[0]),
             f"Every predictor on the test split; thick: the two models; {changed_only}.")
     pairs = read_csv(repo, CONFUSION_CSV, list(CONFUSION_COLUMNS))
     if pairs is not None and len(pairs):  # header only for a trace without a primary

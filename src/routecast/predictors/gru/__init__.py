@@ -73,4 +73,4 @@ def _model() -> Any:  # the kind's torch side, imported only when a model is fit
 
 KIND = register(Kind("gru", GRUParams, GRUSpace, suggest, trial_params, from_trial, starting_points,
                      fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
-                     reads_token=True))
+                     reads_token=True, every_horizon=True))

@@ -16,6 +16,7 @@ from routecast.data.batches import sample_inputs, targets
 from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, TokenBatches, TrainResult, pick_device, train_neural
 from routecast.predictors.gru import GRUParams
+from routecast.predictors.horizons import at_horizon, pick_head
 from routecast.predictors.neural import ModelConfig, neural_config, token_vocab
 from routecast.predictors.tokens import TokenEmbedding
 
@@ -29,6 +30,7 @@ class GRUPredictor(nn.Module):
         L, E = config.num_layers, config.num_experts
         self.slots, self.num_experts, self.lookahead = config.slots, E, config.lookahead  # for TorchScript
         self.sees_primary = config.sees_primary
+        self.heads, self.horizon_head = config.heads, 0  # one head per horizon; the call returns horizon_head's
         # (layer j, expert + 1) pairs: layer-specific expert embeddings, index j * (E + 1) + id.
         self.step_emb = nn.Embedding(L * (E + 1), config.expert_emb)
         self.head_emb = nn.Embedding(L * (E + 1), config.expert_emb)  # secondary, primary, prev at their layers
@@ -38,8 +40,8 @@ class GRUPredictor(nn.Module):
         ids = 1 + config.num_prev + (0 if config.sees_primary else 1)  # secondary, prev, primary
         width = config.hidden + config.expert_emb * ids + config.top_k + 1 + config.num_extra + config.token_emb
         # Per-layer output projection: each layer maps the state (and layer l's other features) to the
-        # next layer's experts with its own weights, held side by side as one [width, slots * E] matrix.
-        self.out = nn.Linear(width, config.slots * E)
+        # next layer's experts (at every horizon) with its own weights, side by side in one matrix.
+        self.out = nn.Linear(width, config.slots * config.heads * E)
         self.token = TokenEmbedding(config.vocab_size, config.token_emb)  # width 0 without features.token
 
     def path_states(self, history: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,8 @@ class GRUPredictor(nn.Module):
             ids.append(base + primary.unsqueeze(1) + 1)
         x = torch.cat([state, self.head_emb(torch.cat(ids, 1)).flatten(1), gating, position.unsqueeze(1), extra,
                        self.token(token)], 1)
-        every_layer = self.out(self.drop(x)).view(x.shape[0], self.slots, self.num_experts)
-        return every_layer[torch.arange(x.shape[0], device=x.device), layer]
+        every_layer = self.out(self.drop(x)).view(x.shape[0], self.slots, self.heads * self.num_experts)
+        return pick_head(every_layer[torch.arange(x.shape[0], device=x.device), layer], self.heads, self.horizon_head)
 
     def forward_tokens(self, history: torch.Tensor, token: torch.Tensor, layer: torch.Tensor, primary: torch.Tensor,
                        secondary: torch.Tensor, gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor,
@@ -81,6 +83,9 @@ class GRUPredictor(nn.Module):
         path = torch.arange(layer.shape[0], device=layer.device)
         return self.forward_tokens(history, path, layer, primary, secondary, gating, position, prev, extra, token)
 
+    def at_horizon(self, d: int) -> nn.Module:
+        return at_horizon(self, d)
+
 
 def fit(params: GRUParams, train: TrainParams, fit_split: Features, val: Features, epochs: int,
         on_epoch: EpochCallback | None, desc: str) -> TrainResult:
@@ -91,7 +96,7 @@ def fit(params: GRUParams, train: TrainParams, fit_split: Features, val: Feature
     model.token.set_vocab(token_vocab(fit_split))
     inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
                            use_token=config.token_emb > 0)
-    batches = TokenBatches(fit_split, inputs, targets(fit_split, train.target), params.batch_tokens,
+    batches = TokenBatches(fit_split, inputs, targets(fit_split, train.target, every_horizon=True), params.batch_tokens,
                            pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
 

@@ -11,6 +11,7 @@ from routecast.config.params import TrainParams
 from routecast.data.batches import Inputs, sample_inputs, targets
 from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, SampleBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.horizons import pick_head
 from routecast.predictors.mlp import MLPParams
 from routecast.predictors.mlp.model import MLP
 from routecast.predictors.neural import ModelConfig, neural_config, token_vocab
@@ -83,7 +84,12 @@ class LookupMLP(MLP):
                            token: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.features(layer, primary, secondary, history, gating, position, prev, extra, token), table],
                       1)
-        return self.scale * table + self.mlp(x)
+        out = self.mlp(x)
+        if self.heads > 1:  # the table (of the main horizon) starts the main head only
+            out = torch.cat([self.scale * table + out[:, :self.num_experts], out[:, self.num_experts:]], 1)
+        else:
+            out = self.scale * table + out
+        return pick_head(out, self.heads, self.horizon_head)
 
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
                 gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
@@ -115,7 +121,7 @@ def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Feature
     """Train the `lookup_mlp` kind: the ladder fitted on the fit_split split goes into the module's buffers,
     and each training sample sees the table's log-probabilities from tables fitted without its own
     sequence (5 folds), so the correction learns how the table errs on unseen sequences. Epoch 0 is
-    the table itself."""
+    the table itself (with one horizon; with more, the table starts the main horizon's head)."""
     config = neural_config("lookup_mlp", fit_split, layer_emb=params.layer_emb, expert_emb=params.expert_emb,
                            architecture=tuple(params.architecture), dropout=params.dropout)
     model = LookupMLP(config)
@@ -124,9 +130,10 @@ def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Feature
     table = torch.from_numpy(cross_fitted_lookup_scores(fit_split, train.target, seed=train.seed, log=True))
     inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
                            use_token=config.token_emb > 0)
-    batches = _TableBatches(inputs, targets(fit_split, train.target), table, train.batch_size,
+    batches = _TableBatches(inputs, targets(fit_split, train.target, every_horizon=True), table, train.batch_size,
                             pick_device(train.device))
-    return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc, score_first=True)
+    # Epoch 0 (the table) is a predictor of the main horizon only: with more heads it is no candidate.
+    return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc, score_first=config.heads == 1)
 
 
 def load(config: dict) -> LookupMLP:

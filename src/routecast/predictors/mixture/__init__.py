@@ -63,4 +63,5 @@ def _em() -> Any:  # the kind's fitting (and, through it, its torch module), imp
 
 
 KIND = register(Kind("mixture", MixtureParams, MixtureSpace, suggest, trial_params, from_trial, starting_points,
-                     fit=lambda *args: _em().fit(*args), load=lambda config: _em().load(config), reads_token=True))
+                     fit=lambda *args: _em().fit(*args), load=lambda config: _em().load(config), reads_token=True,
+                     every_horizon=True))

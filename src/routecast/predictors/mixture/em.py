@@ -194,7 +194,7 @@ def fit(params: MixtureParams, train: TrainParams, fit_split: Features, val: Fea
                            params.smoothing, params.iterations, params.restarts,
                            num_prev=m.top_k if fit_split.prev_experts is not None else 0, token=use_token,
                            vocab_size=len(build_vocab(fit_split, TOKEN_MIN_COUNT)) if use_token else 0,
-                           target=train.target)
+                           target=train.target, horizons=m.horizons)
     start = time.perf_counter()
     module = fit_mixture(config, fit_split, seed=train.seed)
     result = scored_once(module, train, fit_split, val, epochs, time.perf_counter() - start, on_epoch)

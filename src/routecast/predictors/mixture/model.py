@@ -11,6 +11,8 @@ token shares row 0).
 A prediction for layer l + lookahead filters the type posterior along what the sample shows
 (the primaries at layers 0..l, the secondary at l, the previous token's expert, the token), then pushes it
 through the type's transition(s): exactly the synthetic oracle's computation with fitted tables.
+Every horizon d of `features.horizons` is the same posterior pushed d steps (`at_horizon(d)`): one
+fit answers them all.
 A transition with an unseen end (a missing row, a truncated history) is skipped. Gate weights
 and position are not used (in the synthetic generator they carry nothing about the type).
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from routecast.predictors.horizons import at_horizon
 from routecast.predictors.tokens import token_rows
 
 
@@ -46,6 +49,10 @@ class MixtureConfig:
     token: bool = False  # read the token (features.token): one more per-type emission
     vocab_size: int = 0  # tokens with a row of their own in that emission (row 0: every other token)
     target: str = "primary"  # primary | set: what the module's output ranks
+    horizons: tuple[int, ...] = ()  # every horizon it predicts (features.horizons); () reads as (lookahead,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "horizons", tuple(self.horizons) or (self.lookahead,))
 
     @property
     def kind(self) -> str:
@@ -75,9 +82,13 @@ class MixtureModule(nn.Module):
         super().__init__()
         self.config = config
         self.lookahead = config.lookahead  # a plain attribute for TorchScript
+        self.heads, self.horizon_head = len(config.horizons), 0  # the call returns horizon_head's (-1: every one)
         Z, L, E, la = config.num_types, config.num_layers, config.num_experts, config.lookahead
+        # out_table: P(target at l + d = e | type, l, primary at l); with several horizons one per horizon
+        # [H, L - la, E, Z, E] (a horizon d's rows past L - d are zeros: no sample reads them)
+        out = (L - la, E, Z, E) if self.heads == 1 else (self.heads, L - la, E, Z, E)
         shapes = {"log_prior": (Z,), "log_init": (E, Z), "log_trans": (L - 1, E, E, Z), "log_second": (L, E, E, Z),
-                  "log_prev": (L, E, Z) if config.num_prev else (0,), "out_table": (L - la, E, Z, E),
+                  "log_prev": (L, E, Z) if config.num_prev else (0,), "out_table": out,
                   "log_token": (config.vocab_size + 1, Z) if config.token else (0,)}
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(shape))
@@ -98,12 +109,21 @@ class MixtureModule(nn.Module):
             if tables.token is not None and c.token:
                 self.log_token = torch.from_numpy(np.log(tables.token).T.copy()).float()
                 self.vocab = torch.from_numpy(np.asarray(tables.vocab, dtype=np.int64))
-        ahead = tables.trans[:, 0:L - la]  # [Z, S, E, E]: lookahead-step transition from layer l
-        for d in range(1, la):
-            ahead = np.einsum("zlab,zlbc->zlac", ahead, tables.trans[:, d:L - la + d])
-        if c.target == "set" and c.top_k > 1:  # P(e in the target layer's top-k): primary or first secondary
-            ahead = ahead + np.einsum("zlab,zlbc->zlac", ahead, tables.second[:, la:])
-        self.out_table = torch.from_numpy(ahead.transpose(1, 2, 0, 3).copy()).float()  # [S, E, Z, E]
+        per_horizon = []
+        for d in c.horizons:
+            ahead = tables.trans[:, 0:L - d]  # [Z, L - d, E, E]: the d-step transition from layer l
+            for step in range(1, d):
+                ahead = np.einsum("zlab,zlbc->zlac", ahead, tables.trans[:, step:L - d + step])
+            if c.target == "set" and c.top_k > 1:  # P(e in the target layer's top-k): primary or first secondary
+                ahead = ahead + np.einsum("zlab,zlbc->zlac", ahead, tables.second[:, d:])
+            padded = np.zeros((tables.trans.shape[0], L - la, *ahead.shape[2:]))
+            padded[:, :L - d] = ahead
+            per_horizon.append(padded.transpose(1, 2, 0, 3))  # [L - la, E, Z, E]
+        out = per_horizon[0] if self.heads == 1 else np.stack(per_horizon)
+        self.out_table = torch.from_numpy(np.ascontiguousarray(out)).float()
+
+    def at_horizon(self, d: int) -> nn.Module:
+        return at_horizon(self, d)
 
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
                 gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
@@ -126,5 +146,10 @@ class MixtureModule(nn.Module):
         if self.log_token.dim() == 2:
             ll = ll + self.log_token[token_rows(self.vocab, token)]
         post = torch.softmax(ll, dim=1)  # P(type | what the sample shows)
-        probs = torch.einsum("nz,nze->ne", post, self.out_table[layer, primary])
+        if self.heads == 1:
+            probs = torch.einsum("nz,nze->ne", post, self.out_table[layer, primary])
+        elif self.horizon_head >= 0:
+            probs = torch.einsum("nz,nze->ne", post, self.out_table[self.horizon_head, layer, primary])
+        else:  # every horizon: [N, H, E]
+            probs = torch.einsum("nz,hnze->nhe", post, self.out_table[:, layer, primary])
         return torch.log(probs.clamp_min(1e-12))

@@ -116,4 +116,4 @@ def _model() -> Any:  # the kind's torch side, imported only when a model is fit
 
 KIND = register(Kind("mlp", MLPParams, MLPSpace, suggest, trial_params, from_trial, starting_points,
                      fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
-                     serve=lambda module: _model().serve(module), reads_token=True))
+                     serve=lambda module: _model().serve(module), reads_token=True, every_horizon=True))

@@ -16,6 +16,7 @@ from routecast.config.params import TrainParams
 from routecast.data.batches import sample_inputs, targets
 from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, SampleBatches, TrainResult, pick_device, train_neural
+from routecast.predictors.horizons import at_horizon, pick_head
 from routecast.predictors.mlp import MLPParams
 from routecast.predictors.neural import ModelConfig, hidden_blocks, neural_config, token_vocab
 from routecast.predictors.tokens import TokenEmbedding, token_rows
@@ -29,12 +30,13 @@ class MLP(nn.Module):
         self.config = config
         width = config.input_width + extra_inputs  # the features, and what a subclass adds to them
         self.sees_primary = config.sees_primary  # plain attributes for TorchScript
+        self.heads, self.horizon_head = config.heads, 0  # one head per horizon; the call returns horizon_head's
         self.register_buffer("slot", torch.arange(config.history_len).unsqueeze(0), persistent=False)
         self.layer_emb = nn.Embedding(config.num_layers, config.layer_emb)
         self.expert_emb = nn.Embedding(config.num_experts + 1, config.expert_emb, padding_idx=0)
         last = config.architecture[-1] if config.architecture else width
         self.mlp = nn.Sequential(*hidden_blocks(width, config.architecture, config.dropout),
-                                 nn.Linear(last, config.num_experts))
+                                 nn.Linear(last, config.num_experts * config.heads))
         self.token = TokenEmbedding(config.vocab_size, config.token_emb)  # width 0 without features.token
 
     def features(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
@@ -52,7 +54,11 @@ class MLP(nn.Module):
     def forward(self, layer: torch.Tensor, primary: torch.Tensor, secondary: torch.Tensor, history: torch.Tensor,
                 gating: torch.Tensor, position: torch.Tensor, prev: torch.Tensor, extra: torch.Tensor,
                 token: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.features(layer, primary, secondary, history, gating, position, prev, extra, token))
+        out = self.mlp(self.features(layer, primary, secondary, history, gating, position, prev, extra, token))
+        return pick_head(out, self.heads, self.horizon_head)
+
+    def at_horizon(self, d: int) -> nn.Module:
+        return at_horizon(self, d)
 
 
 class FusedMLP(nn.Module):
@@ -64,6 +70,7 @@ class FusedMLP(nn.Module):
         c = model.config
         L, E, H, k, X, P, T = c.num_layers, c.num_experts, c.history_len, c.top_k, c.num_extra, c.num_prev, c.token_emb
         self.sees_primary = c.sees_primary
+        self.heads, self.horizon_head = model.heads, model.horizon_head
         linears = [m for m in model.mlp if isinstance(m, nn.Linear)]
         norms = [m for m in model.mlp if isinstance(m, nn.BatchNorm1d)]
         slopes = {m.negative_slope for m in model.mlp if isinstance(m, nn.LeakyReLU)}
@@ -104,7 +111,7 @@ class FusedMLP(nn.Module):
         x = torch.addmm(self.bias, dense, self.dense_weight) + F.embedding_bag(index, self.table, mode="sum")
         for lin in self.hidden:
             x = lin(F.leaky_relu(x, self.negative_slope))
-        return x
+        return pick_head(x, self.heads, self.horizon_head)
 
 
 def _fold(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +131,8 @@ def fit(params: MLPParams, train: TrainParams, fit_split: Features, val: Feature
     model.token.set_vocab(token_vocab(fit_split))
     inputs = sample_inputs(fit_split, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
                            use_token=config.token_emb > 0)
-    batches = SampleBatches(inputs, targets(fit_split, train.target), train.batch_size, pick_device(train.device))
+    batches = SampleBatches(inputs, targets(fit_split, train.target, every_horizon=True), train.batch_size,
+                            pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
 
 
