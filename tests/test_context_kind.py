@@ -129,7 +129,8 @@ def test_without_earlier_tokens_nothing_of_them_is_read() -> None:
 
 def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, tmp_path: Path) -> None:
     """predict_context (the engine's call: the last tokens' routing, the predicted token's layers past
-    l unknown) gives what evaluate gives for whole sequences; an export is refused with a clear error."""
+    l unknown) gives what evaluate gives for whole sequences, and so does its .pt2 export (a .ts is
+    refused with a clear error: TorchScript does not compile the transformer)."""
     from routecast.errors import InputError
     from routecast.predictors.context.model import tokens_of
     from routecast.predictors.serve import Predictor
@@ -144,9 +145,9 @@ def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, 
     # one test sequence's first `window` tokens: evaluate reads token t with tokens 0..t before it
     seq = test.take(test.seq_id == test.seq_id[0])
     tokens = tokens_of(seq, TINY["window"])
-    for suffix in (".ts", ".pt2"):
-        with pytest.raises(InputError, match="no .ts or .pt2 export yet"):
-            predictor.export(tmp_path / f"c{suffix}")
+    with pytest.raises(InputError, match=r"c\.ts: the context kind exports to \.pt2 only"):
+        predictor.export(tmp_path / "c.ts")
+    exported = Predictor.load(predictor.export(tmp_path / "c.pt2"))
     for t in range(min(len(tokens.row), TINY["window"])):
         route, key = tokens.route[None, :t + 1] - 1, tokens.key[None, :t + 1]
         for layer in np.flatnonzero(tokens.row[t] >= 0):
@@ -155,6 +156,8 @@ def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, 
             call = predictor.predict_context(now, key, k=E)
             want = expected[tokens.row[t, layer]]
             torch.testing.assert_close(call.scores[0, layer], want[call.experts[0, layer]], rtol=0, atol=1e-5)
+            from_export = exported.predict_context(now, key, k=E)
+            torch.testing.assert_close(from_export.scores, call.scores, rtol=0, atol=1e-5)
     with pytest.raises(InputError, match="predict_context"):
         predictor.predict([0], [[1]], [[1, 2]], [[0.5, 0.5]], [0])
     with pytest.raises(InputError, match="pass key"):

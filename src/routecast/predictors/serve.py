@@ -156,13 +156,14 @@ class Predictor:
             raise InputError(f"{path}: export to .pt2 (torch.export) or .ts (TorchScript)")
         if not isinstance(self.module, nn.Module) or isinstance(self.module, torch.jit.ScriptModule):
             raise InputError("export from a checkpoint-built Predictor (Predictor.load of a .pt)")
-        if self.info.get("sequences"):
-            raise InputError("the context kind has no .ts or .pt2 export yet (TorchScript does not compile its "
-                             "transformer); call predict_context on the .pt checkpoint")
+        if self.info.get("sequences") and path.suffix == ".ts":
+            raise InputError(f"{path}: the context kind exports to .pt2 only (TorchScript does not compile its "
+                             f"transformer)")
         info = {"routecast.json": json.dumps(self.info)}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             if path.suffix == ".pt2":
-                torch.export.save(_export_program(self.module), fh, extra_files=info)
+                program = _export_context(self.module) if self.info.get("sequences") else _export_program(self.module)
+                torch.export.save(program, fh, extra_files=info)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 steers to torch.export
@@ -359,6 +360,28 @@ def _export_program(engine: EngineModule) -> torch.export.ExportedProgram:
                torch.zeros((n, engine.num_prev), dtype=torch.long), torch.full((n,), -1, dtype=torch.long))
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     return torch.export.export(_PredictAll(engine), example, dynamic_shapes=tuple({0: batch} for _ in example))
+
+
+class _PredictContext(nn.Module):
+    """ContextEngine.predict with k = num_experts (the full ranking; a caller slices its k)."""
+
+    def __init__(self, engine: nn.Module) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, route: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine.predict(route, key, self.engine.num_experts)
+
+
+def _export_context(engine: nn.Module) -> torch.export.ExportedProgram:
+    """The context kind's engine call with a dynamic batch and a dynamic number of tokens (1 to window)."""
+    b, w = 2, max(2, min(4, engine.window))
+    example = (torch.full((b, w, engine.num_layers, engine.top_k), -1, dtype=torch.long),
+               torch.full((b, w), -1, dtype=torch.long))
+    batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    tokens = torch.export.Dim("tokens", min=1, max=max(engine.window, 2))
+    return torch.export.export(_PredictContext(engine), example,
+                               dynamic_shapes=({0: batch, 1: tokens}, {0: batch, 1: tokens}))
 
 
 class _ExportedModule:

@@ -137,7 +137,6 @@ class ContextPredictor(nn.Module):
         block = nn.TransformerEncoderLayer(d, config.heads, 2 * d, config.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.context = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
-        self.register_buffer("causal", torch.triu(torch.full((config.window, config.window), float("-inf")), 1))
         self.norm = nn.LayerNorm(d)
         # The wide part: tables from the current set, and from the previous token's set at the target
         # layer, straight to the logits (zero at the start), as the set_lookup reference counts them.
@@ -147,6 +146,10 @@ class ContextPredictor(nn.Module):
         nn.init.zeros_(self.wide_prev.weight)
         self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, E))
         self.drop = nn.Dropout(config.dropout)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        state_dict.pop(prefix + "causal", None)  # checkpoints that kept the mask as a buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def token_index(self, key: torch.Tensor) -> torch.Tensor:
         """Embedding row of each token key: 1 + its place in the vocabulary, 0 if not in it."""
@@ -167,8 +170,11 @@ class ContextPredictor(nn.Module):
         previous = F.pad(z, (0, 0, 0, 0, 1, 0))[:, :W]  # token t-1's z (zeros before the window's first)
         whole = self.whole(previous.reshape(B, W, L * d))
         whole[:, 0] = self.start
-        x = whole + token + self.pos_emb.weight[:W]
-        ctx = self.context(self.drop(x), mask=self.causal[:W, :W], is_causal=True)  # [B, W, d]
+        # positions and the causal mask made for W tokens (not sliced from window-sized ones: a slice
+        # would tie torch.export's dynamic token count to W < window)
+        x = whole + token + self.pos_emb(torch.arange(W, device=route.device))
+        causal = torch.triu(torch.full((W, W), float("-inf"), device=route.device), 1)
+        ctx = self.context(self.drop(x), mask=causal, is_causal=True)  # [B, W, d]
         h = (ctx.unsqueeze(2) + path.view(B, W, S, d) + self.prev_at_target(previous[:, :, self.lookahead:])
              + self.layer_emb.weight)
         wide = wide + self.wide_prev(F.pad(route, (0, 0, 0, 0, 1, 0))[:, :W, self.lookahead:] + offset).sum(3)
