@@ -164,13 +164,22 @@ def test_learns_a_deterministic_router_at_every_horizon(kind: str, tmp_path: Pat
     predictor = Predictor.from_model(result.model)
     got = predictor.predict_features(test, k=E)
     np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(scores, got.experts.numpy(), 1), atol=1e-5)
-    exported = Predictor.load(predictor.export(tmp_path / "m.ts")).predict_features(test, k=E)
-    torch.testing.assert_close(exported.scores, got.scores, rtol=0, atol=1e-5)
+    script = Predictor.load(predictor.export(tmp_path / "m.ts"))
+    torch.testing.assert_close(script.predict_features(test, k=E).scores, got.scores, rtol=0, atol=1e-5)
     ahead = test.at_horizon(3)
     assert len(ahead) == len(test) * 3 // 5  # layers 0..2 of the five with a next layer
     np.testing.assert_array_equal(ahead.target, (ahead.primary + 3 * ahead.layer + 6) % E)
     scores = ModelScorer(kind, result.model.at_horizon(3)).scores(ahead)
     assert (scores.argmax(1) == ahead.target).mean() > 0.97, kind
+    # one engine call per layer gives both horizons: the first's `predict`, then horizon 3's head
+    assert predictor.horizons == script.horizons == [1, 3]
+    for engine in (predictor, script):
+        every = engine.predict_features(test, k=E, every_horizon=True)
+        assert every.experts.shape == (len(test), 2, E)
+        torch.testing.assert_close(every.scores[:, 0], got.scores, rtol=0, atol=1e-5)
+        rows = np.flatnonzero(test.horizon_set[:, 1, 0] >= 0)  # the samples with a layer l + 3
+        want = np.take_along_axis(scores, every.experts[rows, 1].numpy(), 1)
+        np.testing.assert_allclose(every.scores[rows, 1].numpy(), want, atol=1e-5)
     with pytest.raises(ValueError, match=r"horizon 2: this .* predicts \[1, 3\]"):
         result.model.at_horizon(2)
     save_checkpoint(tmp_path / "m.pt", result.model, {"position_scale": test.meta.position_scale})

@@ -29,6 +29,7 @@ the `.pt2`.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 import zipfile
@@ -60,11 +61,19 @@ class EngineModule(nn.Module):
     `layer` ignored), experts [N, k] (the top-k at `layer`, best first), weights [N, k],
     token_pos [N], extra [N, X], prev [N, P] (the previous token's top-k at the target layer,
     -1 unknown; P = 0 unless trained with features.prev_token), token [N] (the token's key, -1:
-    none; read only by a model trained with features.token))."""
+    none; read only by a model trained with features.token)).
+
+    `predict_horizons` gives every horizon of a kind with one head per horizon (features.horizons)
+    from the same call: `every` is the core answering with every head (the same weights)."""
 
     def __init__(self, core: nn.Module, config: Any, position_scale: float) -> None:
         super().__init__()
         self.core = core
+        self.horizons = list(getattr(config, "horizons", (config.lookahead,)))
+        self.every: nn.Module | None = None
+        if len(self.horizons) > 1:
+            self.every = copy.copy(core)  # shares every parameter and buffer
+            self.every.horizon_head = -1
         self.num_layers, self.num_experts, self.top_k = config.num_layers, config.num_experts, config.top_k
         self.history_len, self.lookahead = config.history_len, config.lookahead
         self.num_prev, self.num_extra = config.num_prev, config.num_extra
@@ -74,6 +83,29 @@ class EngineModule(nn.Module):
 
     def forward(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                 token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        x = self.inputs(layer, history, experts, weights, token_pos, extra, prev, token)
+        return self.core(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8])
+
+    @torch.jit.export
+    def predict_horizons(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor,
+                         weights: torch.Tensor, token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor,
+                         token: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts at layer l + d for every horizon d, best first ([N, horizons, k]), and their
+        probabilities (softmax over all, per horizon)."""
+        x = self.inputs(layer, history, experts, weights, token_pos, extra, prev, token)
+        every = self.every
+        if every is not None:
+            logits = every(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8])
+        else:
+            logits = self.core(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8]).unsqueeze(1)
+        scores, best = torch.softmax(logits, dim=2).topk(k, dim=2)
+        return best, scores
+
+    def inputs(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+               token_pos: torch.Tensor, extra: torch.Tensor, prev: torch.Tensor, token: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The raw state as the kind's inputs (routecast.data.batches.Inputs' order)."""
         layer = layer.long()
         history = history.long()
         if history.shape[1] < self.history_len:
@@ -85,8 +117,8 @@ class EngineModule(nn.Module):
         else:
             secondary = torch.zeros_like(primary)
         position = torch.clamp(token_pos.float() / self.position_scale, max=1.0)
-        return self.core(layer, primary, secondary, hist, weights.float(), position, (prev.long() + 1).clamp(min=0),
-                         extra.float(), token.long())
+        return (layer, primary, secondary, hist, weights.float(), position, (prev.long() + 1).clamp(min=0),
+                extra.float(), token.long())
 
     @torch.jit.export
     def predict(self, layer: torch.Tensor, history: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
@@ -120,8 +152,9 @@ class Predictor:
         if hasattr(model, "predict_samples"):  # a kind that reads the sequence so far (context)
             from routecast.predictors.context.model import ContextEngine
 
-            info = {name: getattr(config, name) for name in _INFO if name != "reads_token"}
+            info = {name: getattr(config, name) for name in _INFO if name not in ("reads_token", "horizons")}
             return cls(ContextEngine(model), info | {"reads_token": config.reads_token, "sequences": True,
+                                                     "horizons": [config.lookahead],
                                                      "position_scale": float(position_scale), "window": config.window})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
@@ -205,6 +238,28 @@ class Predictor:
         return Prediction(best, scores)
 
     @torch.inference_mode()
+    def predict_horizons(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any,
+                         extra: Any = None, prev: Any = None, k: int | None = None, token: Any = None) -> Prediction:
+        """`predict` for every horizon d of `features.horizons` at once (`horizons`): the k experts
+        expected at layer l + d, best first, with probabilities, [N, len(horizons), k]. One call per
+        layer; a model of one horizon gives [N, 1, k]. Not in a .pt2 export (its program is `predict`)."""
+        self._per_call("predict one layer's call")
+        k = k or self.top_k
+        if not 1 <= k <= self.info["num_experts"]:
+            raise InputError(f"k={k}: must be in [1, num_experts={self.info['num_experts']}]")
+        if not hasattr(self.module, "predict_horizons"):
+            raise InputError("a .pt2 export holds `predict` (the first horizon) only: Predictor.load the .pt or "
+                             "its .ts export for every horizon")
+        args = self._args(layer, history, experts, weights, token_pos, extra, prev, token)
+        best, scores = self.module.predict_horizons(*args, k)
+        return Prediction(best, scores)
+
+    @property
+    def horizons(self) -> list[int]:
+        """The horizons d it predicts (layer l + d), the first being `predict`'s."""
+        return list(self.info.get("horizons") or [self.info["lookahead"]])
+
+    @torch.inference_mode()
     def predict_context(self, route: Any, key: Any = None, k: int | None = None) -> Prediction:
         """A kind that reads the sequence so far (`context`), once per layer: the k (default top_k)
         experts expected for the last token of each sequence at every layer l + lookahead, best
@@ -237,9 +292,10 @@ class Predictor:
         best, scores = self.module.predict(route, key, k)
         return Prediction(best, scores)
 
-    def predict_features(self, feats: Features, k: int | None = None) -> Prediction:
+    def predict_features(self, feats: Features, k: int | None = None, every_horizon: bool = False) -> Prediction:
         """Offline: predict for encoded samples (the evaluate stage's inputs; for a kind that reads
-        the sequence so far, whole sequences in order, as every split keeps them, from its checkpoint)."""
+        the sequence so far, whole sequences in order, as every split keeps them, from its checkpoint);
+        `every_horizon`: `predict_horizons`' [N, horizons, k]."""
         if self.info.get("sequences"):
             k = k or self.top_k
             if not isinstance(self.module, nn.Module) or not hasattr(self.module, "core"):
@@ -261,7 +317,8 @@ class Predictor:
         if self.info.get("reads_token") and token is None:
             raise InputError("this model was trained with features.token, but these samples have no token column: "
                              "encode them with features.token: true")
-        return self.predict(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k, token)
+        call = self.predict_horizons if every_horizon else self.predict
+        return call(feats.layer, history, experts, feats.gating, token_pos, extra, prev, k, token)
 
     def _per_call(self, what: str) -> None:
         if self.info.get("sequences"):
@@ -322,7 +379,8 @@ def _check_range(name: str, tensor: torch.Tensor, low: int, high: int) -> None:
         raise InputError(f"{name}: {bad} out of range [{low}, {high}]")
 
 
-_INFO = ("num_layers", "num_experts", "top_k", "history_len", "lookahead", "num_prev", "num_extra", "reads_token")
+_INFO = ("num_layers", "num_experts", "top_k", "history_len", "lookahead", "num_prev", "num_extra", "reads_token",
+         "horizons")
 
 
 def _info(engine: EngineModule) -> dict[str, Any]:
