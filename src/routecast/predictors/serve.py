@@ -3,6 +3,8 @@
     from routecast import Predictor
     predictor = Predictor.load("data/models/tuned.pt")          # a train_full checkpoint
     experts, scores = predictor.predict(layer, history, experts_now, weights_now, token_pos)
+    # trained with several features.horizons: every horizon's top-k, [N, horizons, k], from one call
+    experts, scores = predictor.predict_horizons(layer, history, experts_now, weights_now, token_pos)
     # trained with features.token: also token=the token's id (or routecast.data.features.text_keys of its text)
     predictor.export("tuned.ts")                                 # TorchScript (or .pt2: torch.export)
     predictor = Predictor.load("tuned.ts")                       # the export, without the checkpoint
