@@ -19,13 +19,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import routecast  # noqa: E402,F401  -- before torch: the CPU code paths routecast trains with
-from bench_predictor import E, H, K, L, engine_inputs, latencies  # noqa: E402
+from bench_predictor import E, H, K, L, engine_inputs, latencies, random_mixture  # noqa: E402
 from common import machine, write_result  # noqa: E402
 
 # isort: split
 import torch  # noqa: E402
 
-from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables  # noqa: E402
 from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
 from routecast.predictors.serve import Predictor  # noqa: E402
 
@@ -42,12 +41,7 @@ def models() -> dict[str, torch.nn.Module]:
                                                        architecture=(512, 512))),
         "gru": build_model(ModelConfig("gru", **shape, expert_emb=32, hidden=128)),
     }
-    rng = np.random.default_rng(0)
-    Z = 32
-    tables = MixtureTables(rng.dirichlet(np.ones(Z)), rng.dirichlet(np.ones(E), (Z,)),
-                           rng.dirichlet(np.ones(E), (Z, L - 1, E)), rng.dirichlet(np.ones(E), (Z, L, E)),
-                           prev=None, token=None, vocab=None, loglik=0.0)
-    out["mixture"] = MixtureModule(MixtureConfig(L, E, K, H, num_types=Z, horizons=HORIZONS), tables)
+    out["mixture"] = random_mixture(HORIZONS)
     return {name: m.eval() for name, m in out.items()}
 
 

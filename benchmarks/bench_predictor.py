@@ -46,13 +46,18 @@ def models() -> dict[str, torch.nn.Module]:
                                               architecture=(512, 512))),
         "gru": build_model(ModelConfig("gru", **shape, expert_emb=32, hidden=128)),
     }
+    out["mixture"] = random_mixture()
+    return {name: m.eval() for name, m in out.items()}
+
+
+def random_mixture(horizons: tuple[int, ...] = (), num_types: int = 32) -> MixtureModule:
+    """A mixture of random tables (Dirichlet rows) at the benchmark's shape."""
     rng = np.random.default_rng(0)
-    Z = 32
+    Z = num_types
     tables = MixtureTables(rng.dirichlet(np.ones(Z)), rng.dirichlet(np.ones(E), (Z,)),
                            rng.dirichlet(np.ones(E), (Z, L - 1, E)), rng.dirichlet(np.ones(E), (Z, L, E)),
                            prev=None, token=None, vocab=None, loglik=0.0)
-    out["mixture"] = MixtureModule(MixtureConfig(L, E, K, H, num_types=Z), tables)
-    return {name: m.eval() for name, m in out.items()}
+    return MixtureModule(MixtureConfig(L, E, K, H, num_types=Z, horizons=horizons), tables)
 
 
 def engine_inputs(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:

@@ -52,6 +52,14 @@ def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]
     return min(times), times
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory, or its children's (dvc and the stages it ran) if larger: GiB."""
+    import resource
+
+    return round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20, 2)
+
+
 def write_result(name: str, result: dict[str, object]) -> Path:
     result = {**result, "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}
     result.setdefault("machine", {})["load_after"] = os.getloadavg()[0]  # type: ignore[index]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common import machine, write_result  # noqa: E402
+from common import machine, peak_rss_gib, write_result  # noqa: E402
 from conftest import copy_repo, run, set_params  # noqa: E402
 
 LOG = ROOT.parent / "shared" / "traces" / "deepseek-v2-lite-chat-puffin"
@@ -163,9 +162,7 @@ def main() -> None:
         if not args.no_ablation:
             result["ablation"] = ablation(repo, tune["best_params"])
     result["seconds"] = round(time.perf_counter() - start, 1)
-    # this process's peak, and its children's (dvc and the stages it ran): the larger is the run's
-    result["peak_rss_gib"] = round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20, 2)
+    result["peak_rss_gib"] = peak_rss_gib()
     write_result("deepseek_log", result)
 
 

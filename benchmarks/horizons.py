@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common import machine, write_result  # noqa: E402
+from common import machine, peak_rss_gib, write_result  # noqa: E402
 from conftest import copy_repo, run  # noqa: E402
 
 HORIZONS = [1, 2, 4, 8]
@@ -68,8 +67,7 @@ def main() -> None:
         result["per_horizon"] = [horizon_summary(evaluate, HORIZONS[0])] + [
             horizon_summary(evaluate["horizons"][str(d)], d) for d in HORIZONS[1:]]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["peak_rss_gib"] = round(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20, 2)
+    result["peak_rss_gib"] = peak_rss_gib()
     write_result("horizons", result)
 
 

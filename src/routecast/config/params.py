@@ -499,21 +499,20 @@ class Params:
 
     def idle_knobs(self) -> list[str]:
         """Knobs set to something that the chosen predictors do not read (valid, but doing nothing for them)."""
-        notes = []
+        checks = []  # (knob is set, the kinds' flag, what a kind without it misses, what the others do)
         if self.features.token:
-            for name in ("baseline", "tuned"):
-                kind = self.model(name).kind
-                if not registry.get(kind).reads_token:
-                    readers = ", ".join(sorted(k for k in registry.names() if registry.get(k).reads_token))
-                    notes.append(f"features.token: {name} (kind {kind}) does not read the token; the kinds {readers} "
-                                 f"and the token_table reference do")
+            checks.append(("features.token", "reads_token", "does not read the token",
+                           "and the token_table reference do"))
         if len(self.features.horizons) > 1:
+            checks.append(("features.horizons", "every_horizon", "predicts the first horizon only",
+                           "and the references predict every horizon"))
+        notes = []
+        for knob, flag, misses, others in checks:
             for name in ("baseline", "tuned"):
                 kind = self.model(name).kind
-                if not registry.get(kind).every_horizon:
-                    kinds = ", ".join(sorted(k for k in registry.names() if registry.get(k).every_horizon))
-                    notes.append(f"features.horizons: {name} (kind {kind}) predicts the first horizon only; the kinds "
-                                 f"{kinds} and the references predict every horizon")
+                if not getattr(registry.get(kind), flag):
+                    kinds = ", ".join(sorted(k for k in registry.names() if getattr(registry.get(k), flag)))
+                    notes.append(f"{knob}: {name} (kind {kind}) {misses}; the kinds {kinds} {others}")
         return notes
 
     def model(self, name: str) -> ModelParams:
