@@ -1,10 +1,10 @@
-"""The default synthetic pipeline predicting several layers ahead (`features.horizons: [1, 2, 4, 8]`),
-into benchmarks/results/horizons.json:
+"""The default synthetic pipeline predicting several layers ahead and the next token
+(`features.horizons: [1, 2, 4, 8]`, `features.next_token: true`), into benchmarks/results/horizons.json:
 
 - one plain `dvc repro` in a fresh copy of the repository with only that knob changed (the
   default trace, tune, both models, every reference, the oracle, the prefetch stage), timed whole
   and per stage (each stage logs its own time and peak memory);
-- per horizon: the tuned and baseline models' test top-2 and set recall with their intervals,
+- per horizon, and for the next token: the tuned and baseline models' test top-2 and set recall with their intervals,
   their share of the oracle, the best table (the reference with the highest top-2, the oracle
   and the models aside) and the tuned model's paired difference over it.
 
@@ -38,7 +38,7 @@ def horizon_summary(block: dict, d: int) -> dict[str, object]:
     tables = {name: entry["top2"] for name, entry in block.items()
               if isinstance(entry, dict) and "top2" in entry and name not in NOT_TABLES}
     best = max(tables, key=tables.get)
-    out: dict[str, object] = {"horizon": d, "n_test": block["tuned"]["n_test"], "best_table": best}
+    out: dict[str, object] = {"horizon": d if d else "next_token", "n_test": block["tuned"]["n_test"], "best_table": best}
     for name in (*MODELS, "oracle", best):
         entry = block.get(name)
         if entry is None:
@@ -51,10 +51,10 @@ def horizon_summary(block: dict, d: int) -> dict[str, object]:
 
 
 def main() -> None:
-    result: dict[str, object] = {"machine": machine(), "horizons": HORIZONS}
+    result: dict[str, object] = {"machine": machine(), "horizons": HORIZONS, "next_token": True}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        repo = copy_repo(Path(tmp) / "repo", {"features.horizons": HORIZONS}, tiny=False)
+        repo = copy_repo(Path(tmp) / "repo", {"features.horizons": HORIZONS, "features.next_token": True}, tiny=False)
         proc = run(["dvc", "repro"], repo)
         result["repro_seconds"] = round(time.perf_counter() - start, 1)
         stages: dict[str, dict[str, float]] = {}
@@ -65,7 +65,8 @@ def main() -> None:
         tune = json.loads((repo / "metrics" / "tune.json").read_text())
         result["tuned_kind"] = tune["best_params"]["kind"]
         result["per_horizon"] = [horizon_summary(evaluate, HORIZONS[0])] + [
-            horizon_summary(evaluate["horizons"][str(d)], d) for d in HORIZONS[1:]]
+            horizon_summary(evaluate["horizons"][str(d)], d) for d in HORIZONS[1:]] + [
+            horizon_summary(evaluate["horizons"]["next_token"], 0)]
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["peak_rss_gib"] = peak_rss_gib()
     write_result("horizons", result)

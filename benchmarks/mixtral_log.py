@@ -9,6 +9,11 @@ them into 6 sequences of up to 64 tokens, so a split by sequence has units (1 te
 
     .venv/bin/python benchmarks/mixtral_log.py            # 5 split seeds + the cross-problem run
     .venv/bin/python benchmarks/mixtral_log.py --seeds 0   # one seed
+    .venv/bin/python benchmarks/mixtral_log.py --horizons 1 2 4 8 --next-token --no-cross
+
+With `--horizons` (and `--next-token`) each seed trains every target and the result
+(benchmarks/results/mixtral_log_horizons.json) adds, per target, the validation and test top-2 of
+the tuned model, the baseline and the best table on validation (the references, oracle aside).
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ PARAMS = {
 COMPARED = ("tuned", "baseline", "lookup_3", "boosted_trees", "frequency")
 
 
+MODELS = ("tuned", "baseline")
+
+
+def target_summary(block: dict) -> dict[str, object]:
+    """One target's figures: the models' and the best table's (by validation top-2) validation and test
+    top-2, and whether the tuned model is at or above that table on validation."""
+    val = block["validation"]
+    tables = {p: m["top2"] for p, m in val.items() if p not in (*MODELS, "oracle") and m.get("top2") is not None}
+    best = max(tables, key=tables.get)
+    out: dict[str, object] = {"best_table": best, "tuned_at_or_above_best_table_on_validation":
+                              val["tuned"]["top2"] >= val[best]["top2"]}
+    for p in (*MODELS, best):
+        out[p] = {"validation_top2": val[p]["top2"], "test_top2": block[p]["top2"],
+                  "test_top2_lo": block[p].get("top2_lo"), "test_top2_hi": block[p].get("top2_hi")}
+    return out
+
+
 def reproduce(params: dict[str, object], workdir: Path) -> dict[str, object]:
     repo = copy_repo(workdir, params, tiny=False)
     start = time.perf_counter()
@@ -61,6 +83,10 @@ def reproduce(params: dict[str, object], workdir: Path) -> dict[str, object]:
         "tuned_vs": evaluate["tuned"]["vs"],
         "prefetch": prefetch,
     }
+    if "horizons" in evaluate:
+        main = {p: evaluate[p] for p in evaluate["validation"]} | {"validation": evaluate["validation"]}
+        out["per_horizon"] = {"main": target_summary(main)} | {
+            name: target_summary(block) for name, block in evaluate["horizons"].items()}
     if "extra_tests" in evaluate:
         out["extra_tests"] = {name: {p: {k: m[p][k] for k in ("top2", "top2_lo", "top2_hi", "set_recall")}
                                      for p in COMPARED} for name, m in evaluate["extra_tests"].items()}
@@ -71,21 +97,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="split.seed values")
     parser.add_argument("--no-cross", action="store_true", help="skip the train-on-problem-1, test-on-problem-0 run")
+    parser.add_argument("--horizons", type=int, nargs="+", help="features.horizons (default: the params' [1])")
+    parser.add_argument("--next-token", action="store_true", help="features.next_token: true")
     args = parser.parse_args()
+    params = dict(PARAMS)
+    if args.horizons:
+        params["features.horizons"] = args.horizons
+    if args.next_token:
+        params["features.next_token"] = True
+    name = "mixtral_log_horizons" if args.horizons or args.next_token else "mixtral_log"
     if not LOG.is_file():
         raise SystemExit(f"{LOG}: not found (the shared traces sit beside the repository as ../shared)")
-    result: dict[str, object] = {"machine": machine(), "params": PARAMS, "seeds": {}}
+    result: dict[str, object] = {"machine": machine(), "params": params, "seeds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             print(f"split seed {seed} ...", flush=True)
-            result["seeds"][seed] = reproduce({**PARAMS, "split.seed": seed}, Path(tmp) / f"seed{seed}")
+            result["seeds"][seed] = reproduce({**params, "split.seed": seed}, Path(tmp) / f"seed{seed}")
         if not args.no_cross:
             print("train on problem 1, test on problem 0 ...", flush=True)
             problem0 = {"format": "jsonl", "path": str(LOG), "tokens_per_sequence": 64, "sequences": [0]}
             result["cross_problem"] = reproduce(
-                {**PARAMS, "extract.logs.sequences": [1],
+                {**params, "extract.logs.sequences": [1],
                  "evaluate.extra_tests": [{"name": "problem_0", "logs": problem0}]}, Path(tmp) / "cross")
-    write_result("mixtral_log", result)
+    write_result(name, result)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,27 @@ def stage_args(name: str) -> list[str]:
 
     cmd = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"]
     return shlex.split(" ".join(cmd.split()))[2:]  # after `python stages/<name>.py`
+
+
+def deterministic_router_trace(L: int = 6, E: int = 5, n_tokens: int = 1000, repeat: float = 0.9):
+    """A trace whose next primary is (primary + layer + 1) mod E, secondary random, and whose token
+    repeats the previous token's routing with probability `repeat` (sequences of 20 tokens): every
+    layer ahead and the next token are predictable (tests/test_kinds.py, tests/test_context_kind.py)."""
+    import numpy as np
+
+    from routecast.data.traces import TraceMeta, Traces
+
+    rng = np.random.default_rng(0)
+    primary = np.zeros((n_tokens, L), dtype=np.int64)
+    primary[:, 0] = rng.integers(0, E, n_tokens)
+    for layer in range(1, L):
+        primary[:, layer] = (primary[:, layer - 1] + layer) % E
+    secondary = (primary + rng.integers(1, E, primary.shape)) % E
+    again = (rng.random(n_tokens) < repeat) & (np.arange(n_tokens) % 20 > 0)  # not a sequence's first token
+    source = np.maximum.accumulate(np.where(again, 0, np.arange(n_tokens)))
+    primary, secondary = primary[source], secondary[source]
+    return Traces(TraceMeta(L, E, 2, source="test"), np.repeat(np.arange(n_tokens) // 20, L).astype(np.int32),
+                  np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32),
+                  np.tile(np.arange(L), n_tokens).astype(np.int16),
+                  np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
+                  np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))

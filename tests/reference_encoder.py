@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routecast.config.params import FeaturesParams
+from routecast.config.params import NEXT_TOKEN, FeaturesParams
 from routecast.data.features import FeatureMeta, Features
 from routecast.data.traces import Traces
 
@@ -77,15 +77,18 @@ def encode_features_reference(traces: Traces, params: FeaturesParams) -> Feature
             if traces.spec_logits is not None:
                 out["spec_logits"].append(traces.spec_logits[i])
             ahead = []  # the top-k at layer + d for every horizon d, -1 where it is past the end or missing
-            for d in params.horizons:
-                row = by_layer.get(layer + d) if layer + d < L else None
+            for d in params.targets:  # NEXT_TOKEN (0): the next position of the sequence, at this layer
+                if d == NEXT_TOKEN:
+                    row = rows.get((seq, pos + 1), {}).get(layer)
+                else:
+                    row = by_layer.get(layer + d) if layer + d < L else None
                 ahead.append([-1] * k if row is None else traces.experts[row].tolist())
             out["horizon_set"].append(ahead)
             prev = prev_rows.get(layer + la)
             out["prev_experts"].append([0] * k if prev is None else (traces.experts[prev].astype(int) + 1).tolist())
     return Features(
         meta=FeatureMeta(L, meta.num_experts, k, H, la, float(params.position_scale), meta.source,
-                         horizons=tuple(params.horizons)),
+                         horizons=params.targets),
         seq_id=np.array(out["seq_id"], dtype=np.int32),
         token_pos=np.array(out["token_pos"], dtype=np.int32),
         layer=np.array(out["layer"], dtype=np.int16),
@@ -101,6 +104,6 @@ def encode_features_reference(traces: Traces, params: FeaturesParams) -> Feature
         prev_experts=np.array(out["prev_experts"], dtype=np.int16).reshape(-1, k) if params.prev_token else None,
         current_set=np.array(out["current_set"], dtype=np.int16).reshape(-1, k),
         content=np.array(out["content"], dtype=np.int64),
-        horizon_set=(np.array(out["horizon_set"], dtype=np.int16).reshape(-1, len(params.horizons), k)
-                     if len(params.horizons) > 1 else None),
+        horizon_set=(np.array(out["horizon_set"], dtype=np.int16).reshape(-1, len(params.targets), k)
+                     if len(params.targets) > 1 else None),
     )

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from routecast.config.params import FeaturesParams, ModelParams, SplitParams, TrainParams
+from conftest import deterministic_router_trace
+from routecast.config.params import NEXT_TOKEN, FeaturesParams, ModelParams, SplitParams, TrainParams
 from routecast.data.batches import predict_logits
 from routecast.data.features import encode_features
 from routecast.data.split import split_features
@@ -164,3 +165,32 @@ def test_predictor_per_layer_call_and_exports_agree_with_whole_sequences(split, 
         predictor.predict_context(route)
     with pytest.raises(InputError, match="window=8"):
         predictor.predict_context(torch.zeros((1, 9, L, K), dtype=torch.long), torch.zeros((1, 9), dtype=torch.long))
+
+
+def test_one_head_per_target_every_layer_ahead_and_the_next_token(tmp_path: Path) -> None:
+    """`features.horizons: [1, 3]` and `features.next_token`: one context model, a head per target,
+    each right on a router where every one is determined (the next token repeats this one 90% of
+    the time); the engine's call (and the checkpoint) give the main horizon's head."""
+    from routecast.evaluate.evaluation import ModelScorer
+    from routecast.predictors.serve import Predictor
+
+    traces = deterministic_router_trace(6, 5)
+    feats = encode_features(traces, FeaturesParams(horizons=[1, 3], next_token=True))
+    train, test = split_features(feats, SplitParams(test_fraction=0.2))
+    fit, val = split_train_val(train)
+    model = fit_predictor(ModelParams.of("context", **TINY), TrainParams(epochs=15, threads=1), fit, val).model
+    assert model.config.horizons == (1, 3, NEXT_TOKEN) and model.heads == 3
+    def top2(scores: np.ndarray, target: np.ndarray) -> float:
+        return float((np.argsort(-scores, axis=1)[:, :2] == target[:, None]).any(axis=1).mean())
+
+    main = ModelScorer("context", model).scores(test)
+    assert top2(main, test.target) > 0.93
+    for d, j, least in ((3, 1, 0.93), (NEXT_TOKEN, 2, 0.85)):  # the next token: a repeat 90% of the time
+        rows = np.flatnonzero(test.horizon_set[:, j, 0] >= 0)
+        head = ModelScorer("context", model.at_horizon(d)).scores(test)[rows]
+        assert top2(head, test.horizon_set[rows, j, 0]) > least, d
+    save_checkpoint(tmp_path / "m.pt", model, {"position_scale": test.meta.position_scale})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    torch.testing.assert_close(predict_logits(loaded.at_horizon(3), test), predict_logits(model.at_horizon(3), test))
+    got = Predictor.from_model(model).predict_features(test, k=5)
+    np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(main, got.experts.numpy(), 1), atol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reference_encoder import encode_features_reference
-from routecast.config.params import FeaturesParams, SyntheticParams
+from routecast.config.params import NEXT_TOKEN, FeaturesParams, SyntheticParams
 from routecast.data.features import Features, encode_features
 from routecast.data.traces import TraceError, Traces
 from routecast.errors import InputError
@@ -55,13 +55,15 @@ def expected_report(traces: Traces, params: FeaturesParams) -> dict[str, int]:
 
 PARAMS = [FeaturesParams(), FeaturesParams(horizons=[2], history_len=4, prev_token=True),
           FeaturesParams(history_len=9, horizons=[1], prev_token=True),
-          FeaturesParams(horizons=[2], position_scale=4.0), FeaturesParams(horizons=[1, 2, 4], history_len=5)]
+          FeaturesParams(horizons=[2], position_scale=4.0), FeaturesParams(horizons=[1, 2, 4], history_len=5),
+          FeaturesParams(next_token=True), FeaturesParams(horizons=[2, 3], next_token=True)]
 
 
 @pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("layout", ["complete", "missing", "shuffled_missing", "shuffled_complete"])
 @pytest.mark.parametrize("params", PARAMS,
-                         ids=lambda p: f"la{'_'.join(map(str, p.horizons))}_h{p.history_len}_prev{int(p.prev_token)}")
+                         ids=lambda p: f"la{'_'.join(map(str, p.horizons))}_h{p.history_len}_prev{int(p.prev_token)}"
+                                           f"_next{int(p.next_token)}")
 def test_vectorised_equals_reference(spec: bool, layout: str, params: FeaturesParams) -> None:
     traces = small_trace(spec)
     rng = np.random.default_rng(7)
@@ -117,5 +119,25 @@ def test_at_horizon_is_the_samples_with_a_target_there() -> None:
     ahead = feats.at_horizon(3)
     assert_same(ahead, encode_features(traces, FeaturesParams(horizons=[3])))
     assert 0 < len(ahead) < len(feats)
-    with pytest.raises(ValueError, match=r"horizon 2 is not one of the features' horizons \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"horizon 2 is not one of the features' targets \['1', '3'\]"):
         feats.at_horizon(2)
+
+
+def test_the_next_token_target_is_the_next_position_at_the_same_layer() -> None:
+    """`features.next_token`: `at_horizon(NEXT_TOKEN)` keeps the samples whose token has a next
+    token in its sequence routed at the sample's layer, with that token's top-k there as the target
+    (each sequence's last token has none), and reads as the layer l + 0 of the next token."""
+    traces = small_trace(False)
+    feats = encode_features(traces, FeaturesParams(next_token=True))
+    assert feats.meta.horizons == (1, NEXT_TOKEN) and feats.horizon_set.shape[1] == 2
+    nxt = feats.at_horizon(NEXT_TOKEN)
+    assert nxt.meta.lookahead == NEXT_TOKEN and 0 < len(nxt) < len(feats)
+    by_key = {(s, p, layer): i for i, (s, p, layer) in enumerate(zip(feats.seq_id, feats.token_pos, feats.layer))}
+    for i in range(len(nxt)):
+        j = by_key[(nxt.seq_id[i], nxt.token_pos[i] + 1, nxt.layer[i])]  # that token's sample at the same layer
+        np.testing.assert_array_equal(nxt.target_set[i], feats.current_set[j])
+        assert nxt.target[i] == feats.primary[j]
+    last = np.array([(s, p + 1, layer) not in by_key for s, p, layer in zip(feats.seq_id, feats.token_pos, feats.layer)])
+    assert len(nxt) == int((~last).sum())  # every sample without a next token is left out, and only those
+    with pytest.raises(ValueError, match=r"horizon next_token is not one of the features' targets \['1'\]"):
+        encode_features(traces, FeaturesParams()).at_horizon(NEXT_TOKEN)

@@ -15,6 +15,7 @@ from routecast.data.split import split_features
 from routecast.data.traces import TraceError, write_traces
 from routecast.evaluate.evaluation import (
     METRICS,
+    ModelScorer,
     Scored,
     SequenceBootstrap,
     evaluate,
@@ -183,10 +184,11 @@ def test_an_extra_trace_of_another_shape_is_refused(small_run, tmp_path: Path) -
 
 def test_every_horizon_is_scored_with_its_own_references_oracle_and_heads() -> None:
     """features.horizons [1, 2, 4]: the main horizon's figures as before, and under `horizons` each
-    later horizon's, from the models' heads (the mixture's pushed posterior) and references fitted
-    for it; a kind without heads (context) is left out there, saying so. The oracle's share at
-    every horizon is the model's top-2 over the oracle's, and the oracle's top-2 falls with the
-    horizon (the type posterior is pushed further)."""
+    later horizon's, from the models' heads (the mixture's pushed posterior, the context kind's
+    heads, read from the whole test sequences) and references fitted for it; a model trained for
+    the main horizon alone is left out there, saying so. The oracle's share at every horizon is the
+    model's top-2 over the oracle's, and the oracle's top-2 falls with the horizon (the type
+    posterior is pushed further)."""
     from routecast.config.params import ModelParams, TrainParams
     from routecast.fit.training import fit_predictor
     from routecast.predictors.references import LookupPredictor
@@ -198,30 +200,39 @@ def test_every_horizon_is_scored_with_its_own_references_oracle_and_heads() -> N
     fit, val = train.take(~train.is_val), train.take(train.is_val)
     mixture = fit_predictor(ModelParams.of("mixture", num_types=8, restarts=1), TrainParams(threads=1), fit, val).model
     context = fit_predictor(ModelParams.of("context", width=16, layers=1, heads=2), TrainParams(epochs=1, threads=1),
-                            fit, val).model  # the main horizon only
-    result = evaluate({"tuned": mixture, "baseline": context}, traces.meta, fit, val, test,
+                            fit, val).model
+    main_only = fit_predictor(ModelParams.of("mlp", architecture=[16]), TrainParams(epochs=1, threads=1),
+                              fit.at_horizon(1), val.at_horizon(1)).model  # the main horizon only
+    result = evaluate({"tuned": mixture, "baseline": main_only, "context": context}, traces.meta, fit, val, test,
                       EvaluateParams(bootstrap=100), features)
     metrics = result.metrics
-    assert set(metrics["horizons"]) == {"2", "4"} and "baseline" in metrics  # context: the main horizon
+    assert set(metrics["horizons"]) == {"2", "4"} and "baseline" in metrics  # main_only: the main horizon
     oracle_top2 = [metrics["oracle"]["top2"]]
     for d in (2, 4):
         block = metrics["horizons"][str(d)]
-        assert "baseline" not in block and {"tuned", "oracle", "lookup_3", "boosted_trees"} <= set(block)
+        assert "baseline" not in block and {"tuned", "context", "oracle", "lookup_3", "boosted_trees"} <= set(block)
         test_d = test.at_horizon(d)
+        with_head = ModelScorer("context", context.at_horizon(d)).scores(test.at_horizon(1))  # whole sequences
+        rows = np.flatnonzero(test.horizon_set[:, (1, 2, 4).index(d), 0] >= 0)
+        want = score_metrics(with_head[rows], test_d)["top2"]
+        assert block["context"]["top2"] == pytest.approx(want)
         assert block["tuned"]["n_test"] == len(test_d) < len(test)
         lookup = LookupPredictor(3).fit(fit.at_horizon(d))
         assert block["lookup_3"]["top2"] == pytest.approx(score_metrics(lookup.scores(test_d), test_d)["top2"])
         ratio = block["tuned"]["top2"] / block["oracle"]["top2"]
         assert block["tuned"]["top2_vs_oracle"] == pytest.approx(ratio)
         assert block["tuned"]["top2_lo"] <= block["tuned"]["top2"] <= block["tuned"]["top2_hi"]
-        assert set(block["tuned"]["vs"]) == set(block) - {"tuned"}
+        assert set(block["tuned"]["vs"]) == set(block) - {"tuned", "validation"}
+        val_d = val.at_horizon(d)  # the same figures, as points, on the validation samples with a target at l + d
+        assert block["validation"]["tuned"]["n"] == len(val_d) > 0
+        assert block["validation"]["lookup_3"]["top2"] == pytest.approx(score_metrics(lookup.scores(val_d), val_d)["top2"])
         oracle_top2.append(block["oracle"]["top2"])
     assert oracle_top2[0] > oracle_top2[1] > oracle_top2[2]
     rows = {(d, name): (top2, recall) for d, name, top2, recall in result.per_horizon}  # per_horizon.csv
     assert rows[(1, "baseline")] == (metrics["baseline"]["top2"], metrics["baseline"]["set_recall"])
     assert rows[(4, "oracle")] == (oracle_top2[2], metrics["horizons"]["4"]["oracle"]["set_recall"])
     main = len(metrics["validation"])  # every predictor scored at the main horizon
-    assert (2, "baseline") not in rows and len(rows) == main + sum(len(b) for b in metrics["horizons"].values())
+    assert (2, "baseline") not in rows and len(rows) == main + sum(len(set(b) - {"validation"}) for b in metrics["horizons"].values())
 
 
 def test_a_ranking_holds_only_its_own_columns() -> None:
@@ -231,3 +242,30 @@ def test_a_ranking_holds_only_its_own_columns() -> None:
     best = ranked(scores, 2)
     assert best.base is None and best.nbytes == 1000 * 2 * 8
     np.testing.assert_array_equal(best, np.argsort(-scores, axis=1, kind="stable")[:, :2])
+
+
+def test_the_next_token_is_scored_with_its_own_references_oracle_and_head() -> None:
+    """features.next_token: under `horizons.next_token`, every predictor on the test samples whose
+    token has a next one: the mixture's next-token head (its fitted persistence), references fitted
+    on the next token's targets and the exact oracle; the mixture is near the oracle there (the
+    generator's own form), and the CSV per horizon keeps the layer horizons only."""
+    from routecast.config.params import NEXT_TOKEN, ModelParams, TrainParams
+    from routecast.fit.training import fit_predictor
+    from routecast.predictors.oracle import OraclePredictor, next_layer_probs
+
+    params = SyntheticParams(num_sequences=32, tokens_per_sequence=24, num_layers=8, seed=4, route_persistence=0.4)
+    traces, _ = generate(params)
+    features = FeaturesParams(next_token=True)
+    train, test = split_features(encode_features(traces, features), SplitParams(test_fraction=0.2))
+    fit, val = train.take(~train.is_val), train.take(train.is_val)
+    mixture = fit_predictor(ModelParams.of("mixture", num_types=8, restarts=1), TrainParams(threads=1), fit, val).model
+    result = evaluate({"tuned": mixture}, traces.meta, fit, val, test, EvaluateParams(bootstrap=100), features)
+    block = result.metrics["horizons"]["next_token"]
+    nxt = test.at_horizon(NEXT_TOKEN)
+    assert block["tuned"]["n_test"] == len(nxt) == len(test) * 23 // 24  # every token but each sequence's last
+    assert {"tuned", "oracle", "frequency", "lookup_1", "boosted_trees"} <= set(block)
+    oracle_top2 = score_metrics(next_layer_probs(OraclePredictor.from_trace_meta(traces.meta).router, nxt), nxt)["top2"]
+    assert block["oracle"]["top2"] == pytest.approx(oracle_top2)
+    assert block["tuned"]["top2_vs_oracle"] > 0.95
+    assert block["oracle"]["top2"] > block["frequency"]["top2"] + 0.1  # the repeat is worth knowing
+    assert all(d != "next_token" for d, *_ in result.per_horizon) and {d for d, *_ in result.per_horizon} == {1}

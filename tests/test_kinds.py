@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from routecast.config.params import FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
+from conftest import deterministic_router_trace
+from routecast.config.params import NEXT_TOKEN, FeaturesParams, ModelParams, SplitParams, SyntheticParams, TrainParams
 from routecast.data.batches import predict_logits, sample_inputs, token_view
 from routecast.data.features import FeatureMeta, encode_features
 from routecast.data.split import split_features
@@ -136,28 +137,20 @@ def test_the_token_is_an_input_of_every_kind(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_learns_a_deterministic_router_at_every_horizon(kind: str, tmp_path: Path) -> None:
-    """Next primary = (primary + layer + 1) mod E, secondary random: every kind gets it right, one
-    layer ahead and three (`features.horizons: [1, 3]`: one model, a head per horizon; the
-    mixture pushes its posterior three steps)."""
-    rng = np.random.default_rng(0)
-    L, E, n_tokens = 6, 5, 1000
-    primary = np.zeros((n_tokens, L), dtype=np.int64)
-    primary[:, 0] = rng.integers(0, E, n_tokens)
-    for layer in range(1, L):
-        primary[:, layer] = (primary[:, layer - 1] + layer) % E
-    secondary = (primary + rng.integers(1, E, primary.shape)) % E
-    traces = Traces(TraceMeta(L, E, 2, source="test"), np.repeat(np.arange(n_tokens) // 20, L).astype(np.int32),
-                    np.repeat(np.arange(n_tokens) % 20, L).astype(np.int32),
-                    np.tile(np.arange(L), n_tokens).astype(np.int16),
-                    np.stack([primary, secondary], -1).reshape(-1, 2).astype(np.int16),
-                    np.tile([0.6, 0.4], (n_tokens * L, 1)).astype(np.float32))
-    feats = encode_features(traces, FeaturesParams(horizons=[1, 3]))
+    """Next primary = (primary + layer + 1) mod E, secondary random, and a token's routing repeats
+    the previous token's with probability 0.9: every kind gets it right, one layer ahead and three
+    (`features.horizons: [1, 3]`: one model, a head per horizon; the mixture pushes its posterior
+    three steps), and the next token at this layer (`features.next_token`: one more head; the
+    mixture's fitted persistence)."""
+    L, E = 6, 5
+    traces = deterministic_router_trace(L, E)
+    feats = encode_features(traces, FeaturesParams(horizons=[1, 3], next_token=True))
     train, test = split_features(feats, SplitParams(test_fraction=0.2))
     fit, val = split_train_val(train)
     params = small_params(kind, **({"num_types": 2, "restarts": 2} if kind == "mixture" else {"lr": 1e-2}))
     result = fit_predictor(params, TrainParams(epochs=40, batch_size=64, threads=1, early_stopping_patience=40), fit,
                            val)
-    assert result.model.config.horizons == (1, 3)
+    assert result.model.config.horizons == (1, 3, NEXT_TOKEN)
     scores = ModelScorer(kind, result.model).scores(test)
     assert (scores.argmax(1) == test.target).mean() > 0.97, kind
     # the Predictor and its TorchScript export run the main horizon's head (the first of the horizons)
@@ -171,16 +164,28 @@ def test_learns_a_deterministic_router_at_every_horizon(kind: str, tmp_path: Pat
     np.testing.assert_array_equal(ahead.target, (ahead.primary + 3 * ahead.layer + 6) % E)
     scores = ModelScorer(kind, result.model.at_horizon(3)).scores(ahead)
     assert (scores.argmax(1) == ahead.target).mean() > 0.97, kind
-    # one engine call per layer gives both horizons: the first's `predict`, then horizon 3's head
-    assert predictor.horizons == script.horizons == [1, 3]
+    nxt = test.at_horizon(NEXT_TOKEN)  # the next token at this layer: a repeat 90% of the time
+    next_scores = ModelScorer(kind, result.model.at_horizon(NEXT_TOKEN)).scores(nxt)
+    # (> 0.9: the epoch kept is the first with the main horizon's best validation, here 1.0 from epoch 1)
+    assert (next_scores.argmax(1) == nxt.primary).mean() > 0.9, kind
+    assert 0.85 < (nxt.target == nxt.primary).mean() < 0.95
+    # one engine call per layer gives every target: the first's `predict`, horizon 3's head, the next token's
+    assert predictor.horizons == script.horizons == [1, 3] and predictor.next_token and script.next_token
     for engine in (predictor, script):
         every = engine.predict_features(test, k=E, every_horizon=True)
-        assert every.experts.shape == (len(test), 2, E)
+        assert every.experts.shape == (len(test), 3, E)
         torch.testing.assert_close(every.scores[:, 0], got.scores, rtol=0, atol=1e-5)
         rows = np.flatnonzero(test.horizon_set[:, 1, 0] >= 0)  # the samples with a layer l + 3
         want = np.take_along_axis(scores, every.experts[rows, 1].numpy(), 1)
         np.testing.assert_allclose(every.scores[rows, 1].numpy(), want, atol=1e-5)
-    with pytest.raises(ValueError, match=r"horizon 2: this .* predicts \[1, 3\]"):
+        rows = np.flatnonzero(test.horizon_set[:, 2, 0] >= 0)  # the samples with a next token
+        want = np.take_along_axis(next_scores, every.experts[rows, 2].numpy(), 1)
+        np.testing.assert_allclose(every.scores[rows, 2].numpy(), want, atol=1e-5)
+    one = test.take(np.arange(3))
+    alone = predictor.predict_next_token(one.layer, one.history.astype(np.int64) - 1,
+                                         np.stack([one.primary, one.secondary], 1), one.gating, one.token_pos, k=E)
+    torch.testing.assert_close(alone.experts, predictor.predict_features(one, k=E, every_horizon=True).experts[:, 2])
+    with pytest.raises(ValueError, match=r"horizon 2: this .* predicts \['1', '3', 'next_token'\]"):
         result.model.at_horizon(2)
     save_checkpoint(tmp_path / "m.pt", result.model, {"position_scale": test.meta.position_scale})
     loaded, _ = load_checkpoint(tmp_path / "m.pt")  # every head comes back

@@ -268,3 +268,65 @@ def test_oracle_exact_at_every_horizon_by_brute_force(horizon: int) -> None:
     np.testing.assert_allclose(next_layer_probs(router, feats, target="primary"), want_primary, atol=1e-10)
     np.testing.assert_allclose(next_layer_probs(router, feats, target="set"), want_set, atol=1e-10)
     np.testing.assert_array_equal(feats.target, traces.experts.reshape(12, 4, 2)[:, horizon:, 0].ravel())
+
+
+def brute_force_next_token(router, feats: Features) -> tuple[np.ndarray, np.ndarray]:
+    """P(the next token's primary at layer l = e) and P(e in its top-2 there) by summing over its two
+    branches: it repeats this token's routing (weight rho: this token's experts at l), or it draws
+    afresh, summed over every type (its prior at the next position) and every path of primaries."""
+    import itertools
+
+    p = router.params
+    Z, L, E, rho = p.num_types, p.num_layers, p.num_experts, p.route_persistence
+    paths = np.array(list(itertools.product(range(E), repeat=L)))  # [E^L, L]
+    path_prob = router.init[:, paths[:, 0]]  # [Z, E^L]
+    for j in range(L - 1):
+        path_prob = path_prob * router.trans[:, j, paths[:, j], paths[:, j + 1]]
+    primary = np.zeros((len(feats), E))
+    member = np.zeros((len(feats), E))
+    for i in range(len(feats)):
+        layer, pos = int(feats.layer[i]), int(feats.token_pos[i])
+        prior = router.type_prior(np.array([min((pos + 1) / POSITION_SCALE, 1.0)]))[0]
+        for z in range(Z):
+            w = (1 - rho) * prior[z] * path_prob[z]  # [E^L]
+            at = paths[:, layer]
+            np.add.at(primary[i], at, w)
+            np.add.at(member[i], at, w)
+            member[i] += (w[:, None] * router.second[z, layer, at]).sum(axis=0)
+        primary[i, feats.primary[i]] += rho
+        member[i, feats.current_set[i].astype(np.int64)] += rho
+    return primary, member
+
+
+def test_oracle_exact_for_the_next_token_by_brute_force() -> None:
+    """`features.next_token`: the oracle's P(the next token's primary at l) and P(e in its top-2 at l)
+    equal the sums over both branches and every hidden type and path, on a generator small enough
+    to enumerate, with persistence and a strong position effect (the next token's prior is its own)."""
+    params = SyntheticParams(num_sequences=2, tokens_per_sequence=6, num_layers=4, num_experts=3, num_types=3,
+                             type_concentration=0.5, position_effect=3.0, route_persistence=0.3, seed=5)
+    traces, router = generate(params)
+    feats = encode_features(traces, FeaturesParams(next_token=True)).at_horizon(0)
+    assert len(feats) == 2 * 5 * 3  # every token but each sequence's last, at layers 0..2
+    want_primary, want_set = brute_force_next_token(router, feats)
+    np.testing.assert_allclose(next_layer_probs(router, feats, target="primary"), want_primary, atol=1e-10)
+    np.testing.assert_allclose(next_layer_probs(router, feats, target="set"), want_set, atol=1e-10)
+
+
+@pytest.mark.parametrize("persistence", [0.0, 0.4])
+def test_next_token_oracle_is_calibrated_on_sampled_traces(persistence: float) -> None:
+    """On traces sampled from the generator, the next token's true primary is in the oracle's top-2
+    as often as the oracle's own top-2 mass says (a check of the formula against the sampler itself,
+    independent of the brute force), and its top-2 set recall likewise."""
+    params = SyntheticParams(num_sequences=80, tokens_per_sequence=48, num_layers=8, route_persistence=persistence)
+    feats, router = small_features(params, FeaturesParams(next_token=True))
+    nxt = feats.at_horizon(0)
+    probs = next_layer_probs(router, nxt, target="primary")
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    residual, se = clustered_mean_and_se(topk_hits(probs, nxt.target, 2) - np.sort(probs, axis=1)[:, -2:].sum(1), nxt)
+    assert abs(residual) < Z_SIGMA * se, (residual, se)
+    inclusion = next_layer_probs(router, nxt, target="set")
+    np.testing.assert_allclose(inclusion.sum(axis=1), 2.0, atol=1e-9)
+    best = np.argsort(-inclusion, axis=1, kind="stable")[:, :2]
+    covered = (best[:, :, None] == nxt.target_set[:, None, :]).any(axis=2).sum(axis=1)
+    residual, se = clustered_mean_and_se(covered - np.take_along_axis(inclusion, best, axis=1).sum(axis=1), nxt)
+    assert abs(residual) < Z_SIGMA * se, ("set", residual, se)

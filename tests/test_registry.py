@@ -183,10 +183,14 @@ def test_check_params_says_when_a_kind_ignores_the_token(layer_prior, project: P
     assert "the kinds context, gru, lookup_mlp, mixture, mlp and the token_table reference" in notes[0]
     set_params(project / "params.yaml", {"tuned": {"kind": "mixture"}})
     assert load_params(project / "params.yaml").idle_knobs() == []
-    set_params(project / "params.yaml", {"features.horizons": [1, 2], "tuned": {"kind": "context"}})
+    set_params(project / "params.yaml", {"features.horizons": [1, 2], "features.next_token": True})
+    assert load_params(project / "params.yaml").idle_knobs() == []  # every built-in kind predicts every target
+    set_params(project / "params.yaml", {"tuned": {"kind": NAME}, "features.token": False})
     notes = load_params(project / "params.yaml").idle_knobs()
-    assert notes == ["features.horizons: tuned (kind context) predicts the first horizon only; the kinds gru, "
-                     "lookup_mlp, mixture, mlp and the references predict every horizon"], notes
+    assert notes == [f"features.horizons: tuned (kind {NAME}) predicts the first horizon only; the kinds context, gru, "
+                     "lookup_mlp, mixture, mlp and the references predict every horizon",
+                     f"features.next_token: tuned (kind {NAME}) does not predict the next token; the kinds context, "
+                     "gru, lookup_mlp, mixture, mlp and the references predict it"], notes
 
 
 def test_an_unregistered_kind_is_refused_naming_the_known_ones(project: Path) -> None:

@@ -269,3 +269,43 @@ def test_median_pruning_compares_a_trial_with_its_own_kind_only() -> None:
     for v in (0.45, 0.46):
         finished("gru", [0.40, v])
     assert pruner.prune(study, gru)  # below the earlier GRUs at epoch 2
+
+
+@pytest.mark.parametrize("value, message", [
+    (4, r"tune\.objective: 4 is not a target of features\.horizons \[1, 2\]"),
+    ("next_token", r"tune\.objective: next_token is not a target .* needs features\.next_token: true"),
+    ({1: 0.5, 2: -1}, r"tune\.objective\.2: a weight must be > 0"),
+    ({}, r"tune\.objective: an empty mix"),
+    ("h2", r"tune\.objective: a target is a horizon d >= 1 of features\.horizons or next_token, got 'h2'"),
+])
+def test_a_bad_objective_names_the_target(value: object, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    set_params(path, {"features.horizons": [1, 2], "tune.objective": value})
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_the_objective_ranks_trials_by_the_targets_it_names(tmp_path: Path) -> None:
+    """`tune.objective`: each trial's value is the named mix of its heads' validation figures at the
+    epoch its training keeps (the main horizon's choice), the pruner sees the same mix per epoch, and
+    tune.json names it; `main` (the default) is the main horizon's top-2, as before."""
+    features = {"features.horizons": [1, 2], "features.next_token": True}
+    proj = tiny_project(tmp_path / "mix", features)
+    params, result = run_tune(proj, {"tune.n_trials": 3, "tune.epochs": 2, "tune.pruner": "none",
+                                     "tune.objective": {1: 1.0, "next_token": 3.0}})
+    assert params.tune.objective.weights == ((1, 0.25), (0, 0.75))
+    assert result.summary["objective"] == "0.25*val_top2+0.75*val_top2_next_token"
+    from routecast.fit.training import fit_predictor
+
+    for trial in result.trials:
+        config = tuning.config_from_trial(trial)
+        fitted = fit_predictor(config, params.train.for_samples(True), *tuning.split_train_val(
+            read_features(proj / "train.parquet")), epochs=2)
+        kept = next(row for row in fitted.history if row["epoch"] == fitted.best_epoch)
+        assert trial.value == pytest.approx(0.25 * kept["val_top2"] + 0.75 * kept["val_top2_next_token"], abs=1e-9)
+        assert kept["val_top2_next_token"] != kept["val_top2"] and 0 < kept["val_top2_h2"] < 1
+        assert set(trial.intermediate_values) == {1, 2}
+    main = tiny_project(tmp_path / "main", features)
+    _, plain = run_tune(main, {"tune.n_trials": 1, "tune.epochs": 2, "tune.pruner": "none"})
+    assert plain.summary["objective"] == "val_top2" and plain.trials[0].value != result.trials[0].value

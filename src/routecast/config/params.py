@@ -20,12 +20,21 @@ from typing import Any, ClassVar, Literal
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from routecast.config.fields import InfFloat, ParamsError, build, check, field_names, to_plain
+from routecast.config.fields import InfFloat, ParamsError, build, check, coerce, field_names, to_plain
 from routecast.pipeline.artifacts import atomic_write_text
 from routecast.predictors import registry
 from routecast.sim.presets import PRESETS, HardwarePreset
 
 POSITION_SCALE = 2048.0  # positions past it read as 1.0: the seed's scale, the generator's and the default feature's
+# The target key of `features.next_token` among the horizons of the samples and models (FeatureMeta.horizons,
+# a model's config.horizons): the next token's experts at this token's layer l. Always last, after every
+# layer horizon d >= 1; named "next_token" wherever it is shown (`target_name`).
+NEXT_TOKEN = 0
+
+
+def target_name(d: int) -> str:
+    """How a horizon key reads in metrics and logs: "next_token" for NEXT_TOKEN, else the horizon d."""
+    return "next_token" if d == NEXT_TOKEN else str(d)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -207,6 +216,7 @@ class FeaturesParams:
     position_scale: float = POSITION_SCALE
     prev_token: bool = False  # add the previous token's top-k at the target layer (decode-order traces only)
     token: bool = False  # add the token (its id, or its text's hash): read by every learned kind and the token table
+    next_token: bool = False  # also predict the next token's experts at layer l (given this token up to layer l)
 
     RENAMED: ClassVar[dict[str, str]] = {
         "lookahead": "replaced by features.horizons (lookahead d is `horizons: [d]`)"}
@@ -216,6 +226,11 @@ class FeaturesParams:
         """The main horizon: the target of every single-horizon figure (top-2, tune's objective, prefetch)."""
         return self.horizons[0]
 
+    @property
+    def targets(self) -> tuple[int, ...]:
+        """Every target a fit predicts: the horizons, then NEXT_TOKEN with `next_token`."""
+        return tuple(self.horizons) + ((NEXT_TOKEN,) if self.next_token else ())
+
     def validate(self, key: str) -> None:
         check(len(self.horizons) >= 1, f"{key}.horizons", "must name at least one horizon")
         check(all(d >= 1 for d in self.horizons), f"{key}.horizons", f"must be >= 1, got {self.horizons}")
@@ -223,6 +238,8 @@ class FeaturesParams:
               f"must be strictly increasing, got {self.horizons}")
         check(not (self.prev_token and len(self.horizons) > 1), f"{key}.prev_token",
               f"reads the previous token at layer l + the horizon, so it takes one horizon, not {self.horizons}")
+        check(not (self.prev_token and self.next_token), f"{key}.prev_token",
+              "reads the previous token at layer l + the horizon, so it takes one target: not with features.next_token")
         check(self.history_len is None or self.history_len >= 1, f"{key}.history_len",
               f"must be >= 1 or null, got {self.history_len}")
         check(self.position_scale > 0, f"{key}.position_scale", f"must be > 0, got {self.position_scale}")
@@ -307,6 +324,52 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What tune ranks trials by (`tune.objective`): `main` (the default: validation top-2 at the
+    main horizon, set recall on a trace without a primary), one target (a horizon d of
+    `features.horizons`, or `next_token`), or a weighted mix, `{1: 0.5, next_token: 0.5}` (weights
+    > 0, normalised to sum to 1). Each target's figure is its head's validation top-2 (set recall
+    without a primary), at the epoch its training keeps (chosen by the main horizon, as train_full's)."""
+
+    weights: tuple[tuple[int, float], ...] = ()  # (target key: a horizon d or NEXT_TOKEN, weight); (): main
+
+    @classmethod
+    def from_mapping(cls, value: Any, key: str) -> Objective:
+        def target(name: Any) -> int:
+            if name == "next_token":
+                return NEXT_TOKEN
+            if isinstance(name, str) and name.isdigit():  # a mapping's keys arrive as strings
+                name = int(name)
+            if isinstance(name, int) and not isinstance(name, bool) and name >= 1:
+                return int(name)
+            raise ParamsError(key, f"a target is a horizon d >= 1 of features.horizons or next_token, got {name!r}")
+
+        if value is None or value == "main":
+            return cls()
+        if isinstance(value, dict):
+            if not value:
+                raise ParamsError(key, "an empty mix: name at least one target with its weight")
+            pairs = []
+            for name, weight in value.items():
+                w = coerce(weight, float, f"{key}.{name}")
+                check(w > 0, f"{key}.{name}", f"a weight must be > 0, got {weight!r}")
+                pairs.append((target(name), w))
+            total = sum(w for _, w in pairs)
+            return cls(tuple((d, w / total) for d, w in pairs))
+        return cls(((target(value), 1.0),))
+
+    def to_plain(self) -> Any:
+        if not self.weights:
+            return "main"
+        if len(self.weights) == 1:
+            return target_name(self.weights[0][0]) if self.weights[0][0] == NEXT_TOKEN else self.weights[0][0]
+        return {("next_token" if d == NEXT_TOKEN else d): w for d, w in self.weights}
+
+    def validate(self, key: str) -> None:
+        pass  # checked against features.horizons by Params.validate (the targets live there)
+
+
+@dataclass(frozen=True)
 class TuneParams:
     search_space: SearchSpace
     n_trials: int = 20
@@ -321,6 +384,7 @@ class TuneParams:
     # never from this file.
     storage: str = "data/tune/journal.log"
     seed: int = 0
+    objective: Objective = field(default_factory=Objective)  # main | a target | a weighted mix (see Objective)
 
     def validate(self, key: str) -> None:
         check(self.n_trials >= 1, f"{key}.n_trials", f"must be >= 1, got {self.n_trials}")
@@ -496,6 +560,11 @@ class Params:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        targets = self.features.targets
+        for d, _ in self.tune.objective.weights:
+            check(d in targets, "tune.objective", f"{target_name(d)} is not a target of features.horizons "
+                  f"{list(self.features.horizons)}" + ("" if self.features.next_token else " (next_token needs "
+                                                        "features.next_token: true)"))
 
     def idle_knobs(self) -> list[str]:
         """Knobs set to something that the chosen predictors do not read (valid, but doing nothing for them)."""
@@ -506,6 +575,9 @@ class Params:
         if len(self.features.horizons) > 1:
             checks.append(("features.horizons", "every_horizon", "predicts the first horizon only",
                            "and the references predict every horizon"))
+        if self.features.next_token:
+            checks.append(("features.next_token", "every_horizon", "does not predict the next token",
+                           "and the references predict it"))
         notes = []
         for knob, flag, misses, others in checks:
             for name in ("baseline", "tuned"):

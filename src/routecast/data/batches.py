@@ -137,7 +137,8 @@ def token_view(feats: Features) -> TokenView:
 @torch.no_grad()
 def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8192,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """`module`'s output for every sample of `feats` ([N, E], on the CPU), in eval mode.
+    """`module`'s output for every sample of `feats` ([N, E], on the CPU; within `every_head` of a
+    module with several heads, [N, heads, E]), in eval mode.
 
     A sequence model (one with `forward_tokens`) reads each token's path once for all its
     samples; a kind that reads whole sequences (`predict_samples`: the context kind) takes the
@@ -148,7 +149,9 @@ def predict_logits(module: torch.nn.Module, feats: Features, batch_size: int = 8
     config = module.config
     inputs = sample_inputs(feats, use_prev=config.num_prev > 0, use_extra=config.num_extra > 0,
                            use_token=config.reads_token)
-    out = torch.empty((len(feats), feats.meta.num_experts))
+    E = feats.meta.num_experts
+    every = getattr(module, "heads", 1) > 1 and getattr(module, "horizon_head", 0) < 0  # within every_head
+    out = torch.empty((len(feats), module.heads, E) if every else (len(feats), E))
     if not hasattr(module, "forward_tokens"):
         for i in range(0, len(feats), batch_size):
             out[i:i + batch_size] = module(*inputs.index(slice(i, i + batch_size)).to(device)).float().cpu()

@@ -26,9 +26,12 @@ Features are what is known once layer l has routed:
                  known; valid for decode-order traces only (a prefill trace's tokens run together).
 
 Target: the primary expert at layer l + lookahead; target_set: the whole top-k there. With more
-than one horizon, horizon_set [N, H, k] holds the top-k at layer l + d for each horizon d (-1 where
-l + d is past the last layer or that row is missing); `Features.at_horizon(d)` is the samples with
-a target at horizon d, that target in `target` and `target_set`.
+than one target, horizon_set [N, H, k] holds the top-k at layer l + d for each horizon d (-1 where
+l + d is past the last layer or that row is missing) and, with `features.next_token`, last, the
+top-k of the next token of the sequence (position + 1) at layer l (-1 for a sequence's last token or
+a missing row): its key in `meta.horizons` is NEXT_TOKEN (0). In a decode-order trace that is what
+the engine routes next. `Features.at_horizon(d)` is the samples with a target at horizon d, that
+target in `target` and `target_set`.
 
 For an unweighted trace (`meta.weighted` False) `primary`, `secondary` and `target` are the lowest
 ids of their sets and `gating` is uniform: kept so every kind runs, never scored as a primary.
@@ -49,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from routecast.config.params import FeaturesParams
+from routecast.config.params import NEXT_TOKEN, FeaturesParams, target_name
 from routecast.data.parquet import KeyedRows, ParquetMeta, open_parquet, take_rows
 from routecast.data.traces import TraceError, Traces, read_trace_sequences
 from routecast.errors import InputError
@@ -68,7 +71,8 @@ class FeatureMeta(ParquetMeta):
     position_scale: float
     source: str = "unknown"
     weighted: bool = True  # False: the trace's sets are unordered, no primary exists (score sets only)
-    horizons: tuple[int, ...] = ()  # every horizon d predicted (the first is `lookahead`); () reads as (lookahead,)
+    # every horizon d predicted (the first is `lookahead`; NEXT_TOKEN, last: the next token); () reads as (lookahead,)
+    horizons: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "horizons", tuple(self.horizons) or (self.lookahead,))
@@ -104,12 +108,16 @@ class Features(KeyedRows):
     def at_horizon(self, d: int) -> Features:
         """The samples with a target at layer l + d (a horizon of `meta.horizons`), that target in
         `target` and `target_set` and `meta.lookahead` = d: every single-horizon scorer reads it
-        as it reads the main horizon."""
+        as it reads the main horizon. d = NEXT_TOKEN: the next token's experts at layer l
+        (`meta.lookahead` 0: the target layer is the sample's own)."""
         horizons = self.meta.horizons
         if d not in horizons:
-            raise ValueError(f"horizon {d} is not one of the features' horizons {list(horizons)}")
+            raise ValueError(f"horizon {target_name(d)} is not one of the features' targets "
+                             f"{[target_name(h) for h in horizons]}")
         if d == horizons[0]:
-            return dataclasses.replace(self, horizon_set=None) if self.horizon_set is not None else self
+            if self.horizon_set is None:
+                return self
+            return dataclasses.replace(self, horizon_set=None, meta=dataclasses.replace(self.meta, horizons=(d,)))
         j = horizons.index(d)
         assert self.horizon_set is not None  # several horizons: written by encode_features
         rows = np.flatnonzero(self.horizon_set[:, j, 0] >= 0)
@@ -313,17 +321,21 @@ def encode_features(traces: Traces, params: FeaturesParams) -> Features:
         np.add(experts[:-1, la:], 1, out=prev_grid[1:], where=routed[:, :, None])
         prev = samples(prev_grid, fresh=True)
     ahead = None
-    if len(params.horizons) > 1:  # the top-k at l + d for every horizon d (-1 past the last layer or missing)
-        ahead_grid = np.full((n_tokens, n_src, len(params.horizons), k), -1, dtype=np.int16)
-        for j, d in enumerate(params.horizons):
-            if d < L:
+    if len(params.targets) > 1:  # the top-k at l + d for every horizon d (-1 past the last layer or missing)
+        ahead_grid = np.full((n_tokens, n_src, len(params.targets), k), -1, dtype=np.int16)
+        for j, d in enumerate(params.targets):
+            if d == NEXT_TOKEN:  # the next token of the sequence (position + 1) at layer l, where routed
+                has_next = tokens[1:] - 1 == tokens[:-1]  # [n_tokens - 1]
+                routed = has_next[:, None] & present[1:, :n_src]
+                np.copyto(ahead_grid[:-1, :, j], experts[1:, :n_src], where=routed[:, :, None])
+            elif d < L:
                 routed = present[:, d:d + n_src]  # [n_tokens, min(n_src, L - d)]
                 np.copyto(ahead_grid[:, :L - d, j], experts[:, d:d + n_src], where=routed[:, :, None])
         ahead = samples(ahead_grid, fresh=True)
 
     feats = Features(
         meta=FeatureMeta(L, E, k, H, la, float(params.position_scale), meta.source, meta.weighted,
-                         tuple(params.horizons)),
+                         params.targets),
         seq_id=seq_id,
         token_pos=token_pos,
         layer=samples(layers),

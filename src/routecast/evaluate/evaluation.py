@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routecast.config.params import EvaluateParams, ExtraTest, FeaturesParams
+from routecast.config.params import NEXT_TOKEN, EvaluateParams, ExtraTest, FeaturesParams, target_name
 from routecast.data.batches import predict_logits
 from routecast.data.features import Features, encode_features
 from routecast.data.predictions import prediction_ranks
@@ -57,6 +57,7 @@ from routecast.evaluate.scoring import (
     sample_hits,
     set_counts,
 )
+from routecast.predictors.horizons import every_head
 from routecast.predictors.oracle import OraclePredictor
 from routecast.predictors.references import (
     BoostedTreesPredictor,
@@ -112,6 +113,27 @@ class ModelScorer:
         """P(e in the next set) [N, E]: k * softmax (see the class doc); `scores`: its `scores(test)`
         when already computed (saves a forward pass)."""
         return (self.scores(test) if scores is None else scores) * test.meta.top_k
+
+
+@dataclass
+class HeadScorer(ModelScorer):
+    """One head of a trained module, its probabilities computed beforehand on the whole test set
+    (`every_head_probs`) and taken at the rows of a target's samples (`Features.at_horizon`)."""
+
+    probs: np.ndarray | None = None  # [n, E]: the rows of the samples it scores, in order
+
+    def scores(self, test: Features) -> np.ndarray:
+        assert self.probs is not None and len(self.probs) == len(test), "the probabilities of other samples"
+        return self.probs
+
+
+def every_head_probs(model: torch.nn.Module, test: Features, batch_size: int) -> np.ndarray:
+    """[N, heads, E]: every head's probabilities on every test sample, from one pass. A kind that
+    reads the sequences (context) reads each token's whole routing from the full samples, which a
+    target's subset (`at_horizon`) no longer holds."""
+    with every_head(model):
+        logits = predict_logits(model, test, batch_size)
+    return torch.softmax(logits.view(len(test), model.heads, -1), dim=2).numpy()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -255,9 +277,11 @@ class EvaluationResult:
 
     @staticmethod
     def horizon_rows(metrics: dict[str, Any], horizons: tuple[int, ...], weighted: bool) -> list[list[Any]]:
-        """per_horizon.csv's rows from the metrics: the main horizon's, then the `horizons` block's."""
+        """per_horizon.csv's rows from the metrics: the main horizon's, then the `horizons` block's layer
+        horizons (the next token's block is in the JSON only: it is no layer l + d to plot against)."""
         values = ("top2", "set_recall") if weighted else ("set_recall",)
-        blocks = [(horizons[0], metrics)] + [(int(d), block) for d, block in metrics.get("horizons", {}).items()]
+        blocks = [(horizons[0], metrics)] + [(int(d), block) for d, block in metrics.get("horizons", {}).items()
+                                             if d != target_name(NEXT_TOKEN)]
         return [[d, name, *(entry.get(v) for v in values)] for d, block in blocks
                 for name, entry in block.items() if isinstance(entry, dict) and "set_recall" in entry]
 
@@ -369,8 +393,8 @@ def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[Referen
         if train.meta.lookahead == 1:
             predictors.append(SpeculativeGatePredictor())
         else:
-            log.info("speculative_gate skipped: spec_logits are layer l + 1's router, the target is layer l + %d",
-                     train.meta.lookahead)
+            log.info("speculative_gate skipped: spec_logits are layer l + 1's router, the target is %s",
+                     "the next token" if train.meta.lookahead == NEXT_TOKEN else f"layer l + {train.meta.lookahead}")
     fitted = []
     for predictor in predictors:
         start = time.perf_counter()
@@ -413,7 +437,7 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
     if len(val):
         metrics["validation"] = validation_block(score_all(predictors, val), val)
     if len(test.meta.horizons) > 1:
-        metrics["horizons"] = evaluate_horizons(models, targets, trace_meta, fit, test, params)
+        metrics["horizons"] = evaluate_horizons(models, targets, trace_meta, fit, val, test, params)
     if params.extra_tests:
         metrics["extra_tests"] = {t.name: evaluate_extra(t, predictors, trace_meta, fit, features, params)
                                   for t in params.extra_tests}
@@ -434,31 +458,46 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
 
 
 def evaluate_horizons(models: dict[str, torch.nn.Module], targets: dict[str, str], trace_meta: TraceMeta,
-                      fit: Features, test: Features, params: EvaluateParams) -> dict[str, Any]:
-    """Every horizon d after the main one (`features.horizons`): each model's head for d, and every
-    reference fitted for d on the same training samples (`Features.at_horizon`), scored on the test
-    samples with a target at l + d. Per predictor: HORIZON_METRICS with their intervals over
-    sequences, the share of the oracle, and the tuned model's paired differences."""
+                      fit: Features, val: Features, test: Features, params: EvaluateParams) -> dict[str, Any]:
+    """Every horizon d after the main one (`features.horizons`) and the next token (`features.next_token`,
+    key "next_token"): each model's head for it, and every reference fitted for it on the same training
+    samples (`Features.at_horizon`), scored on the test samples with that target (the next token: in
+    the trace's token order, a sequence's last token has none). Per predictor: HORIZON_METRICS with
+    their intervals over sequences, the share of the oracle, and the tuned model's paired differences;
+    and under `validation`, the point figures on the validation sequences (where choices are made)."""
     out: dict[str, Any] = {}
-    for d in test.meta.horizons[1:]:
+    with_heads = [name for name, model in models.items()
+                  if getattr(model, "heads", 1) == len(test.meta.horizons) and hasattr(model, "at_horizon")]
+    every = {split: {name: every_head_probs(models[name], feats, params.batch_size) for name in with_heads}
+             for split, feats in (("test", test), ("val", val)) if len(feats)}
+    for j, d in enumerate(test.meta.horizons[1:], 1):
         start = time.perf_counter()
-        fit_d, test_d = fit.at_horizon(d), test.at_horizon(d)
-        predictors: list[Any] = []
+        name_d = target_name(d)
         for name, model in models.items():
-            if hasattr(model, "at_horizon") and d in getattr(model.config, "horizons", ()):
-                predictors.append(ModelScorer(name, model.at_horizon(d), params.batch_size,
-                                              targets.get(name, "primary")))
-            else:
-                log.info("horizon %d: %s (kind %s) predicts %s only, not scored here", d, name, model.config.kind,
-                         list(getattr(model.config, "horizons", (model.config.lookahead,))))
-        predictors += reference_predictors(trace_meta, fit_d)
-        summary = summarise(score_all(predictors, test_d), test_d, params)
+            if name not in with_heads:
+                log.info("%s: %s (kind %s) predicts %s only, not scored here", name_d, name, model.config.kind,
+                         [target_name(h) for h in getattr(model.config, "horizons", (model.config.lookahead,))])
+        references = reference_predictors(trace_meta, fit.at_horizon(d))
+
+        def scored(split: str, feats: Features) -> tuple[Features, dict[str, Scored]]:
+            rows = np.flatnonzero(feats.horizon_set[:, j, 0] >= 0)  # at_horizon(d)'s samples
+            heads = [HeadScorer(name, models[name], params.batch_size, targets.get(name, "primary"),
+                                probs=every[split][name][rows, j]) for name in with_heads]
+            feats_d = feats.at_horizon(d)
+            return feats_d, score_all([*heads, *references], feats_d)
+
+        test_d, on_test = scored("test", test)
+        summary = summarise(on_test, test_d, params)
         keep = {f"{m}{suffix}" for m in HORIZON_METRICS for suffix in ("", "_lo", "_hi")}
         keep |= {"top2_vs_oracle", "top2_vs_oracle_lo", "top2_vs_oracle_hi", "n_test", "vs"}
-        out[str(d)] = {name: {k: v for k, v in entry.items() if k in keep} for name, entry in summary.items()}
+        out[name_d] = {name: {k: v for k, v in entry.items() if k in keep} for name, entry in summary.items()}
+        if "val" in every:
+            val_d, on_val = scored("val", val)
+            out[name_d]["validation"] = validation_block(on_val, val_d)
+        label = "next" if d == NEXT_TOKEN else f"l+{d}"
         for name, m in summary.items():
-            _log_line(f"l+{d} {name}", m)
-        log.info("horizon %d: %d test samples, scored in %.1fs", d, len(test_d), time.perf_counter() - start)
+            _log_line(f"{label} {name}", m)
+        log.info("%s: %d test samples, scored in %.1fs", name_d, len(test_d), time.perf_counter() - start)
     return out
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from routecast.config.params import ModelParams, TrainParams
+from routecast.config.params import NEXT_TOKEN, ModelParams, TrainParams
 from routecast.data.batches import Inputs, predict_logits, targets, token_view
 from routecast.data.features import Features
 from routecast.errors import InputError
@@ -53,8 +53,36 @@ class TrainResult:
     samples_per_second: float
 
 
-def objective_name(target: str) -> str:
-    return "val_top2" if target == "primary" else "val_set_recall"
+def objective_name(target: str, d: int | None = None) -> str:
+    """The validation figure a run is judged by: top-2 (`primary`) or set recall (`set`), of the main
+    horizon, or (`d`) of a later target: `val_top2_h4`, `val_set_recall_next_token` (see `validate`)."""
+    name = "val_top2" if target == "primary" else "val_set_recall"
+    return name if d is None else f"{name}_{target_key(d)}"
+
+
+def target_key(d: int) -> str:
+    """A target in a validation row's key: h<d> for horizon d, next_token."""
+    return "next_token" if d == NEXT_TOKEN else f"h{d}"
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val: Features, target: str, device: torch.device | str = "cpu") -> dict[str, float]:
+    """`validation_metrics` of the main horizon's head; for a module with a head per target (several
+    `features.horizons`, `features.next_token`) also each later target's top-2 and set recall on the
+    samples with that target (`val_top2_h4`, `val_set_recall_next_token`, ...), from the same pass."""
+    if getattr(model, "heads", 1) == 1 or val.horizon_set is None:
+        return validation_metrics(predict_logits(model, val, device=device), val, target)
+    with every_head(model):
+        every = predict_logits(model, val, device=device)  # [N, heads, E]
+    row = validation_metrics(every[:, 0], val, target)
+    for j, d in enumerate(val.meta.horizons[1:], 1):
+        rows = np.flatnonzero(val.horizon_set[:, j, 0] >= 0)
+        scores = every[rows, j].float().numpy()
+        hits = sample_hits(scores, scores, val.at_horizon(d))
+        for m in ("top2", "set_recall"):
+            value = float(hits[m].mean()) if len(rows) and (val.meta.weighted or m == "set_recall") else float("nan")
+            row[f"val_{m}_{target_key(d)}"] = value
+    return row
 
 
 def set_threads(threads: int | None) -> int:
@@ -133,8 +161,8 @@ def scored_once(module: nn.Module, train: TrainParams, fit: Features, val: Featu
     """The result of a kind fitted in one go (no epochs: the mixture's EM), reported once as the
     budget's last epoch: a pruner comparing trials at the same epoch then sets it against the
     neural kinds' final values, never their first ones."""
-    row = {"epoch": epochs, "train_loss": float("nan"),
-           **validation_metrics(predict_logits(module, val), val, train.target), "lr": float("nan"), "seconds": seconds}
+    row = {"epoch": epochs, "train_loss": float("nan"), **validate(module, val, train.target), "lr": float("nan"),
+           "seconds": seconds}
     if on_epoch is not None:
         on_epoch(epochs, row)
     return TrainResult(module, [row], epochs, row[objective_name(train.target)], len(fit) / max(seconds, 1e-9))
@@ -231,9 +259,8 @@ def train_neural(model: nn.Module, batches: SampleBatches | TokenBatches, lr: fl
     history: list[dict[str, float]] = []
     best_state, best_value, best_epoch, stale = None, -1.0, 0, 0
     if score_first:
-        row = {"epoch": 0, "train_loss": float("nan"), **validation_metrics(predict_logits(model, val, device=device),
-                                                                            val, train.target),
-               "lr": lr, "seconds": 0.0}
+        row = {"epoch": 0, "train_loss": float("nan"), **validate(model, val, train.target, device), "lr": lr,
+               "seconds": 0.0}
         history.append(row)
         best_state, best_value = copy.deepcopy(model.state_dict()), row[objective]
         if on_epoch is not None:
@@ -255,7 +282,7 @@ def train_neural(model: nn.Module, batches: SampleBatches | TokenBatches, lr: fl
         seconds_training += time.perf_counter() - start
         samples_trained += n_seen
         row = {"epoch": epoch, "train_loss": total_loss.item() / max(n_seen, 1),
-               **validation_metrics(predict_logits(model, val, device=device), val, train.target),
+               **validate(model, val, train.target, device),
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row[objective]:.4f}")

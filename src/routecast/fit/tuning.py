@@ -1,5 +1,7 @@
-"""Bayesian search (Optuna) across predictor kinds, objective = the validation objective of
-`routecast.fit.training` (top-2, or set recall with `train.target: set`).
+"""Bayesian search (Optuna) across predictor kinds, objective = `tune.objective`: by default the
+validation objective of `routecast.fit.training` at the main horizon (top-2, or set recall with
+`train.target: set`); or one other target (a horizon of `features.horizons`, `next_token`), or a
+weighted mix of them, each its head's figure at the epoch training keeps.
 
 Each trial draws a kind among the blocks of `tune.search_space`, then that kind's configuration
 (the kind's own `suggest`, `routecast.predictors.registry`); a new study first runs each kind's
@@ -86,6 +88,7 @@ def study_fingerprint(params: Params, train_digest: str) -> str:
     """Everything that changes a trial's value; not n_trials or timeout, so a study can grow."""
     tune = params.tune
     key = {"train": train_digest, "space": tune.search_space.to_plain(), "epochs": tune.epochs,
+           "objective": objective_label(params),
            "max_train_samples": tune.max_train_samples, "seed": tune.seed,
            # train.epochs is full training's budget, not a trial's (tune.epochs is).
            "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"},
@@ -177,7 +180,7 @@ def open_study(params: Params, train_digest: str, seed: int | None = None) -> tu
                                     pruner=make_pruner(params.tune))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([objective_name(params.train.target)])  # optuna-dashboard's label
+            study.set_metric_names([objective_label(params)])  # optuna-dashboard's label
         for origin, config in starting_points(params.tune.search_space):
             study.enqueue_trial(trial_params(config), user_attrs={"origin": origin})
     except optuna.exceptions.DuplicatedStudyError:
@@ -189,8 +192,31 @@ def open_study(params: Params, train_digest: str, seed: int | None = None) -> tu
     return study, storage
 
 
+def objective_weights(params: Params) -> dict[str, float]:
+    """`tune.objective` as validation-row keys and their weights (`routecast.fit.training.validate`)."""
+    target, main = params.train.target, params.features.horizons[0]
+    weights = params.tune.objective.weights or ((main, 1.0),)
+    return {objective_name(target, None if d == main else d): w for d, w in weights}
+
+
+def objective_label(params: Params) -> str:
+    """The objective's name in tune.json and optuna-dashboard: `val_top2`, or `0.5*val_top2+0.5*...`."""
+    weights = objective_weights(params)
+    if len(weights) == 1:
+        return next(iter(weights))
+    return "+".join(f"{w:g}*{key}" for key, w in weights.items())
+
+
+def objective_value(weights: dict[str, float], row: dict[str, float]) -> float:
+    missing = [key for key in weights if key not in row]
+    if missing:
+        raise ValueError(f"tune.objective: the trial's validation has no {missing} (its kind predicts the main "
+                         "horizon only); objective main, or search kinds with a head per target")
+    return float(sum(w * row[key] for key, w in weights.items()))
+
+
 def make_objective(params: Params, fit: Features, val: Features) -> Callable[[optuna.Trial], float]:
-    objective_key = objective_name(params.train.target)
+    weights, label = objective_weights(params), objective_label(params)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
@@ -199,13 +225,16 @@ def make_objective(params: Params, fit: Features, val: Features) -> Callable[[op
         def report(epoch: int, row: dict[str, float]) -> None:
             if epoch == 0:
                 return  # lookup_mlp's table before training: no resource spent, nothing to prune on
-            trial.report(row[objective_key], epoch)
+            value = objective_value(weights, row)
+            trial.report(value, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: {objective_key} {row[objective_key]:.4f}")
+                raise optuna.TrialPruned(f"epoch {epoch}: {label} {value:.4f}")
 
         result = fit_predictor(config, params.train, fit, val, epochs=params.tune.epochs, on_epoch=report,
                                desc=f"trial {trial.number} ({config.kind})")
-        return result.best_value
+        # the objective at the epoch training keeps (chosen by the main horizon, as train_full chooses)
+        kept = next(row for row in result.history if row["epoch"] == result.best_epoch)
+        return objective_value(weights, kept)
 
     return objective
 
@@ -285,7 +314,7 @@ def tune(params: Params, train: Features, train_digest: str,
         "best_value": best.value,
         "best_trial": best.number,
         "best_params": config_from_trial(best).to_plain(),
-        "objective": objective_name(params.train.target),
+        "objective": objective_label(params),
         "study": study.study_name,
         "storage": redact(params.tune.storage),
         "sampler": params.tune.sampler,
@@ -300,8 +329,8 @@ def tune(params: Params, train: Features, train_digest: str,
         "val_samples": len(val),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    log.info("study %s: best trial %d, val top-2 %.4f (%d complete, %d pruned, %d failed; %d run here)",
-             study.study_name, best.number, best.value, summary["n_complete"], summary["n_pruned"],
+    log.info("study %s: best trial %d, %s %.4f (%d complete, %d pruned, %d failed; %d run here)",
+             study.study_name, best.number, summary["objective"], best.value, summary["n_complete"], summary["n_pruned"],
              summary["n_failed"], ran)
     return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
 

@@ -2,7 +2,7 @@
 
 A kind with heads (`mlp`, `lookup_mlp`, `gru`: one per horizon, trained together, the loss the mean
 over horizons of each head's loss on the samples with a target there; `mixture`: its posterior
-pushed d steps) has plain attributes `heads` and `horizon_head`. Its call returns head
+pushed d steps; `features.next_token` is one more head, last, keyed NEXT_TOKEN) has plain attributes `heads` and `horizon_head`. Its call returns head
 `horizon_head` (0, the main horizon, unless set); `at_horizon(module, d)` is the same module
 answering horizon d, and within `every_head(module)` the call returns every head, [N, heads, E]
 (training reads them all at once).
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from routecast.config.params import target_name
+
 
 def pick_head(out: torch.Tensor, heads: int, head: int) -> torch.Tensor:
     """[N, heads * E] logits -> head `head`'s [N, E], or every head's [N, heads, E] for head -1."""
@@ -30,7 +32,8 @@ def at_horizon(module: nn.Module, d: int) -> nn.Module:
     """`module` (a neural kind's, with `horizon_head`) answering horizon d: the same weights, head d's output."""
     horizons = module.config.horizons
     if d not in horizons:
-        raise ValueError(f"horizon {d}: this {module.config.kind} predicts {list(horizons)}")
+        raise ValueError(f"horizon {target_name(d)}: this {module.config.kind} predicts "
+                         f"{[target_name(h) for h in horizons]}")
     if horizons.index(d) == module.horizon_head:
         return module
     view = copy.copy(module)  # shares every parameter and buffer; only the plain `horizon_head` differs

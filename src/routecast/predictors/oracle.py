@@ -20,6 +20,14 @@ rho; then its own path and the previous token's top-k come from one chain of typ
 and the target is `a`), or it drew afresh (weight 1 - rho; its type z ~ P(z | pos_t) and the
 previous token's type z' ~ m_{t-1} are independent). Both are closed forms in the tables.
 
+The next token at layer l (`features.next_token`, `Features.at_horizon(NEXT_TOKEN)`) repeats this
+token's routing (weight rho), or draws afresh, independent of everything seen: its type from
+P(z | pos_{t+1}), its path from that type's chain. So, exactly,
+
+    P(next token's primary at l = e | features) = rho [e = primary_l] + (1 - rho) sum_z P(z | pos_{t+1}) P(e_l = e | z)
+
+and likewise for set membership with this token's whole set at layer l (`current_set`).
+
 Set scores (`set_scores`) are P(expert e is in the target layer's top-k): exact for top_k <= 2
 (the primary's distribution plus the first secondary's); for top_k > 2 they count the first
 secondary only.
@@ -38,7 +46,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routecast.config.params import POSITION_SCALE, SyntheticParams
+from routecast.config.params import NEXT_TOKEN, POSITION_SCALE, SyntheticParams
 from routecast.data.features import Features
 from routecast.data.traces import TraceMeta
 from routecast.sources.synthetic import SyntheticRouter, build_router
@@ -102,6 +110,8 @@ def next_layer_probs(router: SyntheticRouter, feats: Features, target: str = "pr
     out = np.empty((n, E))
     if n == 0:
         return out
+    if meta.lookahead == NEXT_TOKEN:
+        return next_token_probs(router, feats, target)
     tables = _Tables(router, meta.lookahead)
     layer = feats.layer.astype(np.int64)
     history = feats.history.astype(np.int64)
@@ -120,6 +130,30 @@ def next_layer_probs(router: SyntheticRouter, feats: Features, target: str = "pr
                         feats.secondary[r].astype(np.int64))
             out[r] = _predict(tables, router, ll, layer[r], feats.primary[r].astype(np.int64), token_pos[r],
                               fresh_prior, marginal, None if prev is None else prev[r], target)
+    return out
+
+
+def next_token_probs(router: SyntheticRouter, feats: Features, target: str = "primary") -> np.ndarray:
+    """[N, E]: P(the next token's primary at layer l = e) or P(e in its top-k there), given each
+    sample's features (see the module doc: a repeat of this token's experts at l, or a fresh draw)."""
+    rho = router.params.route_persistence
+    tables = _Tables(router, 1)
+    layer = feats.layer.astype(np.int64)
+    fresh_type = router.type_prior(np.minimum((feats.token_pos.astype(np.int64) + 1) / POSITION_SCALE, 1.0))
+    per_type = tables.primary_marginal  # [Z, L, E]
+    if target == "set" and router.params.top_k > 1:
+        per_type = per_type + np.einsum("zla,zlab->zlb", per_type, router.second)  # first secondary: exact for k <= 2
+    out = np.empty((len(feats), router.params.num_experts))
+    for start in range(0, len(feats), _CHUNK):
+        r = slice(start, start + _CHUNK)
+        out[r] = (1 - rho) * np.einsum("nz,nze->ne", fresh_type[r], per_type[:, layer[r]].transpose(1, 0, 2))
+    rows = np.arange(len(feats))
+    if target == "set" and router.params.top_k > 1:
+        if feats.current_set is None:
+            raise ValueError("the next token's set: the features have no current_set (written by encode_features)")
+        np.add.at(out, (rows[:, None], feats.current_set.astype(np.int64)), rho)
+    else:
+        out[rows, feats.primary.astype(np.int64)] += rho
     return out
 
 

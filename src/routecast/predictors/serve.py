@@ -3,7 +3,8 @@
     from routecast import Predictor
     predictor = Predictor.load("data/models/tuned.pt")          # a train_full checkpoint
     experts, scores = predictor.predict(layer, history, experts_now, weights_now, token_pos)
-    # trained with several features.horizons: every horizon's top-k, [N, horizons, k], from one call
+    # trained with several features.horizons (and features.next_token): every horizon's top-k, then the
+    # next token's at this layer, [N, len(horizons) + next_token, k], from one call
     experts, scores = predictor.predict_horizons(layer, history, experts_now, weights_now, token_pos)
     # trained with features.token: also token=the token's id (or routecast.data.features.text_keys of its text)
     predictor.export("tuned.ts")                                 # TorchScript (or .pt2: torch.export)
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from routecast.config.params import POSITION_SCALE
+from routecast.config.params import NEXT_TOKEN, POSITION_SCALE
 from routecast.data.features import Features
 from routecast.errors import InputError
 from routecast.pipeline.artifacts import atomic_path
@@ -243,8 +244,10 @@ class Predictor:
     def predict_horizons(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any,
                          extra: Any = None, prev: Any = None, k: int | None = None, token: Any = None) -> Prediction:
         """`predict` for every horizon d of `features.horizons` at once (`horizons`): the k experts
-        expected at layer l + d, best first, with probabilities, [N, len(horizons), k]. One call per
-        layer; a model of one horizon gives [N, 1, k]. Not in a .pt2 export (its program is `predict`)."""
+        expected at layer l + d, best first, with probabilities, [N, len(horizons), k]; with
+        `features.next_token` (`next_token`) one more, last: the next token's experts at layer l.
+        One call per layer; a model of one horizon gives [N, 1, k]. Not in a .pt2 export (its
+        program is `predict`)."""
         self._per_call("predict one layer's call")
         k = k or self.top_k
         if not 1 <= k <= self.info["num_experts"]:
@@ -256,10 +259,27 @@ class Predictor:
         best, scores = self.module.predict_horizons(*args, k)
         return Prediction(best, scores)
 
+    @torch.inference_mode()
+    def predict_next_token(self, layer: Any, history: Any, experts: Any, weights: Any, token_pos: Any,
+                           extra: Any = None, prev: Any = None, k: int | None = None, token: Any = None) -> Prediction:
+        """The k experts the next token is expected to take at this layer l, best first, with
+        probabilities ([N, k]): the last column of `predict_horizons` (the same one call), for an
+        engine deciding what to keep resident. Needs a model trained with features.next_token."""
+        if not self.next_token:
+            raise InputError("this model was not trained with features.next_token: it has no next-token head")
+        every = self.predict_horizons(layer, history, experts, weights, token_pos, extra, prev, k, token)
+        return Prediction(every.experts[:, -1], every.scores[:, -1])
+
     @property
     def horizons(self) -> list[int]:
         """The horizons d it predicts (layer l + d), the first being `predict`'s."""
-        return list(self.info.get("horizons") or [self.info["lookahead"]])
+        return [d for d in self.info.get("horizons") or [self.info["lookahead"]] if d != NEXT_TOKEN]
+
+    @property
+    def next_token(self) -> bool:
+        """Whether it predicts the next token's experts at this layer (features.next_token): the last
+        column of `predict_horizons`, `predict_next_token`."""
+        return NEXT_TOKEN in (self.info.get("horizons") or [])
 
     @torch.inference_mode()
     def predict_context(self, route: Any, key: Any = None, k: int | None = None) -> Prediction:

@@ -5,7 +5,8 @@ At token t and layer l it reads what a decoding engine knows then: every earlier
 routing (all layers) and its token, this token's routing up to layer l (a GRU along its layers),
 this token itself (`features.token`, through an embedding learned on the training tokens, with one
 row for every token seen fewer than `min_count` times), and the previous token's experts at the
-target layer. It predicts the experts of layer l + lookahead (a set, or the primary).
+target layer. It predicts the experts of layer l + lookahead (a set, or the primary), and with
+several targets (`features.horizons`, `features.next_token`) each of them from one head per target.
 
 The earlier tokens' routing is known in decode: a token runs through every layer before the next
 token starts. A prefill log gives the same routing, as the model is causal, so the kind learns from
@@ -95,4 +96,4 @@ def _model() -> Any:  # the kind's torch side, imported only when a model is fit
 
 KIND = register(Kind("context", ContextParams, ContextSpace, suggest, trial_params, from_trial, starting_points,
                      fit=lambda *args: _model().fit(*args), load=lambda config: _model().load(config),
-                     reads_token=True))
+                     reads_token=True, every_horizon=True))

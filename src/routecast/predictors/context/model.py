@@ -10,7 +10,9 @@ For a window of W tokens of one sequence (every layer of each):
                 + sum over e in token t's set at l of   A[l, e]      (a learned co-occurrence table)
                 + sum over e in token t-1's set at l+la of P[l, e]  (the same across tokens)
 
-so the prediction for (t, l) reads nothing of token t past layer l. The samples' rows come from
+so the prediction for (t, l) reads nothing of token t past layer l. With several targets
+(`features.horizons`, `features.next_token`) the head has one output block per target, trained
+together (`routecast.predictors.horizons`); the wide tables feed the main horizon's block only. The samples' rows come from
 `Features` in (sequence, token, layer) order (each split keeps it): a token's routing at layer j is
 its `current_set` at j, or, for the last `lookahead` layers, the `target_set` of the sample that
 predicts them.
@@ -31,6 +33,7 @@ from routecast.data.features import Features
 from routecast.errors import InputError
 from routecast.fit.training import EpochCallback, TrainResult, pick_device, train_neural
 from routecast.predictors.context import ContextParams
+from routecast.predictors.horizons import at_horizon, pick_head
 from routecast.predictors.tokens import build_vocab, token_rows
 
 
@@ -51,6 +54,10 @@ class ContextConfig:
     earlier_tokens: bool = True  # False: read this token alone (no transformer, no previous token)
     num_prev: int = 0  # the Predictor's bookkeeping: this kind reads no per-sample optional feature
     num_extra: int = 0
+    horizons: tuple[int, ...] = ()  # every target it predicts (features.horizons, NEXT_TOKEN); () reads as (lookahead,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "horizons", tuple(int(d) for d in self.horizons) or (self.lookahead,))
 
     @property
     def slots(self) -> int:
@@ -124,6 +131,8 @@ class ContextPredictor(nn.Module):
         self.config = config
         L, E, d = config.num_layers, config.num_experts, config.width
         self.num_experts, self.lookahead, self.slots = E, config.lookahead, config.slots
+        # output heads, one per target (config.heads is the attention's); the call returns horizon_head's
+        self.heads, self.horizon_head = len(config.horizons), 0
         self.set_emb = nn.Embedding(L * (E + 1), d)  # (layer j, expert + 1); id 0: unknown at that layer
         self.register_buffer("layer_offset", (torch.arange(L) * (E + 1)).view(1, 1, L, 1))
         self.path = nn.GRU(d, d, batch_first=True)
@@ -144,7 +153,8 @@ class ContextPredictor(nn.Module):
         self.wide_prev = nn.Embedding(config.slots * (E + 1), E)
         nn.init.zeros_(self.wide_now.weight)
         nn.init.zeros_(self.wide_prev.weight)
-        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(2 * d, E))
+        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(config.dropout),
+                                  nn.Linear(2 * d, self.heads * E))
         self.drop = nn.Dropout(config.dropout)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -166,7 +176,7 @@ class ContextPredictor(nn.Module):
         token = self.token_emb(self.token_index(key))
         if not self.config.earlier_tokens:  # the ablation: this token alone
             h = token.unsqueeze(2) + path.view(B, W, S, d) + self.layer_emb.weight
-            return self.head(self.norm(h)) + wide
+            return self.with_wide(self.head(self.norm(h)), wide)
         previous = F.pad(z, (0, 0, 0, 0, 1, 0))[:, :W]  # token t-1's z (zeros before the window's first)
         whole = self.whole(previous.reshape(B, W, L * d))
         whole[:, 0] = self.start
@@ -178,16 +188,28 @@ class ContextPredictor(nn.Module):
         h = (ctx.unsqueeze(2) + path.view(B, W, S, d) + self.prev_at_target(previous[:, :, self.lookahead:])
              + self.layer_emb.weight)
         wide = wide + self.wide_prev(F.pad(route, (0, 0, 0, 0, 1, 0))[:, :W, self.lookahead:] + offset).sum(3)
-        return self.head(self.norm(h)) + wide
+        return self.with_wide(self.head(self.norm(h)), wide)
+
+    def with_wide(self, out: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+        """The head's [B, W, S, heads * E] with the wide tables added to the main horizon's block (the first E)."""
+        if self.heads == 1:
+            return out + wide
+        E = self.num_experts
+        return torch.cat([out[..., :E] + wide, out[..., E:]], dim=-1)
+
+    def at_horizon(self, d: int) -> nn.Module:
+        return at_horizon(self, d)
 
     @torch.no_grad()
     def predict_samples(self, feats: Features, batch_size: int = 8192, device: torch.device | str = "cpu"
                         ) -> torch.Tensor:
-        """Logits [N, E] for every sample of `feats` (whole sequences, in order), on the CPU."""
+        """Logits [N, E] for every sample of `feats` (whole sequences, in order), on the CPU ([N, heads, E]
+        within `every_head`)."""
         self.eval()
         self.check_features(feats)
         tokens = tokens_of(feats, self.config.window)
-        out = torch.zeros((len(feats), self.num_experts))
+        every = self.heads > 1 and self.horizon_head < 0  # within every_head: [N, heads, E]
+        out = torch.zeros((len(feats), self.heads, self.num_experts) if every else (len(feats), self.num_experts))
         per_batch = max(1, batch_size // max(self.config.window * self.slots, 1))
         for i in range(0, len(tokens.window), per_batch):
             logits, rows = window_logits(self, tokens, np.arange(i, min(i + per_batch, len(tokens.window))), device)
@@ -215,7 +237,7 @@ class ContextEngine(nn.Module):
         self.num_layers, self.num_experts, self.top_k, self.window = c.num_layers, c.num_experts, c.top_k, c.window
 
     def forward(self, route: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return self.core((route.long() + 1).clamp(min=0), key.long())[:, -1]
+        return self.core((route.long() + 1).clamp(min=0), key.long())[:, -1, :, :self.num_experts]  # main horizon
 
     @torch.jit.export
     def predict(self, route: torch.Tensor, key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,14 +254,15 @@ def window_logits(model: ContextPredictor, tokens: Tokens, windows: np.ndarray, 
     blank = len(tokens.row)
     used = int(np.flatnonzero((index != blank).any(axis=0)).max(initial=0)) + 1  # padding only after it
     index = index[:, :used]
-    logits = model(tokens.route[index].to(device), tokens.key[index].to(device))  # [B, used, S, E]
+    logits = model(tokens.route[index].to(device), tokens.key[index].to(device))  # [B, used, S, heads * E]
     scored = tokens.scored[windows][:, :used]
     token = index[scored]  # the scored tokens, in (window, position) order
     rows = tokens.row[token]  # [n, S]
     b, w = np.nonzero(scored)
     t_i, layer = np.nonzero(rows >= 0)
     pick_b, pick_w = torch.from_numpy(b[t_i]).to(device), torch.from_numpy(w[t_i]).to(device)
-    return logits[pick_b, pick_w, torch.from_numpy(layer).to(device)], torch.from_numpy(rows[t_i, layer])
+    picked = pick_head(logits[pick_b, pick_w, torch.from_numpy(layer).to(device)], model.heads, model.horizon_head)
+    return picked, torch.from_numpy(rows[t_i, layer])
 
 
 class WindowBatches:
@@ -267,10 +290,11 @@ def fit(params: ContextParams, train: TrainParams, fit_split: Features, val: Fea
     vocab = build_vocab(fit_split, params.min_count)
     config = ContextConfig("context", m.num_layers, m.num_experts, m.top_k, m.lookahead, m.history_len,
                            width=params.width, layers=params.layers, heads=params.heads, window=params.window,
-                           dropout=params.dropout, vocab_size=len(vocab), earlier_tokens=params.earlier_tokens)
+                           dropout=params.dropout, vocab_size=len(vocab), earlier_tokens=params.earlier_tokens,
+                           horizons=m.horizons)
     model = ContextPredictor(config)
     model.vocab.copy_(torch.from_numpy(vocab))
-    batches = WindowBatches(tokens_of(fit_split, params.window), targets(fit_split, train.target),
+    batches = WindowBatches(tokens_of(fit_split, params.window), targets(fit_split, train.target, every_horizon=True),
                             params.batch_windows, pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
 

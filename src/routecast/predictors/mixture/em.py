@@ -20,12 +20,12 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from routecast.config.params import TrainParams
+from routecast.config.params import NEXT_TOKEN, TrainParams
 from routecast.data.batches import token_view
 from routecast.data.features import Features
 from routecast.fit.training import EpochCallback, TrainResult, scored_once
 from routecast.predictors.mixture import MixtureParams
-from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables
+from routecast.predictors.mixture.model import MixtureConfig, MixtureModule, MixtureTables, fresh_marginal
 from routecast.predictors.tokens import TOKEN_MIN_COUNT, build_vocab, token_rows
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,40 @@ def fit_em(paths: Paths, config: MixtureConfig, seed: int) -> MixtureTables:
     return best
 
 
+def fit_persistence(fit: Features, tables: MixtureTables, iterations: int = 200) -> float:
+    """rho, the share of next tokens that repeat this token's primary at a layer beyond what a fresh
+    draw gives: the maximum-likelihood weight of a two-part mixture over the training pairs (this
+    token's primary p at layer l, the next token's a there), P(a) = rho [a = p] + (1 - rho) f_l(a),
+    f the types' fresh marginal (`fresh_marginal`). EM on one weight: each pair's share of the repeat
+    part, averaged, until it settles."""
+    j = fit.meta.horizons.index(NEXT_TOKEN)
+    assert fit.horizon_set is not None  # features.next_token: written by encode_features
+    rows = np.flatnonzero(fit.horizon_set[:, j, 0] >= 0)
+    if len(rows) == 0:
+        log.info("mixture: no training pair of consecutive tokens; persistence 0")
+        return 0.0
+    nxt = fit.horizon_set[rows, j, 0].astype(np.int64)
+    same = nxt == fit.primary[rows]
+    fresh = fresh_marginal(tables, as_set=False)[fit.layer[rows].astype(np.int64), nxt]
+    rho = 0.5
+    for _ in range(iterations):
+        repeat = np.where(same, rho / (rho + (1 - rho) * fresh), 0.0)
+        new = float(repeat.mean())
+        if abs(new - rho) < 1e-9:
+            break
+        rho = new
+    log.info("mixture: persistence %.4f from %d pairs of consecutive tokens (%.1f%% repeat the primary)", new,
+             len(rows), 100 * same.mean())
+    return new
+
+
 def fit_mixture(config: MixtureConfig, fit: Features, seed: int = 0) -> MixtureModule:
     start = time.perf_counter()
     paths = token_paths(fit, use_token=config.token)
     with tqdm(total=1, desc=f"mixture EM ({config.num_types} types)", leave=False):
         tables = fit_em(paths, config, seed)
+    if NEXT_TOKEN in config.horizons:
+        tables.persistence = fit_persistence(fit, tables)
     log.info("mixture: fitted %d types on %d tokens in %.1fs", config.num_types, len(paths.primary),
              time.perf_counter() - start)
     return MixtureModule(config, tables).eval()

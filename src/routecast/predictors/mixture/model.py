@@ -12,7 +12,11 @@ A prediction for layer l + lookahead filters the type posterior along what the s
 (the primaries at layers 0..l, the secondary at l, the previous token's expert, the token), then pushes it
 through the type's transition(s): exactly the synthetic oracle's computation with fitted tables.
 Every horizon d of `features.horizons` is the same posterior pushed d steps (`at_horizon(d)`): one
-fit answers them all.
+fit answers them all. The next token (`features.next_token`) at layer l repeats this token's experts
+there with probability `persistence` (fitted by EM on the training pairs, `em.fit_persistence`), else
+draws afresh from the types' prior: P(e) = rho [e in this token's set at l] + (1 - rho) sum_z
+prior(z) P(e at l | z), the synthetic generator's own form (its oracle has the true rho and the
+position's prior). With top_k > 2, "this token's set" is its primary and secondary (the module's inputs).
 A transition with an unseen end (a missing row, a truncated history) is skipped. Gate weights
 and position are not used (in the synthetic generator they carry nothing about the type).
 
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from routecast.config.params import NEXT_TOKEN
 from routecast.predictors.horizons import at_horizon
 from routecast.predictors.tokens import token_rows
 
@@ -73,6 +78,7 @@ class MixtureTables:
     token: np.ndarray | None  # [Z, V + 1]: P(token's vocabulary row | type)
     vocab: np.ndarray | None  # int64 [V]: the token keys with a row of their own (sorted)
     loglik: float  # mean training log-likelihood per token
+    persistence: float = 0.0  # P(the next token repeats this one's experts at a layer): features.next_token
 
 
 class MixtureModule(nn.Module):
@@ -93,6 +99,11 @@ class MixtureModule(nn.Module):
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(shape))
         self.register_buffer("vocab", torch.zeros(config.vocab_size if config.token else 0, dtype=torch.long))
+        # The next token's head (features.next_token, always the last) adds `persistence` to this token's
+        # secondary at layer l (out_table holds the rest): [1] for a set target, else [0] (nothing to add).
+        self.next_head = config.horizons.index(NEXT_TOKEN) if NEXT_TOKEN in config.horizons else -1
+        repeat_second = self.next_head >= 0 and config.target == "set" and config.top_k > 1
+        self.register_buffer("next_secondary", torch.zeros(1 if repeat_second else 0))
         if tables is not None:
             self.load_tables(tables)
 
@@ -111,6 +122,9 @@ class MixtureModule(nn.Module):
                 self.vocab = torch.from_numpy(np.asarray(tables.vocab, dtype=np.int64))
         per_horizon = []
         for d in c.horizons:
+            if d == NEXT_TOKEN:
+                per_horizon.append(self._next_token_table(tables))
+                continue
             ahead = tables.trans[:, 0:L - d]  # [Z, L - d, E, E]: the d-step transition from layer l
             for step in range(1, d):
                 ahead = np.einsum("zlab,zlbc->zlac", ahead, tables.trans[:, step:L - d + step])
@@ -121,6 +135,24 @@ class MixtureModule(nn.Module):
             per_horizon.append(padded.transpose(1, 2, 0, 3))  # [L - la, E, Z, E]
         out = per_horizon[0] if self.heads == 1 else np.stack(per_horizon)
         self.out_table = torch.from_numpy(np.ascontiguousarray(out)).float()
+        if self.next_secondary.numel():
+            self.next_secondary = torch.tensor([tables.persistence], dtype=torch.float32)
+
+    def _next_token_table(self, tables: MixtureTables) -> np.ndarray:
+        """[L - la, E, Z, E]: P(the next token's target at layer l = e | primary at l) for every type:
+        rho [e = primary] + (1 - rho) * the fresh draw's sum_z prior(z) P(e at l | z) (`fresh_marginal`)."""
+        c = self.config
+        rows = c.num_layers - c.lookahead
+        rho = tables.persistence
+        fresh = fresh_marginal(tables, c.target == "set" and c.top_k > 1)[:rows]  # [rows, E]
+        E, Z = c.num_experts, len(tables.prior)
+        table = np.broadcast_to(((1 - rho) * fresh)[:, None, None, :], (rows, E, Z, E)).copy()
+        table[:, np.arange(E), :, np.arange(E)] += rho
+        return table
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        state_dict.setdefault(prefix + "next_secondary", torch.zeros(0))  # checkpoints before features.next_token
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def at_horizon(self, d: int) -> nn.Module:
         return at_horizon(self, d)
@@ -150,6 +182,32 @@ class MixtureModule(nn.Module):
             probs = torch.einsum("nz,nze->ne", post, self.out_table[layer, primary])
         elif self.horizon_head >= 0:
             probs = torch.einsum("nz,nze->ne", post, self.out_table[self.horizon_head, layer, primary])
+            if self.horizon_head == self.next_head:
+                probs = probs + self.repeated_secondary(secondary, probs.shape[1])
         else:  # every horizon: [N, H, E]
             probs = torch.einsum("nz,hnze->nhe", post, self.out_table[:, layer, primary])
+            if self.next_head >= 0 and self.next_secondary.numel() > 0:
+                repeat = torch.zeros_like(probs)
+                repeat[:, self.next_head] = self.repeated_secondary(secondary, probs.shape[2])
+                probs = probs + repeat
         return torch.log(probs.clamp_min(1e-12))
+
+    def repeated_secondary(self, secondary: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """The next token's repeat of this token's secondary (+1 ids; 0: none) as [N, E] set mass."""
+        out = torch.zeros((secondary.shape[0], num_experts), device=secondary.device)
+        if self.next_secondary.numel() > 0:
+            has = (secondary > 0).float() * self.next_secondary[0]
+            out = out.scatter(1, (secondary - 1).clamp(min=0).unsqueeze(1), has.unsqueeze(1))
+        return out
+
+
+def fresh_marginal(tables: MixtureTables, as_set: bool) -> np.ndarray:
+    """[L, E]: a fresh token's P(primary at layer l = e) (`as_set`: P(e in its top-k), primary or first
+    secondary), summed over the types' prior."""
+    marg = [tables.init]  # [Z, E] per layer
+    for j in range(tables.trans.shape[1]):
+        marg.append(np.einsum("za,zab->zb", marg[-1], tables.trans[:, j]))
+    per_type = np.stack(marg, axis=1)  # [Z, L, E]
+    if as_set:
+        per_type = per_type + np.einsum("zla,zlab->zlb", per_type, tables.second)
+    return np.einsum("z,zle->le", tables.prior, per_type)
