@@ -1,9 +1,9 @@
 """Latency of the engine's every-horizon call (`Predictor.predict_horizons`: the top-2 at layers
-l + 1, 2, 4 and 8 from one call per layer) against the same model's first-horizon call
+l + 1, 2, 4 and 8 and the next token's at layer l, from one call per layer) against the same model's first-horizon call
 (`predict`), in the same process: p50 / p99 / min microseconds, batch 1 and 64, 1 thread, eager
 engine and TorchScript. Weights are random (latency does not depend on them); shapes are the
 default trace's (32 layers, 8 experts, top-2), each kind at its default configuration with one
-head per horizon (the mixture: 32 types, a table per horizon).
+head per target (the mixture: 32 types, a table per target).
 
     .venv/bin/python benchmarks/bench_horizons_call.py     # writes benchmarks/results/horizons_call.json
 """
@@ -25,10 +25,11 @@ from common import machine, write_result  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
+from routecast.config.params import NEXT_TOKEN  # noqa: E402
 from routecast.predictors.neural import ModelConfig, build_model  # noqa: E402
 from routecast.predictors.serve import Predictor  # noqa: E402
 
-HORIZONS = (1, 2, 4, 8)
+HORIZONS = (1, 2, 4, 8, NEXT_TOKEN)  # features.horizons [1, 2, 4, 8] and features.next_token
 
 
 def models() -> dict[str, torch.nn.Module]:
@@ -72,8 +73,8 @@ def main() -> None:
             results[f"{name}/batch{n}"] = {**row, "horizons_over_one_p50_torchscript": ratio}
             print(f"{name} batch={n}: " + ", ".join(f"{v} p50 {r['p50_us']:.0f}" for v, r in row.items()), flush=True)
     write_result("horizons_call", {
-        "what": "one engine call per layer: top-2 at every horizon (1, 2, 4, 8) vs the first horizon only; "
-                "random weights, 1 thread",
+        "what": "one engine call per layer: top-2 at every horizon (1, 2, 4, 8) and for the next token vs the "
+                "first horizon only; random weights, 1 thread",
         "results": results,
         "machine": info,
     })

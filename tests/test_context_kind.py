@@ -192,5 +192,23 @@ def test_one_head_per_target_every_layer_ahead_and_the_next_token(tmp_path: Path
     save_checkpoint(tmp_path / "m.pt", model, {"position_scale": test.meta.position_scale})
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     torch.testing.assert_close(predict_logits(loaded.at_horizon(3), test), predict_logits(model.at_horizon(3), test))
-    got = Predictor.from_model(model).predict_features(test, k=5)
+    predictor = Predictor.from_model(model)
+    got = predictor.predict_features(test, k=5)
     np.testing.assert_allclose(got.scores.numpy(), np.take_along_axis(main, got.experts.numpy(), 1), atol=1e-5)
+    assert predictor.horizons == [1, 3] and predictor.next_token
+    # the engine's call with every target: the last token of a window, at every layer, each head's answer
+    from routecast.predictors.context.model import tokens_of
+
+    seq = test.take(test.seq_id == test.seq_id[0])
+    tokens = tokens_of(seq, TINY["window"])
+    t = min(len(tokens.row), TINY["window"]) - 1
+    every = predictor.predict_context(tokens.route[None, :t + 1] - 1, tokens.key[None, :t + 1], k=5,
+                                      every_horizon=True)
+    assert every.experts.shape == (1, model.slots, 3, 5)
+    torch.testing.assert_close(every.scores[:, :, 0], predictor.predict_context(
+        tokens.route[None, :t + 1] - 1, tokens.key[None, :t + 1], k=5).scores)
+    for j, d in enumerate((1, 3, NEXT_TOKEN)):
+        want = torch.softmax(predict_logits(model.at_horizon(d), seq), dim=1)
+        for layer in np.flatnonzero(tokens.row[t] >= 0):
+            row = want[tokens.row[t, layer]]
+            torch.testing.assert_close(every.scores[0, layer, j], row[every.experts[0, layer, j]], rtol=0, atol=1e-5)

@@ -157,7 +157,7 @@ class Predictor:
 
             info = {name: getattr(config, name) for name in _INFO if name not in ("reads_token", "horizons")}
             return cls(ContextEngine(model), info | {"reads_token": config.reads_token, "sequences": True,
-                                                     "horizons": [config.lookahead],
+                                                     "horizons": list(config.horizons),
                                                      "position_scale": float(position_scale), "window": config.window})
         core = registry.get(config.kind).serve(model.eval())
         engine = EngineModule(core, config, position_scale).eval()
@@ -282,10 +282,13 @@ class Predictor:
         return NEXT_TOKEN in (self.info.get("horizons") or [])
 
     @torch.inference_mode()
-    def predict_context(self, route: Any, key: Any = None, k: int | None = None) -> Prediction:
+    def predict_context(self, route: Any, key: Any = None, k: int | None = None,
+                        every_horizon: bool = False) -> Prediction:
         """A kind that reads the sequence so far (`context`), once per layer: the k (default top_k)
         experts expected for the last token of each sequence at every layer l + lookahead, best
         first, with their probabilities ([B, slots, k]; an engine at layer l reads [:, l]).
+        `every_horizon`: every target it was trained for, [B, slots, targets, k] (the horizons, then
+        the next token; not in a .pt2 export, whose program is the first horizon's).
 
         route [B, W, num_layers, top_k] int: the experts of each sequence's last W tokens (W <=
         `window`), -1 unknown (the last token's layers past l); key [B, W] int: their token keys
@@ -311,7 +314,12 @@ class Predictor:
             key = torch.full((B, W), -1, dtype=torch.int64)
         key = _as_tensor(key, torch.int64)
         _check_shape("key", key, (B, W))
-        best, scores = self.module.predict(route, key, k)
+        if every_horizon:
+            if not hasattr(self.module, "predict_horizons"):
+                raise InputError("a .pt2 export holds the first horizon only: Predictor.load the .pt for every target")
+            best, scores = self.module.predict_horizons(route, key, k)
+        else:
+            best, scores = self.module.predict(route, key, k)
         return Prediction(best, scores)
 
     def predict_features(self, feats: Features, k: int | None = None, every_horizon: bool = False) -> Prediction:

@@ -235,6 +235,7 @@ class ContextEngine(nn.Module):
         self.core = model.eval()
         c = model.config
         self.num_layers, self.num_experts, self.top_k, self.window = c.num_layers, c.num_experts, c.top_k, c.window
+        self.heads = model.heads
 
     def forward(self, route: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         return self.core((route.long() + 1).clamp(min=0), key.long())[:, -1, :, :self.num_experts]  # main horizon
@@ -244,6 +245,14 @@ class ContextEngine(nn.Module):
         """The last token's k best experts at every layer l + lookahead, best first ([B, slots, k]),
         and their probabilities (softmax over all)."""
         scores, best = torch.softmax(self.forward(route, key), dim=2).topk(k, dim=2)
+        return best, scores
+
+    @torch.jit.export
+    def predict_horizons(self, route: torch.Tensor, key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict` for every target at once (every horizon, then the next token): [B, slots, heads, k]."""
+        every = self.core((route.long() + 1).clamp(min=0), key.long())[:, -1]  # [B, S, heads * E]
+        every = every.view(every.shape[0], every.shape[1], self.heads, self.num_experts)
+        scores, best = torch.softmax(every, dim=3).topk(k, dim=3)
         return best, scores
 
 
