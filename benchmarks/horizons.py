@@ -38,7 +38,8 @@ def horizon_summary(block: dict, d: int) -> dict[str, object]:
     tables = {name: entry["top2"] for name, entry in block.items()
               if isinstance(entry, dict) and "top2" in entry and name not in NOT_TABLES}
     best = max(tables, key=tables.get)
-    out: dict[str, object] = {"horizon": d if d else "next_token", "n_test": block["tuned"]["n_test"], "best_table": best}
+    out: dict[str, object] = {"horizon": d if d else "next_token", "n_test": block["tuned"]["n_test"],
+                              "best_table": best}
     for name in (*MODELS, "oracle", best):
         entry = block.get(name)
         if entry is None:

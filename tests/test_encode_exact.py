@@ -137,7 +137,8 @@ def test_the_next_token_target_is_the_next_position_at_the_same_layer() -> None:
         j = by_key[(nxt.seq_id[i], nxt.token_pos[i] + 1, nxt.layer[i])]  # that token's sample at the same layer
         np.testing.assert_array_equal(nxt.target_set[i], feats.current_set[j])
         assert nxt.target[i] == feats.primary[j]
-    last = np.array([(s, p + 1, layer) not in by_key for s, p, layer in zip(feats.seq_id, feats.token_pos, feats.layer)])
+    last = np.array([(s, p + 1, layer) not in by_key
+                     for s, p, layer in zip(feats.seq_id, feats.token_pos, feats.layer)])
     assert len(nxt) == int((~last).sum())  # every sample without a next token is left out, and only those
     with pytest.raises(ValueError, match=r"horizon next_token is not one of the features' targets \['1'\]"):
         encode_features(traces, FeaturesParams()).at_horizon(NEXT_TOKEN)

@@ -225,14 +225,16 @@ def test_every_horizon_is_scored_with_its_own_references_oracle_and_heads() -> N
         assert set(block["tuned"]["vs"]) == set(block) - {"tuned", "validation"}
         val_d = val.at_horizon(d)  # the same figures, as points, on the validation samples with a target at l + d
         assert block["validation"]["tuned"]["n"] == len(val_d) > 0
-        assert block["validation"]["lookup_3"]["top2"] == pytest.approx(score_metrics(lookup.scores(val_d), val_d)["top2"])
+        want = score_metrics(lookup.scores(val_d), val_d)["top2"]
+        assert block["validation"]["lookup_3"]["top2"] == pytest.approx(want)
         oracle_top2.append(block["oracle"]["top2"])
     assert oracle_top2[0] > oracle_top2[1] > oracle_top2[2]
     rows = {(d, name): (top2, recall) for d, name, top2, recall in result.per_horizon}  # per_horizon.csv
     assert rows[(1, "baseline")] == (metrics["baseline"]["top2"], metrics["baseline"]["set_recall"])
     assert rows[(4, "oracle")] == (oracle_top2[2], metrics["horizons"]["4"]["oracle"]["set_recall"])
     main = len(metrics["validation"])  # every predictor scored at the main horizon
-    assert (2, "baseline") not in rows and len(rows) == main + sum(len(set(b) - {"validation"}) for b in metrics["horizons"].values())
+    scored_there = sum(len(set(b) - {"validation"}) for b in metrics["horizons"].values())
+    assert (2, "baseline") not in rows and len(rows) == main + scored_there
 
 
 def test_a_ranking_holds_only_its_own_columns() -> None:

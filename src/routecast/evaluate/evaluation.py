@@ -479,20 +479,21 @@ def evaluate_horizons(models: dict[str, torch.nn.Module], targets: dict[str, str
                          [target_name(h) for h in getattr(model.config, "horizons", (model.config.lookahead,))])
         references = reference_predictors(trace_meta, fit.at_horizon(d))
 
-        def scored(split: str, feats: Features) -> tuple[Features, dict[str, Scored]]:
+        def scored(split: str, feats: Features, j: int, d: int, references: list[Any]
+                   ) -> tuple[Features, dict[str, Scored]]:
             rows = np.flatnonzero(feats.horizon_set[:, j, 0] >= 0)  # at_horizon(d)'s samples
             heads = [HeadScorer(name, models[name], params.batch_size, targets.get(name, "primary"),
                                 probs=every[split][name][rows, j]) for name in with_heads]
             feats_d = feats.at_horizon(d)
             return feats_d, score_all([*heads, *references], feats_d)
 
-        test_d, on_test = scored("test", test)
+        test_d, on_test = scored("test", test, j, d, references)
         summary = summarise(on_test, test_d, params)
         keep = {f"{m}{suffix}" for m in HORIZON_METRICS for suffix in ("", "_lo", "_hi")}
         keep |= {"top2_vs_oracle", "top2_vs_oracle_lo", "top2_vs_oracle_hi", "n_test", "vs"}
         out[name_d] = {name: {k: v for k, v in entry.items() if k in keep} for name, entry in summary.items()}
         if "val" in every:
-            val_d, on_val = scored("val", val)
+            val_d, on_val = scored("val", val, j, d, references)
             out[name_d]["validation"] = validation_block(on_val, val_d)
         label = "next" if d == NEXT_TOKEN else f"l+{d}"
         for name, m in summary.items():

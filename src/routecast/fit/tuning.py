@@ -330,7 +330,8 @@ def tune(params: Params, train: Features, train_digest: str,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     log.info("study %s: best trial %d, %s %.4f (%d complete, %d pruned, %d failed; %d run here)",
-             study.study_name, best.number, summary["objective"], best.value, summary["n_complete"], summary["n_pruned"],
+             study.study_name, best.number, summary["objective"], best.value, summary["n_complete"],
+             summary["n_pruned"],
              summary["n_failed"], ran)
     return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
 

@@ -2,7 +2,8 @@
 
 A kind with heads (`mlp`, `lookup_mlp`, `gru`: one per horizon, trained together, the loss the mean
 over horizons of each head's loss on the samples with a target there; `mixture`: its posterior
-pushed d steps; `features.next_token` is one more head, last, keyed NEXT_TOKEN) has plain attributes `heads` and `horizon_head`. Its call returns head
+pushed d steps; `features.next_token` is one more head, last, keyed NEXT_TOKEN)
+has plain attributes `heads` and `horizon_head`. Its call returns head
 `horizon_head` (0, the main horizon, unless set); `at_horizon(module, d)` is the same module
 answering horizon d, and within `every_head(module)` the call returns every head, [N, heads, E]
 (training reads them all at once).

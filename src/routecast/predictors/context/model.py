@@ -12,10 +12,10 @@ For a window of W tokens of one sequence (every layer of each):
 
 so the prediction for (t, l) reads nothing of token t past layer l. With several targets
 (`features.horizons`, `features.next_token`) the head has one output block per target, trained
-together (`routecast.predictors.horizons`); the wide tables feed the main horizon's block only. The samples' rows come from
-`Features` in (sequence, token, layer) order (each split keeps it): a token's routing at layer j is
-its `current_set` at j, or, for the last `lookahead` layers, the `target_set` of the sample that
-predicts them.
+together (`routecast.predictors.horizons`); the wide tables feed the main horizon's block only.
+The samples' rows come from `Features` in (sequence, token, layer) order (each split keeps it): a
+token's routing at layer j is its `current_set` at j, or, for the last `lookahead` layers, the
+`target_set` of the sample that predicts them.
 """
 
 from __future__ import annotations
@@ -303,7 +303,8 @@ def fit(params: ContextParams, train: TrainParams, fit_split: Features, val: Fea
                            horizons=m.horizons)
     model = ContextPredictor(config)
     model.vocab.copy_(torch.from_numpy(vocab))
-    batches = WindowBatches(tokens_of(fit_split, params.window), targets(fit_split, train.target, every_horizon=True),
+    batches = WindowBatches(tokens_of(fit_split, params.window),
+                            targets(fit_split, train.target, every_horizon=True),
                             params.batch_windows, pick_device(train.device))
     return train_neural(model, batches, params.lr, train, val, epochs, on_epoch, desc)
 
