@@ -53,6 +53,9 @@ def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
         ({"features.horizons": [0, 1]}, "features.horizons"),
         ({"features.horizons": [1, 2], "features.prev_token": True}, "features.prev_token"),
         ({"features.next_token": True, "features.prev_token": True}, "features.prev_token"),
+        ({"simulate.link.queue": "lifo"}, "simulate.link.queue"),
+        ({"simulate.link.chunk_mb": 0}, "simulate.link.chunk_mb"),
+        ({"simulate.link.slot_on": "never"}, "simulate.link.slot_on"),
     ],
 )
 def test_bad_value_names_the_key(params_file: Path, updates: dict, key: str) -> None:

@@ -299,3 +299,38 @@ def test_bad_engine_is_refused() -> None:
         simulate(truth, np.full((4, 6, 4), 6, np.int16), Engine(2, 2, "lru", 1.0, 1.0, 1.0), num_experts=6)
     with pytest.raises(ValueError, match=r"truth: expert ids"):
         simulate(truth, None, Engine(2, 2, "lru", 1.0, 1.0, 1.0), num_experts=5)
+
+
+# --------------------------------------------------------------------------- the priority link
+
+
+@pytest.mark.parametrize("stage", [False, True])
+@pytest.mark.parametrize("chunk", [0.0, 0.35])
+def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: float) -> None:
+    """The compiled priority link (demand first, chunks, cancellation, slot on issue or on landing)
+    gives the counters of an independent step-by-step replay (tests/reference_prefetch.py), on
+    random traces with missing rows, both evictions, several cache sizes, horizons and predictors."""
+    from reference_prefetch import replay_priority
+
+    rng = np.random.default_rng(10)
+    cancelled = 0
+    for case in range(12):
+        truth = random_trace(rng, tokens=25, missing=0.05 if case % 3 == 0 else 0.0)
+        lookahead = 1 + case % 2
+        slots, eviction = [2, 3, 4][case % 3], ["lru", "lfu"][case % 2]
+        transfer, compute = [0.4, 1.7, 5.0][case % 3], [1.0, 0.3][case % 2]
+        for hit in (0.0, 0.6):
+            cand = random_rankings(rng, truth, 6, hit, lookahead)
+            engine = Engine(slots, 2, eviction, transfer, compute, 100.0, queue="priority",
+                            chunk_ms=chunk or transfer, slot_on="land" if stage else "issue")
+            got = run(truth, cand, engine, lookahead=lookahead, predictor_ms=0.2)
+            want = replay_priority(truth, cand[:, :, :2], 6, lookahead, slots, eviction == "lfu", transfer,
+                                   chunk or transfer, compute, 0.2, stage)
+            counts = {"hits": got.hits, "in_flight": got.in_flight, "accesses": got.accesses, "fetches": got.fetches,
+                      "prefetches": got.prefetches, "useful": got.useful_prefetches, "refetches": got.refetches,
+                      "layers": got.layers, "missing": got.missing_layers, "cancelled": got.cancelled}
+            assert counts == {name: int(want[name]) for name in counts}, (case, hit)
+            assert got.wait_ms == pytest.approx(want["wait"]) and got.total_ms == pytest.approx(want["total"])
+            assert got.moved_experts == pytest.approx(want["moved"])
+            cancelled += got.cancelled
+    assert cancelled > 100  # the cases do exercise cancellation (slow links, wrong predictions)

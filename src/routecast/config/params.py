@@ -437,6 +437,16 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class LinkParams:
     gb_per_s: InfFloat | None = None  # null: the preset's; .inf: an infinitely fast link
+    # priority: demand fetches first, a prefetch its layer's router did not choose cancelled (real engines);
+    # fifo: every transfer in order of issue, never withdrawn (the earlier verdict, kept reproducible)
+    queue: Literal["fifo", "priority"] = "priority"
+    chunk_mb: float | None = 16.0  # priority: transfers move in chunks of this size; null: whole
+
+    slot_on: Literal["issue", "land"] = "land"  # priority: a prefetch takes its cache slot when issued | when it lands
+
+    def validate(self, key: str) -> None:
+        check(self.chunk_mb is None or (math.isfinite(self.chunk_mb) and self.chunk_mb > 0), f"{key}.chunk_mb",
+              f"must be > 0 or null, got {self.chunk_mb}")
 
 
 @dataclass(frozen=True)
@@ -505,6 +515,7 @@ class SimulateParams:
         check(math.isfinite(hw.expert_mb) and hw.expert_mb > 0, f"{key}.expert_mb", f"must be > 0, got {hw.expert_mb}")
         check(hw.gb_per_s > 0, f"{key}.link.gb_per_s",
               f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
+        self.link.validate(f"{key}.link")
         check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
               f"must be >= 0, got {hw.ms_per_layer}")
         check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")

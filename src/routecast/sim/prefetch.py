@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +47,8 @@ MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values ove
 
 # Counters `_replay` returns, by index.
 (_HITS, _IN_FLIGHT, _ACCESSES, _FETCHES, _PREFETCHES, _USEFUL, _REFETCHES, _WAIT, _OVERHEAD, _TOTAL, _LAYERS,
- _MISSING) = range(12)
-_N_COUNTERS = 12
+ _MISSING, _CANCELLED, _MOVED) = range(14)
+_N_COUNTERS = 14
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,19 @@ class Engine:
     transfer_ms: float  # one expert over the link
     compute_ms: float  # one layer's compute once its experts are resident
     expert_mb: float
+    queue: str = "fifo"  # fifo: every transfer in order of issue | priority: demand first, wrong prefetches cancelled
+    chunk_ms: float = 0.0  # priority: a transfer yields to a demand at chunk boundaries this far apart (0: whole)
+    slot_on: str = "issue"  # priority: a prefetch takes its cache slot when issued | when it lands (staging)
 
     @classmethod
     def from_params(cls, params: SimulateParams, top_k: int) -> Engine:
         hw = params.hardware()
+        transfer_ms = hw.expert_mb / hw.gb_per_s  # MB / (GB/s) is ms; an infinite bandwidth moves an expert in no time
+        chunk_mb = params.link.chunk_mb
+        chunks = math.ceil(hw.expert_mb / chunk_mb) if chunk_mb else 1
         return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k), eviction=params.cache.eviction,
-                   # MB / (GB/s) is ms; an infinite bandwidth moves an expert in no time
-                   transfer_ms=hw.expert_mb / hw.gb_per_s, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb)
+                   transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb,
+                   queue=params.link.queue, chunk_ms=transfer_ms / chunks, slot_on=params.link.slot_on)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class RunResult:
     wait_ms: float  # layers waiting for experts
     predictor_overhead_ms: float  # predictor time beyond the layers' compute
     total_ms: float
+    cancelled: int = 0  # prefetches cancelled once their layer's router chose other experts (priority link)
+    moved_experts: float = 0.0  # experts' worth of bytes the link moved (a cancelled transfer: its chunks moved)
 
     @property
     def hit_rate(self) -> float:
@@ -98,7 +107,7 @@ class RunResult:
 
     @property
     def mb_per_token(self) -> float:
-        return self.fetches * self.engine.expert_mb / self.tokens
+        return self.moved_experts * self.engine.expert_mb / self.tokens
 
     @property
     def stall_ms(self) -> float:
@@ -115,8 +124,9 @@ class RunResult:
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out):
-    """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full."""
+def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out):
+    """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full
+    (a victim still queued on a priority link is dropped from the queue: cancelled)."""
     if count[layer] >= slots:
         victim = -1
         for v in range(resident.shape[1]):
@@ -133,6 +143,9 @@ def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fe
             raise RuntimeError("every cached expert is protected: slots_per_layer < top_k or width > slots")
         resident[layer, victim] = False
         pending[layer, victim] = False  # a prefetch evicted unused: wasted
+        if queued[layer, victim]:
+            queued[layer, victim] = False
+            out[_CANCELLED] += 1
     else:
         count[layer] += 1
     resident[layer, expert] = True
@@ -156,6 +169,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
     pending = np.zeros((n_layers, num_experts), np.bool_)  # prefetched, not used since
     fetched = np.zeros((n_layers, num_experts), np.bool_)  # ever transferred
     protect = np.zeros(num_experts, np.bool_)
+    queued = np.zeros((n_layers, num_experts), np.bool_)  # never set: a FIFO transfer is never withdrawn
     clock = 0.0  # when the next layer may start
     link = 0.0  # when the link has moved everything issued so far
     tick = 0
@@ -173,12 +187,13 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out)
+                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out)
                     tick += 1
                     stamp[layer, e] = tick
                     link = max(clock, link) + transfer_ms
                     ready[layer, e] = link
                     out[_FETCHES] += 1
+                    out[_MOVED] += 1
             # The layer starts once all its experts have landed.
             start = clock
             for j in range(k):
@@ -204,12 +219,185 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, out)
+                        _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
+                                queued, out)
                         tick += 1
                         stamp[target, e] = tick
                         pending[target, e] = True
                         link = max(issue, link) + transfer_ms
                         ready[target, e] = link
+                        out[_FETCHES] += 1
+                        out[_PREFETCHES] += 1
+                        out[_MOVED] += 1
+                for j in range(width):
+                    if cand[t, layer, j] >= 0:
+                        protect[cand[t, layer, j]] = False
+            out[_OVERHEAD] += busy - compute_ms
+            out[_LAYERS] += 1
+            clock = start + busy
+    out[_TOTAL] = clock
+    return out
+
+
+@njit(cache=True)
+def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, chunk_ms, compute_ms,
+                     predictor_ms, stage):
+    """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
+    queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
+    router has chosen, every prefetch for layer l still queued or on the link that it did not
+    choose is cancelled (its slot freed; the chunks it moved still count as bytes), and one it
+    chose becomes a demand. A prefetch takes its slot when issued, or with `stage` when it lands (a
+    staging buffer: a cancelled prefetch then evicts nothing). Returns the counters."""
+    n_tokens, n_layers, k = truth.shape
+    width = cand.shape[2]
+    out = np.zeros(_N_COUNTERS)
+    resident = np.zeros((n_layers, num_experts), np.bool_)
+    count = np.zeros(n_layers, np.int64)
+    ready = np.zeros((n_layers, num_experts))  # when the expert's transfer landed (or lands, for a demand)
+    stamp = np.zeros((n_layers, num_experts), np.int64)
+    uses = np.zeros((n_layers, num_experts), np.int64)
+    pending = np.zeros((n_layers, num_experts), np.bool_)
+    fetched = np.zeros((n_layers, num_experts), np.bool_)
+    protect = np.zeros(num_experts, np.bool_)
+    queued = np.zeros((n_layers, num_experts), np.bool_)  # a prefetch waiting for, or on, the link
+    remain = np.zeros((n_layers, num_experts))  # its transfer time still to go
+    cap = n_tokens * n_layers * max(width, 1) + 1
+    q_layer = np.zeros(cap, np.int64)  # the prefetch queue in order of issue (dropped entries skipped)
+    q_expert = np.zeros(cap, np.int64)
+    q_issue = np.zeros(cap)
+    q_id = np.zeros((n_layers, num_experts), np.int64)  # the queue entry of a queued prefetch (older ones are dead)
+    q_head, q_tail = 0, 0
+    link = 0.0  # the link has done its work up to here
+    clock = 0.0
+    tick = 0
+    for t in range(n_tokens):
+        for layer in range(n_layers):
+            if truth[t, layer, 0] < 0:
+                out[_MISSING] += 1
+                continue
+            # The link moves queued prefetches, in order of issue, until the layer starts.
+            while q_head < q_tail:
+                ql, qe = q_layer[q_head], q_expert[q_head]
+                if not queued[ql, qe] or q_id[ql, qe] != q_head:
+                    q_head += 1
+                    continue
+                begin = max(link, q_issue[q_head])
+                if begin >= clock:
+                    break
+                if begin + remain[ql, qe] <= clock:
+                    link = begin + remain[ql, qe]
+                    out[_MOVED] += remain[ql, qe] / transfer_ms if transfer_ms > 0 else 1.0
+                    remain[ql, qe] = 0.0
+                    queued[ql, qe] = False
+                    ready[ql, qe] = link
+                    if stage:
+                        _insert(ql, qe, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued,
+                                out)
+                        tick += 1
+                        stamp[ql, qe] = tick
+                    q_head += 1
+                else:
+                    out[_MOVED] += (clock - begin) / transfer_ms
+                    remain[ql, qe] -= clock - begin
+                    link = clock
+                    break
+            # A transfer on the link finishes its current chunk before anything else moves. One for this
+            # layer that the router did not choose is cancelled below even if that chunk was its last.
+            free = max(clock, link)
+            if q_head < q_tail and link >= clock:
+                ql, qe = q_layer[q_head], q_expert[q_head]
+                if queued[ql, qe] and q_id[ql, qe] == q_head and remain[ql, qe] < transfer_ms:
+                    done = transfer_ms - remain[ql, qe]
+                    boundary = min(math.ceil(done / chunk_ms - 1e-9) * chunk_ms, transfer_ms) if chunk_ms > 0 \
+                        else transfer_ms
+                    step = boundary - done
+                    free = clock + step
+                    out[_MOVED] += step / transfer_ms
+                    remain[ql, qe] -= step
+                    chosen = False
+                    for j in range(k):
+                        chosen = chosen or truth[t, layer, j] == qe
+                    if remain[ql, qe] <= 1e-12 and (ql != layer or chosen):
+                        remain[ql, qe] = 0.0
+                        queued[ql, qe] = False
+                        ready[ql, qe] = free
+                        if stage:
+                            for j in range(k):
+                                protect[truth[t, layer, j]] = ql == layer
+                            _insert(ql, qe, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
+                                    queued, out)
+                            tick += 1
+                            stamp[ql, qe] = tick
+            for j in range(k):
+                protect[truth[t, layer, j]] = True
+            # The router has chosen: this layer's other prefetches still to land are cancelled.
+            for e in range(num_experts):
+                if queued[layer, e] and not protect[e]:
+                    queued[layer, e] = False
+                    pending[layer, e] = False
+                    if not stage:
+                        resident[layer, e] = False
+                        count[layer] -= 1
+                    out[_CANCELLED] += 1
+            # Demand, in rank order: a chosen prefetch still to land goes now, a missing expert after it.
+            for j in range(k):
+                e = truth[t, layer, j]
+                out[_ACCESSES] += 1
+                if queued[layer, e]:
+                    out[_IN_FLIGHT] += 1
+                    free += remain[layer, e]
+                    out[_MOVED] += remain[layer, e] / transfer_ms if transfer_ms > 0 else 1.0
+                    remain[layer, e] = 0.0
+                    queued[layer, e] = False
+                    ready[layer, e] = free
+                    if stage:
+                        _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
+                                queued, out)
+                elif resident[layer, e]:
+                    out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
+                else:
+                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                    tick += 1
+                    stamp[layer, e] = tick
+                    free += transfer_ms
+                    ready[layer, e] = free
+                    out[_FETCHES] += 1
+                    out[_MOVED] += 1
+            link = max(link, free)
+            start = clock
+            for j in range(k):
+                e = truth[t, layer, j]
+                start = max(start, ready[layer, e])
+                tick += 1
+                stamp[layer, e] = tick
+                uses[layer, e] += 1
+                if pending[layer, e]:
+                    pending[layer, e] = False
+                    out[_USEFUL] += 1
+                protect[e] = False
+            out[_WAIT] += start - clock
+            busy = compute_ms
+            target = layer + lookahead
+            if width > 0 and target < n_layers and cand[t, layer, 0] >= 0:
+                busy = max(compute_ms, predictor_ms)
+                issue = start + predictor_ms
+                for j in range(width):
+                    if cand[t, layer, j] >= 0:
+                        protect[cand[t, layer, j]] = True
+                for j in range(width):
+                    e = cand[t, layer, j]
+                    if e >= 0 and not resident[target, e] and not queued[target, e]:
+                        if not stage:
+                            _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
+                                    queued, out)
+                            tick += 1
+                            stamp[target, e] = tick
+                        pending[target, e] = True
+                        queued[target, e] = True
+                        remain[target, e] = transfer_ms
+                        q_layer[q_tail], q_expert[q_tail], q_issue[q_tail] = target, e, issue
+                        q_id[target, e] = q_tail
+                        q_tail += 1
                         out[_FETCHES] += 1
                         out[_PREFETCHES] += 1
                 for j in range(width):
@@ -251,16 +439,23 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     for name, arr in (("truth", truth), ("candidates", cand)):
         if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
             raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
-    replay = _replay if compiled else _replay.py_func
-    out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, engine.eviction == "lfu",
-                 float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
+    lfu = engine.eviction == "lfu"
+    if engine.queue == "fifo":
+        replay = _replay if compiled else _replay.py_func
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, lfu, float(engine.transfer_ms),
+                     float(engine.compute_ms), float(predictor_ms))
+    else:
+        replay = _replay_priority if compiled else _replay_priority.py_func
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, lfu, float(engine.transfer_ms),
+                     float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms), engine.slot_on == "land")
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
                                                 ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
                                                 ("fetches", _FETCHES),
                                                 ("prefetches", _PREFETCHES), ("useful_prefetches", _USEFUL),
-                                                ("refetches", _REFETCHES))}
+                                                ("refetches", _REFETCHES), ("cancelled", _CANCELLED))}
     return RunResult(engine=engine, tokens=truth.shape[0], wait_ms=float(out[_WAIT]),
-                     predictor_overhead_ms=float(out[_OVERHEAD]), total_ms=float(out[_TOTAL]), **counts)
+                     predictor_overhead_ms=float(out[_OVERHEAD]), total_ms=float(out[_TOTAL]),
+                     moved_experts=float(out[_MOVED]), **counts)
 
 
 def perfect_candidates(truth: np.ndarray, lookahead: int) -> np.ndarray:

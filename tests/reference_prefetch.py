@@ -1,0 +1,178 @@
+"""A plain-Python replay of the priority link (`link.queue: priority`), written apart from the
+compiled loop in `routecast.sim.prefetch` and step by step, so the two can be compared on random
+cases (tests/test_prefetch.py). Objects and lists instead of arrays; the same engine rules:
+
+- the link moves one transfer at a time: demand fetches first, then queued prefetches in order
+  of issue; a prefetch on the link finishes its current chunk before a demand starts;
+- when layer l's router has chosen, every prefetch for layer l still to land that it did not
+  choose is cancelled (its moved chunks still count; also one whose last chunk was on the link),
+  and one it chose is moved as a demand;
+- a prefetch takes its cache slot when issued, or with `stage` when it lands;
+- a full cache evicts the least recently used expert of the layer (`lfu`: the least used so far,
+  ties to the least recent), never one the current layer (or the prefetch being issued) holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class Transfer:
+    layer: int
+    expert: int
+    issued: float
+    left: float  # ms still to move
+    live: bool = True
+
+
+def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, lfu: bool, transfer_ms: float,
+                    chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool) -> dict[str, float]:
+    n_tokens, n_layers, k = truth.shape
+    width = cand.shape[2]
+    cache = [dict() for _ in range(n_layers)]  # expert -> when it landed (or lands)
+    recency = [[] for _ in range(n_layers)]  # least recent first
+    uses = [[0] * num_experts for _ in range(n_layers)]
+    prefetched = [set() for _ in range(n_layers)]  # prefetched, not used since
+    ever = [set() for _ in range(n_layers)]
+    queue: list[Transfer] = []
+    on_link: dict[tuple[int, int], Transfer] = {}
+    c = dict.fromkeys(("hits", "in_flight", "accesses", "fetches", "prefetches", "useful", "refetches", "wait",
+                       "overhead", "layers", "missing", "cancelled", "moved"), 0.0)
+    clock = link = 0.0
+
+    def moved(ms: float) -> float:
+        return ms / transfer_ms if transfer_ms > 0 else 1.0
+
+    def touch(layer: int, e: int) -> None:
+        if e in recency[layer]:
+            recency[layer].remove(e)
+        recency[layer].append(e)
+
+    def insert(layer: int, e: int, keep: set[int], when: float) -> None:
+        if len(cache[layer]) >= slots:
+            candidates = [v for v in recency[layer] if v in cache[layer] and v not in keep]
+            if lfu:
+                least = min(uses[layer][v] for v in candidates)
+                candidates = [v for v in candidates if uses[layer][v] == least]
+            victim = candidates[0]
+            del cache[layer][victim]
+            prefetched[layer].discard(victim)
+            if (layer, victim) in on_link:
+                on_link.pop((layer, victim)).live = False
+                c["cancelled"] += 1
+        cache[layer][e] = when
+        if e in ever[layer]:
+            c["refetches"] += 1
+        ever[layer].add(e)
+
+    def land(tr: Transfer, when: float, keep: set[int]) -> None:
+        tr.live = False
+        on_link.pop((tr.layer, tr.expert))
+        if stage:
+            insert(tr.layer, tr.expert, keep, when)
+            touch(tr.layer, tr.expert)
+        else:
+            cache[tr.layer][tr.expert] = when
+
+    for t in range(n_tokens):
+        for layer in range(n_layers):
+            if truth[t, layer, 0] < 0:
+                c["missing"] += 1
+                continue
+            while queue:  # the link until the layer starts
+                tr = queue[0]
+                if not tr.live:
+                    queue.pop(0)
+                    continue
+                begin = max(link, tr.issued)
+                if begin >= clock:
+                    break
+                if begin + tr.left <= clock:
+                    link = begin + tr.left
+                    c["moved"] += moved(tr.left)
+                    tr.left = 0.0
+                    land(tr, link, set())
+                    queue.pop(0)
+                else:
+                    c["moved"] += (clock - begin) / transfer_ms
+                    tr.left -= clock - begin
+                    link = clock
+                    break
+            chosen = [int(e) for e in truth[t, layer]]
+            free = max(clock, link)
+            head = next((tr for tr in queue if tr.live), None)
+            if head is not None and link >= clock and head.left < transfer_ms:
+                done = transfer_ms - head.left
+                boundary = min(math.ceil(done / chunk_ms - 1e-9) * chunk_ms, transfer_ms) if chunk_ms > 0 \
+                    else transfer_ms
+                free = clock + boundary - done
+                c["moved"] += (boundary - done) / transfer_ms
+                head.left -= boundary - done
+                if head.left <= 1e-12 and (head.layer != layer or head.expert in chosen):  # else: cancelled below
+                    head.left = 0.0
+                    land(head, free, set(chosen) if head.layer == layer else set())
+            for (tl, e), tr in list(on_link.items()):  # the router has chosen
+                if tl == layer and e not in chosen:
+                    tr.live = False
+                    del on_link[(tl, e)]
+                    prefetched[layer].discard(e)
+                    if not stage:
+                        del cache[layer][e]
+                    c["cancelled"] += 1
+            for e in chosen:
+                c["accesses"] += 1
+                if (layer, e) in on_link:
+                    c["in_flight"] += 1
+                    tr = on_link[(layer, e)]
+                    free += tr.left
+                    c["moved"] += moved(tr.left)
+                    tr.left = 0.0
+                    tr.live = False
+                    del on_link[(layer, e)]
+                    if stage:
+                        insert(layer, e, set(chosen), free)
+                    else:
+                        cache[layer][e] = free
+                elif e in cache[layer]:
+                    c["hits" if cache[layer][e] <= clock else "in_flight"] += 1
+                else:
+                    insert(layer, e, set(chosen), 0.0)
+                    touch(layer, e)
+                    free += transfer_ms
+                    cache[layer][e] = free
+                    c["fetches"] += 1
+                    c["moved"] += 1
+            link = max(link, free)
+            start = max([clock] + [cache[layer][e] for e in chosen])
+            for e in chosen:
+                touch(layer, e)
+                uses[layer][e] += 1
+                if e in prefetched[layer]:
+                    prefetched[layer].discard(e)
+                    c["useful"] += 1
+            c["wait"] += start - clock
+            busy = compute_ms
+            target = layer + lookahead
+            if width > 0 and target < n_layers and cand[t, layer, 0] >= 0:
+                busy = max(compute_ms, predictor_ms)
+                issue = start + predictor_ms
+                named = [int(e) for e in cand[t, layer] if e >= 0]
+                for e in named:
+                    if e in cache[target] or (target, e) in on_link:
+                        continue
+                    if not stage:
+                        insert(target, e, set(named), math.inf)
+                        touch(target, e)
+                    prefetched[target].add(e)
+                    tr = Transfer(target, e, issue, transfer_ms)
+                    queue.append(tr)
+                    on_link[(target, e)] = tr
+                    c["fetches"] += 1
+                    c["prefetches"] += 1
+            c["overhead"] += busy - compute_ms
+            c["layers"] += 1
+            clock = start + busy
+    c["total"] = clock
+    return c
