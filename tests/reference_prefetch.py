@@ -8,8 +8,9 @@ cases (tests/test_prefetch.py). Objects and lists instead of arrays; the same en
   choose is cancelled (its moved chunks still count; also one whose last chunk was on the link),
   and one it chose is moved as a demand;
 - a prefetch takes its cache slot when issued, or with `stage` when it lands;
-- a full cache evicts the least recently used expert of the layer (`lfu`: the least used so far,
-  ties to the least recent), never one the current layer (or the prefetch being issued) holds.
+- a full cache evicts the least recently used expert of the layer (`lfu`: the least used so far;
+  `belady`: the one next used farthest ahead; ties to the least recent), never one the current
+  layer (or the prefetch being issued) holds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ class Transfer:
     live: bool = True
 
 
-def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, lfu: bool, transfer_ms: float,
+def next_use(truth, t: int, layer: int, e: int) -> int:
+    """The first token t' >= t whose layer uses e (len(truth): never): what Belady looks at."""
+    for u in range(t, len(truth)):
+        if e in [int(x) for x in truth[u, layer]]:
+            return u
+    return len(truth)
+
+
+def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, eviction: str, transfer_ms: float,
                     chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool) -> dict[str, float]:
     n_tokens, n_layers, k = truth.shape
     width = cand.shape[2]
@@ -50,12 +59,15 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
             recency[layer].remove(e)
         recency[layer].append(e)
 
-    def insert(layer: int, e: int, keep: set[int], when: float) -> None:
+    def insert(layer: int, e: int, keep: set[int], when: float, now: int) -> None:
         if len(cache[layer]) >= slots:
             candidates = [v for v in recency[layer] if v in cache[layer] and v not in keep]
-            if lfu:
+            if eviction == "lfu":
                 least = min(uses[layer][v] for v in candidates)
                 candidates = [v for v in candidates if uses[layer][v] == least]
+            elif eviction == "belady":
+                farthest = max(next_use(truth, now, layer, v) for v in candidates)
+                candidates = [v for v in candidates if next_use(truth, now, layer, v) == farthest]
             victim = candidates[0]
             del cache[layer][victim]
             prefetched[layer].discard(victim)
@@ -67,11 +79,11 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
             c["refetches"] += 1
         ever[layer].add(e)
 
-    def land(tr: Transfer, when: float, keep: set[int]) -> None:
+    def land(tr: Transfer, when: float, keep: set[int], now: int) -> None:
         tr.live = False
         on_link.pop((tr.layer, tr.expert))
         if stage:
-            insert(tr.layer, tr.expert, keep, when)
+            insert(tr.layer, tr.expert, keep, when, now)
             touch(tr.layer, tr.expert)
         else:
             cache[tr.layer][tr.expert] = when
@@ -93,7 +105,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
                     link = begin + tr.left
                     c["moved"] += moved(tr.left)
                     tr.left = 0.0
-                    land(tr, link, set())
+                    land(tr, link, set(), t if tr.layer >= layer else t + 1)
                     queue.pop(0)
                 else:
                     c["moved"] += (clock - begin) / transfer_ms
@@ -112,7 +124,8 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
                 head.left -= boundary - done
                 if head.left <= 1e-12 and (head.layer != layer or head.expert in chosen):  # else: cancelled below
                     head.left = 0.0
-                    land(head, free, set(chosen) if head.layer == layer else set())
+                    land(head, free, set(chosen) if head.layer == layer else set(),
+                         t if head.layer >= layer else t + 1)
             for (tl, e), tr in list(on_link.items()):  # the router has chosen
                 if tl == layer and e not in chosen:
                     tr.live = False
@@ -132,13 +145,13 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
                     tr.live = False
                     del on_link[(layer, e)]
                     if stage:
-                        insert(layer, e, set(chosen), free)
+                        insert(layer, e, set(chosen), free, t)
                     else:
                         cache[layer][e] = free
                 elif e in cache[layer]:
                     c["hits" if cache[layer][e] <= clock else "in_flight"] += 1
                 else:
-                    insert(layer, e, set(chosen), 0.0)
+                    insert(layer, e, set(chosen), 0.0, t)
                     touch(layer, e)
                     free += transfer_ms
                     cache[layer][e] = free
@@ -163,7 +176,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, l
                     if e in cache[target] or (target, e) in on_link:
                         continue
                     if not stage:
-                        insert(target, e, set(named), math.inf)
+                        insert(target, e, set(named), math.inf, t)
                         touch(target, e)
                     prefetched[target].add(e)
                     tr = Transfer(target, e, issue, transfer_ms)

@@ -309,7 +309,8 @@ def test_bad_engine_is_refused() -> None:
 def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: float) -> None:
     """The compiled priority link (demand first, chunks, cancellation, slot on issue or on landing)
     gives the counters of an independent step-by-step replay (tests/reference_prefetch.py), on
-    random traces with missing rows, both evictions, several cache sizes, horizons and predictors."""
+    random traces with missing rows, every eviction (LRU, LFU, Belady), several cache sizes,
+    lookaheads and predictors."""
     from reference_prefetch import replay_priority
 
     rng = np.random.default_rng(10)
@@ -317,14 +318,14 @@ def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: flo
     for case in range(12):
         truth = random_trace(rng, tokens=25, missing=0.05 if case % 3 == 0 else 0.0)
         lookahead = 1 + case % 2
-        slots, eviction = [2, 3, 4][case % 3], ["lru", "lfu"][case % 2]
+        slots, eviction = [2, 3, 4][case % 3], ["lru", "lfu", "belady"][case % 3 if case % 4 else 2]
         transfer, compute = [0.4, 1.7, 5.0][case % 3], [1.0, 0.3][case % 2]
         for hit in (0.0, 0.6):
             cand = random_rankings(rng, truth, 6, hit, lookahead)
             engine = Engine(slots, 2, eviction, transfer, compute, 100.0, queue="priority",
                             chunk_ms=chunk or transfer, slot_on="land" if stage else "issue")
             got = run(truth, cand, engine, lookahead=lookahead, predictor_ms=0.2)
-            want = replay_priority(truth, cand[:, :, :2], 6, lookahead, slots, eviction == "lfu", transfer,
+            want = replay_priority(truth, cand[:, :, :2], 6, lookahead, slots, eviction, transfer,
                                    chunk or transfer, compute, 0.2, stage)
             counts = {"hits": got.hits, "in_flight": got.in_flight, "accesses": got.accesses, "fetches": got.fetches,
                       "prefetches": got.prefetches, "useful": got.useful_prefetches, "refetches": got.refetches,
@@ -334,3 +335,21 @@ def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: flo
             assert got.moved_experts == pytest.approx(want["moved"])
             cancelled += got.cancelled
     assert cancelled > 100  # the cases do exercise cancellation (slow links, wrong predictions)
+
+
+@pytest.mark.parametrize("queue", ["fifo", "priority"])
+def test_belady_misses_least_with_no_prediction(queue: str) -> None:
+    """Belady's eviction (the clairvoyant retention bound) misses no more than LRU or LFU on demand,
+    on every random trace and cache size (it is optimal for a per-layer cache), and strictly less
+    somewhere; it needs no predictor (on the FIFO link as well)."""
+    rng = np.random.default_rng(11)
+    fewer = 0
+    for slots in (2, 3, 4, 5):
+        truth = random_trace(rng, tokens=60, missing=0.05)
+        misses = {}
+        for eviction in ("lru", "lfu", "belady"):
+            r = run(truth, None, Engine(slots, 2, eviction, 2.0, 1.0, 100.0, queue=queue, chunk_ms=2.0))
+            misses[eviction] = r.accesses - r.hits - r.in_flight
+        assert misses["belady"] <= min(misses["lru"], misses["lfu"]), (slots, misses)
+        fewer += misses["belady"] < misses["lru"]
+    assert fewer >= 2

@@ -118,17 +118,21 @@ def test_stage_writes_metrics_and_plots_and_stops_cleanly_on_bad_params(tmp_path
     proc = run_stage(tmp_path, params_file)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "prefetch.json").read_text())
-    assert list(metrics) == ["on_demand", "perfect", "random", "tuned", "replay", "engine"]
-    for name in ("on_demand", "perfect", "random", "tuned"):
+    bounds = ["on_demand", "perfect", "belady", "clairvoyant", "compute_floor"]
+    assert list(metrics) == [*bounds, "random", "tuned", "replay", "engine"]
+    for name in (*bounds, "random", "tuned"):
         assert set(metrics[name]) == {"hit_rate", "prefetch_precision", "mb_per_token", "stall_ms_per_token",
                                       "ms_per_token", "speedup_vs_on_demand", "gap_closed"}
     assert metrics["perfect"]["stall_ms_per_token"] <= metrics["tuned"]["stall_ms_per_token"]
+    stall = {name: metrics[name]["stall_ms_per_token"] for name in bounds}
+    assert stall["compute_floor"] == 0 <= stall["clairvoyant"] <= min(stall["perfect"], stall["belady"])
+    assert stall["belady"] <= stall["on_demand"]
     assert metrics["replay"] == {"sequences": 2, "tokens": 48, "missing_layers": 0, "predicted_share": 1.0}
     assert metrics["engine"]["transfer_ms"] == pytest.approx(352.321536 / 25)
     with open(tmp_path / "slots.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert sorted({int(r["slots"]) for r in rows}) == list(range(2, 9))  # max(top_k, width) .. num_experts
-    assert {r["predictor"] for r in rows} == {"on_demand", "perfect", "random", "tuned"}
+    assert {r["predictor"] for r in rows} == {*bounds, "random", "tuned"}
     with open(tmp_path / "width.csv") as fh:
         assert sorted({int(r["width"]) for r in csv.DictReader(fh)}) == [1, 2, 3]  # 1 .. the preset's slots
     before = (tmp_path / "prefetch.json").read_text()

@@ -457,7 +457,7 @@ class ComputeParams:
 @dataclass(frozen=True)
 class CacheParams:
     slots_per_layer: int | None = None  # null: the preset's
-    eviction: Literal["lru", "lfu"] = "lru"
+    eviction: Literal["lru", "lfu", "belady"] = "lru"  # belady: the clairvoyant bound (evicts by the true future use)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,10 @@ PAIRED_KEYS = {"top2_diff": "top-2", "set_recall_diff": "set recall"}
 # The columns of the prefetch table: key in prefetch.json -> (header, format).
 PREFETCH_COLUMNS = {"stall_ms_per_token": ("stall (ms/token)", "{:.2f}"), "gap_closed": ("gap closed", "{:.3f}"),
                     "speedup_vs_on_demand": ("speedup vs on_demand", "{:.3f}"), "hit_rate": ("hit rate", "{:.3f}")}
-BOUND_LABELS = {"on_demand": "on_demand (bound: no prediction)", "perfect": "perfect (bound: the true experts)"}
+BOUND_LABELS = {"on_demand": "on_demand (bound: no prediction)", "perfect": "perfect (bound: the true experts)",
+                "belady": "belady (bound: clairvoyant retention)",
+                "clairvoyant": "clairvoyant (bound: true experts and retention)",
+                "compute_floor": "compute_floor (bound: every expert resident)"}
 # Fewer test sequences than this and a side's intervals are not used to judge a change: a
 # bootstrap over n sequences is too narrow for small n (its variance is (n-1)/n of the usual
 # estimate, and with one sequence every resample is that sequence: a zero-width interval).

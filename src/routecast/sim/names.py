@@ -6,8 +6,11 @@ draws, any other values): the plots read its first three columns by position, an
 values are `RunResult` properties of the same name.
 """
 
-# The bounds every predictor is replayed between: no prediction, and the true experts for free.
-BOUNDS = ("on_demand", "perfect")
+# The bounds every predictor is replayed between: no prediction (`on_demand`), the true experts of
+# layer l + lookahead prefetched for free (`perfect`), no prediction with clairvoyant retention
+# (`belady`: evict the expert used farthest ahead), both (`clairvoyant`), and every expert resident
+# (`compute_floor`: no stall at all).
+BOUNDS = ("on_demand", "perfect", "belady", "clairvoyant", "compute_floor")
 
 # metrics/prefetch/stall_vs_slots.csv: stall against cache slots per layer, one row per (slots, predictor).
 SLOTS_COLUMNS = ("slots", "predictor", "stall_ms_per_token", "hit_rate", "mb_per_token")

@@ -4,11 +4,13 @@ The engine decodes at batch 1, token by token, layer by layer (docs/prefetch.md 
 model and why):
 
 - cache: the GPU holds `slots_per_layer` experts of each MoE layer (one cache per layer); the
-  rest live in host memory. A full cache evicts the least recently used expert (`lru`) or the one
-  this layer has used least often so far (`lfu`, ties to the least recent). The experts the
-  current layer uses, and those a prefetch names, are never evicted to make room for it.
-- link: one host-to-GPU link moving one expert in `transfer_ms`, one transfer at a time in order
-  of issue (FIFO, no pre-emption): a demand fetch waits behind the prefetches already issued.
+  rest live in host memory. A full cache evicts the least recently used expert (`lru`), the one
+  this layer has used least often so far (`lfu`, ties to the least recent), or, as a clairvoyant
+  bound, the one whose next use at this layer is farthest ahead in the true routing (`belady`).
+  The experts the current layer uses, and those a prefetch names, are never evicted to make room.
+- link: one host-to-GPU link moving one expert in `transfer_ms`, one transfer at a time: with
+  `queue: priority` (the default) demand fetches first, in chunks, and unchosen prefetches
+  cancelled (`_replay_priority`); with `fifo` in order of issue, no pre-emption (`_replay`).
 - compute: a layer computes for `compute_ms` once all its top-k experts have arrived; it waits
   for a missing one (a demand fetch) and for one still in flight (a late prefetch).
 - prediction: when layer l starts, the predictor names the experts of layer l + lookahead; it
@@ -49,6 +51,8 @@ MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values ove
 (_HITS, _IN_FLIGHT, _ACCESSES, _FETCHES, _PREFETCHES, _USEFUL, _REFETCHES, _WAIT, _OVERHEAD, _TOTAL, _LAYERS,
  _MISSING, _CANCELLED, _MOVED) = range(14)
 _N_COUNTERS = 14
+LRU, LFU, BELADY = 0, 1, 2  # cache.eviction, as the compiled loops take it
+POLICIES = {"lru": LRU, "lfu": LFU, "belady": BELADY}
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Engine:
 
     slots_per_layer: int
     width: int  # prefetched experts per layer: the predictor's best `width` that are not resident
-    eviction: str  # lru | lfu
+    eviction: str  # lru | lfu | belady (the clairvoyant bound: the true future use)
     transfer_ms: float  # one expert over the link
     compute_ms: float  # one layer's compute once its experts are resident
     expert_mb: float
@@ -124,9 +128,12 @@ class RunResult:
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out):
+def _insert(layer, expert, slots, policy, nu, now, resident, count, stamp, uses, pending, fetched, protect, queued,
+            out):
     """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full
-    (a victim still queued on a priority link is dropped from the queue: cancelled)."""
+    (a victim still queued on a priority link is dropped from the queue: cancelled). `policy`: LRU,
+    LFU (ties to the least recent) or BELADY: the expert whose next use at this layer, from token
+    `now` on (`nu`, the true future), is farthest (ties to the least recent)."""
     if count[layer] >= slots:
         victim = -1
         for v in range(resident.shape[1]):
@@ -134,7 +141,10 @@ def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fe
                 continue
             if victim < 0:
                 victim = v
-            elif lfu and uses[layer, v] != uses[layer, victim]:
+            elif policy == BELADY and nu[now, layer, v] != nu[now, layer, victim]:
+                if nu[now, layer, v] > nu[now, layer, victim]:
+                    victim = v
+            elif policy == LFU and uses[layer, v] != uses[layer, victim]:
                 if uses[layer, v] < uses[layer, victim]:
                     victim = v
             elif stamp[layer, v] < stamp[layer, victim]:
@@ -155,7 +165,7 @@ def _insert(layer, expert, slots, lfu, resident, count, stamp, uses, pending, fe
 
 
 @njit(cache=True)
-def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, compute_ms, predictor_ms):
+def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms, compute_ms, predictor_ms):
     """One replay. truth: [T, L, K] true experts (-1: no row); cand: [T, L, W] the experts to prefetch
     for layer l + lookahead, decided at layer l, best first (-1: none). Returns the counters."""
     n_tokens, n_layers, k = truth.shape
@@ -187,7 +197,8 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                    _insert(layer, e, slots, policy, nu, t,
+                            resident, count, stamp, uses, pending, fetched, protect, queued, out)
                     tick += 1
                     stamp[layer, e] = tick
                     link = max(clock, link) + transfer_ms
@@ -219,8 +230,8 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
-                                queued, out)
+                        _insert(target, e, slots, policy, nu, t,
+                                resident, count, stamp, uses, pending, fetched, protect, queued, out)
                         tick += 1
                         stamp[target, e] = tick
                         pending[target, e] = True
@@ -240,7 +251,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, comput
 
 
 @njit(cache=True)
-def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_ms, chunk_ms, compute_ms,
+def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms, chunk_ms, compute_ms,
                      predictor_ms, stage):
     """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
     queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
@@ -291,8 +302,8 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_m
                     queued[ql, qe] = False
                     ready[ql, qe] = link
                     if stage:
-                        _insert(ql, qe, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued,
-                                out)
+                        _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1,
+                                resident, count, stamp, uses, pending, fetched, protect, queued, out)
                         tick += 1
                         stamp[ql, qe] = tick
                     q_head += 1
@@ -324,8 +335,8 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_m
                         if stage:
                             for j in range(k):
                                 protect[truth[t, layer, j]] = ql == layer
-                            _insert(ql, qe, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
-                                    queued, out)
+                            _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1,
+                                    resident, count, stamp, uses, pending, fetched, protect, queued, out)
                             tick += 1
                             stamp[ql, qe] = tick
             for j in range(k):
@@ -351,12 +362,13 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_m
                     queued[layer, e] = False
                     ready[layer, e] = free
                     if stage:
-                        _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
-                                queued, out)
+                        _insert(layer, e, slots, policy, nu, t,
+                                resident, count, stamp, uses, pending, fetched, protect, queued, out)
                 elif resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                    _insert(layer, e, slots, policy, nu, t,
+                            resident, count, stamp, uses, pending, fetched, protect, queued, out)
                     tick += 1
                     stamp[layer, e] = tick
                     free += transfer_ms
@@ -388,8 +400,8 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_m
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e] and not queued[target, e]:
                         if not stage:
-                            _insert(target, e, slots, lfu, resident, count, stamp, uses, pending, fetched, protect,
-                                    queued, out)
+                            _insert(target, e, slots, policy, nu, t,
+                                    resident, count, stamp, uses, pending, fetched, protect, queued, out)
                             tick += 1
                             stamp[target, e] = tick
                         pending[target, e] = True
@@ -408,6 +420,19 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, lfu, transfer_m
             clock = start + busy
     out[_TOTAL] = clock
     return out
+
+
+def next_uses(truth: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [T + 1, L, E]: the first token t' >= t whose layer l uses expert e (T: never), for Belady's
+    eviction; row T (after the last token) is all T."""
+    n_tokens, n_layers, _ = truth.shape
+    nu = np.full((n_tokens + 1, n_layers, num_experts), n_tokens, dtype=np.int64)
+    for t in range(n_tokens - 1, -1, -1):
+        nu[t] = nu[t + 1]
+        used = truth[t] >= 0
+        layers, slots = np.nonzero(used)
+        nu[t, layers, truth[t][used].astype(np.int64)] = t
+    return nu
 
 
 def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, num_experts: int,
@@ -439,14 +464,15 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     for name, arr in (("truth", truth), ("candidates", cand)):
         if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
             raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
-    lfu = engine.eviction == "lfu"
+    policy = POLICIES[engine.eviction]
+    nu = next_uses(truth, num_experts) if policy == BELADY else np.zeros((1, 1, 1), dtype=np.int64)
     if engine.queue == "fifo":
         replay = _replay if compiled else _replay.py_func
-        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, lfu, float(engine.transfer_ms),
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
                      float(engine.compute_ms), float(predictor_ms))
     else:
         replay = _replay_priority if compiled else _replay_priority.py_func
-        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, lfu, float(engine.transfer_ms),
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
                      float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms), engine.slot_on == "land")
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
                                                 ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
@@ -552,10 +578,18 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
     """The bounds and every predictor under one engine; `predictor_ms` by name (absent: 0)."""
     predictor_ms = predictor_ms or {}
     common = {"num_experts": replay.num_experts, "lookahead": replay.lookahead}
+    true_next = perfect_candidates(replay.truth, replay.lookahead)
+    all_k = dataclasses.replace(engine, width=replay.truth.shape[2])
+    on_demand = simulate(replay.truth, None, engine, **common)
     results = {
-        "on_demand": simulate(replay.truth, None, engine, **common),
-        "perfect": simulate(replay.truth, perfect_candidates(replay.truth, replay.lookahead),
-                            dataclasses.replace(engine, width=replay.truth.shape[2]), **common),
+        "on_demand": on_demand,
+        "perfect": simulate(replay.truth, true_next, all_k, **common),
+        "belady": simulate(replay.truth, None, dataclasses.replace(engine, eviction="belady"), **common),
+        "clairvoyant": simulate(replay.truth, true_next, dataclasses.replace(all_k, eviction="belady"), **common),
+        "compute_floor": dataclasses.replace(  # every expert resident: each layer only computes
+            on_demand, hits=on_demand.accesses, in_flight=0, fetches=0, prefetches=0, useful_prefetches=0,
+            refetches=0, cancelled=0, moved_experts=0.0, wait_ms=0.0, predictor_overhead_ms=0.0,
+            total_ms=on_demand.layers * engine.compute_ms),
     }
     for name, grid in replay.rankings.items():
         results[name] = simulate(replay.truth, grid, engine, predictor_ms=predictor_ms.get(name, 0.0), **common)
