@@ -8,6 +8,9 @@ cases (tests/test_prefetch.py). Objects and lists instead of arrays; the same en
   choose is cancelled (its moved chunks still count; also one whose last chunk was on the link),
   and one it chose is moved as a demand;
 - a prefetch takes its cache slot when issued, or with `stage` when it lands;
+- with `cpu_ms` > 0 a needed expert not resident is computed on the CPU (the layer's such experts
+  one after another from its start) when that ends before its transfer would land; the layer ends
+  when the GPU and the CPU are both done;
 - a full cache evicts the least recently used expert of the layer (`lfu`: the least used so far;
   `belady`: the one next used farthest ahead; ties to the least recent), never one the current
   layer (or the prefetch being issued) holds.
@@ -37,7 +40,8 @@ def next_use(truth, t: int, layer: int, e: int) -> int:
 
 
 def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, eviction: str, transfer_ms: float,
-                    chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool) -> dict[str, float]:
+                    chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool,
+                    cpu_ms: float = 0.0) -> dict[str, float]:
     n_tokens, n_layers, k = truth.shape
     width = cand.shape[2]
     cache = [dict() for _ in range(n_layers)]  # expert -> when it landed (or lands)
@@ -48,7 +52,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
     queue: list[Transfer] = []
     on_link: dict[tuple[int, int], Transfer] = {}
     c = dict.fromkeys(("hits", "in_flight", "accesses", "fetches", "prefetches", "useful", "refetches", "wait",
-                       "overhead", "layers", "missing", "cancelled", "moved"), 0.0)
+                       "overhead", "layers", "missing", "cancelled", "moved", "cpu"), 0.0)
     clock = link = 0.0
 
     def moved(ms: float) -> float:
@@ -119,9 +123,10 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 done = transfer_ms - head.left
                 boundary = min(math.ceil(done / chunk_ms - 1e-9) * chunk_ms, transfer_ms) if chunk_ms > 0 \
                     else transfer_ms
-                free = clock + boundary - done
-                c["moved"] += (boundary - done) / transfer_ms
-                head.left -= boundary - done
+                step = boundary - done
+                free = max(clock, link) + step
+                c["moved"] += step / transfer_ms
+                head.left -= step
                 if head.left <= 1e-12 and (head.layer != layer or head.expert in chosen):  # else: cancelled below
                     head.left = 0.0
                     land(head, free, set(chosen) if head.layer == layer else set(),
@@ -134,8 +139,17 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     if not stage:
                         del cache[layer][e]
                     c["cancelled"] += 1
+            cpu = clock  # the CPU computes this layer's experts it takes one after another
+            gpu = []
             for e in chosen:
                 c["accesses"] += 1
+                if e not in cache[layer] or (layer, e) in on_link:
+                    lands = free + (on_link[(layer, e)].left if (layer, e) in on_link else transfer_ms)
+                    if cpu_ms > 0 and cpu + cpu_ms < lands:
+                        cpu += cpu_ms
+                        c["cpu"] += 1
+                        continue
+                gpu.append(e)
                 if (layer, e) in on_link:
                     c["in_flight"] += 1
                     tr = on_link[(layer, e)]
@@ -158,8 +172,8 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     c["fetches"] += 1
                     c["moved"] += 1
             link = max(link, free)
-            start = max([clock] + [cache[layer][e] for e in chosen])
-            for e in chosen:
+            start = max([clock, cpu - compute_ms] + [cache[layer][e] for e in gpu])
+            for e in gpu:
                 touch(layer, e)
                 uses[layer][e] += 1
                 if e in prefetched[layer]:

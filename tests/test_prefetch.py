@@ -304,9 +304,10 @@ def test_bad_engine_is_refused() -> None:
 # --------------------------------------------------------------------------- the priority link
 
 
+@pytest.mark.parametrize("cpu", [0.0, 1.3])
 @pytest.mark.parametrize("stage", [False, True])
 @pytest.mark.parametrize("chunk", [0.0, 0.35])
-def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: float) -> None:
+def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: float, cpu: float) -> None:
     """The compiled priority link (demand first, chunks, cancellation, slot on issue or on landing)
     gives the counters of an independent step-by-step replay (tests/reference_prefetch.py), on
     random traces with missing rows, every eviction (LRU, LFU, Belady), several cache sizes,
@@ -314,7 +315,7 @@ def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: flo
     from reference_prefetch import replay_priority
 
     rng = np.random.default_rng(10)
-    cancelled = 0
+    cancelled = cpu_experts = 0
     for case in range(12):
         truth = random_trace(rng, tokens=25, missing=0.05 if case % 3 == 0 else 0.0)
         lookahead = 1 + case % 2
@@ -323,18 +324,34 @@ def test_priority_replay_equals_a_plain_python_reference(stage: bool, chunk: flo
         for hit in (0.0, 0.6):
             cand = random_rankings(rng, truth, 6, hit, lookahead)
             engine = Engine(slots, 2, eviction, transfer, compute, 100.0, queue="priority",
-                            chunk_ms=chunk or transfer, slot_on="land" if stage else "issue")
+                            chunk_ms=chunk or transfer, slot_on="land" if stage else "issue", cpu_ms=cpu)
             got = run(truth, cand, engine, lookahead=lookahead, predictor_ms=0.2)
             want = replay_priority(truth, cand[:, :, :2], 6, lookahead, slots, eviction, transfer,
-                                   chunk or transfer, compute, 0.2, stage)
+                                   chunk or transfer, compute, 0.2, stage, cpu)
             counts = {"hits": got.hits, "in_flight": got.in_flight, "accesses": got.accesses, "fetches": got.fetches,
                       "prefetches": got.prefetches, "useful": got.useful_prefetches, "refetches": got.refetches,
-                      "layers": got.layers, "missing": got.missing_layers, "cancelled": got.cancelled}
+                      "layers": got.layers, "missing": got.missing_layers, "cancelled": got.cancelled,
+                      "cpu": got.cpu_experts}
             assert counts == {name: int(want[name]) for name in counts}, (case, hit)
             assert got.wait_ms == pytest.approx(want["wait"]) and got.total_ms == pytest.approx(want["total"])
             assert got.moved_experts == pytest.approx(want["moved"])
             cancelled += got.cancelled
+            cpu_experts += got.cpu_experts
     assert cancelled > 100  # the cases do exercise cancellation (slow links, wrong predictions)
+    assert cpu == 0 or cpu_experts > 100  # and the CPU fallback where it is on
+
+
+def test_the_cpu_fallback_never_waits_longer_than_the_cpu() -> None:
+    """With the CPU fallback, no layer waits for a missing expert longer than the CPU takes for its
+    misses (each is computed there when that is sooner), and on a slow link most misses go there:
+    the stall falls well below on demand's."""
+    rng = np.random.default_rng(12)
+    truth = random_trace(rng, tokens=60)
+    slow = Engine(2, 2, "lru", 10.0, 1.0, 100.0, queue="priority", chunk_ms=10.0)
+    plain = run(truth, None, slow)
+    cpu = run(truth, None, dataclasses.replace(slow, cpu_ms=3.0))
+    assert cpu.cpu_experts > 0.8 * (plain.accesses - plain.hits)
+    assert cpu.wait_ms <= cpu.layers * 2 * 3.0 and cpu.stall_ms < 0.5 * plain.stall_ms
 
 
 @pytest.mark.parametrize("queue", ["fifo", "priority"])

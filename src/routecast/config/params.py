@@ -450,6 +450,27 @@ class LinkParams:
 
 
 @dataclass(frozen=True)
+class CpuParams:
+    """The host CPU computing a missing expert instead of waiting for the link (Fiddler's fallback;
+    the priority link only). Unset (the default): no fallback."""
+
+    gb_per_s: float | None = None  # host memory bandwidth a batch-1 expert streams at: expert_mb / gb_per_s ms
+    ms_per_expert: float | None = None  # or a measured time per expert (wins over gb_per_s)
+
+    def validate(self, key: str) -> None:
+        for name in ("gb_per_s", "ms_per_expert"):
+            value = getattr(self, name)
+            check(value is None or (math.isfinite(value) and value > 0), f"{key}.{name}",
+                  f"must be > 0 or null, got {value}")
+
+    def ms(self, expert_mb: float) -> float:
+        """One expert on the CPU, ms (0: no fallback)."""
+        if self.ms_per_expert is not None:
+            return self.ms_per_expert
+        return expert_mb / self.gb_per_s if self.gb_per_s is not None else 0.0
+
+
+@dataclass(frozen=True)
 class ComputeParams:
     ms_per_layer: float | None = None  # null: the preset's
 
@@ -490,6 +511,7 @@ class SimulateParams:
     expert_mb: float | None = None  # null: the preset's
     link: LinkParams = field(default_factory=LinkParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
+    cpu: CpuParams = field(default_factory=CpuParams)
     cache: CacheParams = field(default_factory=CacheParams)
     prefetch: PrefetchParams = field(default_factory=PrefetchParams)
     sweep: SweepParams = field(default_factory=SweepParams)
@@ -516,6 +538,9 @@ class SimulateParams:
         check(hw.gb_per_s > 0, f"{key}.link.gb_per_s",
               f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
         self.link.validate(f"{key}.link")
+        self.cpu.validate(f"{key}.cpu")
+        check(self.cpu.ms(hw.expert_mb) == 0 or self.link.queue == "priority", f"{key}.cpu",
+              "the CPU fallback runs on the priority link: set link.queue: priority, or leave cpu unset")
         check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
               f"must be >= 0, got {hw.ms_per_layer}")
         check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")

@@ -49,8 +49,8 @@ MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values ove
 
 # Counters `_replay` returns, by index.
 (_HITS, _IN_FLIGHT, _ACCESSES, _FETCHES, _PREFETCHES, _USEFUL, _REFETCHES, _WAIT, _OVERHEAD, _TOTAL, _LAYERS,
- _MISSING, _CANCELLED, _MOVED) = range(14)
-_N_COUNTERS = 14
+ _MISSING, _CANCELLED, _MOVED, _CPU) = range(15)
+_N_COUNTERS = 15
 LRU, LFU, BELADY = 0, 1, 2  # cache.eviction, as the compiled loops take it
 POLICIES = {"lru": LRU, "lfu": LFU, "belady": BELADY}
 
@@ -68,6 +68,7 @@ class Engine:
     queue: str = "fifo"  # fifo: every transfer in order of issue | priority: demand first, wrong prefetches cancelled
     chunk_ms: float = 0.0  # priority: a transfer yields to a demand at chunk boundaries this far apart (0: whole)
     slot_on: str = "issue"  # priority: a prefetch takes its cache slot when issued | when it lands (staging)
+    cpu_ms: float = 0.0  # priority: one expert computed on the CPU (Fiddler's fallback); 0: none
 
     @classmethod
     def from_params(cls, params: SimulateParams, top_k: int) -> Engine:
@@ -77,7 +78,8 @@ class Engine:
         chunks = math.ceil(hw.expert_mb / chunk_mb) if chunk_mb else 1
         return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k), eviction=params.cache.eviction,
                    transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb,
-                   queue=params.link.queue, chunk_ms=transfer_ms / chunks, slot_on=params.link.slot_on)
+                   queue=params.link.queue, chunk_ms=transfer_ms / chunks, slot_on=params.link.slot_on,
+                   cpu_ms=params.cpu.ms(hw.expert_mb))
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class RunResult:
     total_ms: float
     cancelled: int = 0  # prefetches cancelled once their layer's router chose other experts (priority link)
     moved_experts: float = 0.0  # experts' worth of bytes the link moved (a cancelled transfer: its chunks moved)
+    cpu_experts: int = 0  # needed experts computed on the CPU instead of waiting for the link (cpu fallback)
 
     @property
     def hit_rate(self) -> float:
@@ -252,13 +255,17 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms,
 
 @njit(cache=True)
 def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms, chunk_ms, compute_ms,
-                     predictor_ms, stage):
+                     predictor_ms, stage, cpu_ms):
     """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
     queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
     router has chosen, every prefetch for layer l still queued or on the link that it did not
     choose is cancelled (its slot freed; the chunks it moved still count as bytes), and one it
     chose becomes a demand. A prefetch takes its slot when issued, or with `stage` when it lands (a
-    staging buffer: a cancelled prefetch then evicts nothing). Returns the counters."""
+    staging buffer: a cancelled prefetch then evicts nothing). With `cpu_ms` > 0 (Fiddler's fallback)
+    an expert that is not resident is computed on the CPU instead, one after another from the
+    layer's start, when that ends before its transfer would land (it is then neither fetched nor
+    cached; one still on the link goes on as a prefetch); the layer ends when both the GPU and the
+    CPU are done. Returns the counters."""
     n_tokens, n_layers, k = truth.shape
     width = cand.shape[2]
     out = np.zeros(_N_COUNTERS)
@@ -277,6 +284,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
     q_expert = np.zeros(cap, np.int64)
     q_issue = np.zeros(cap)
     q_id = np.zeros((n_layers, num_experts), np.int64)  # the queue entry of a queued prefetch (older ones are dead)
+    on_cpu = np.zeros(k, np.bool_)  # this layer's experts computed on the CPU
     q_head, q_tail = 0, 0
     link = 0.0  # the link has done its work up to here
     clock = 0.0
@@ -322,7 +330,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                     boundary = min(math.ceil(done / chunk_ms - 1e-9) * chunk_ms, transfer_ms) if chunk_ms > 0 \
                         else transfer_ms
                     step = boundary - done
-                    free = clock + step
+                    free = max(clock, link) + step
                     out[_MOVED] += step / transfer_ms
                     remain[ql, qe] -= step
                     chosen = False
@@ -350,10 +358,20 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                         resident[layer, e] = False
                         count[layer] -= 1
                     out[_CANCELLED] += 1
-            # Demand, in rank order: a chosen prefetch still to land goes now, a missing expert after it.
+            # Demand, in rank order: a chosen prefetch still to land goes now, a missing expert after it
+            # (or either on the CPU, when that is sooner).
+            cpu = clock
             for j in range(k):
                 e = truth[t, layer, j]
                 out[_ACCESSES] += 1
+                on_cpu[j] = False
+                if not resident[layer, e] or queued[layer, e]:
+                    lands = free + (remain[layer, e] if queued[layer, e] else transfer_ms)
+                    if cpu_ms > 0 and cpu + cpu_ms < lands:
+                        cpu += cpu_ms
+                        on_cpu[j] = True
+                        out[_CPU] += 1
+                        continue
                 if queued[layer, e]:
                     out[_IN_FLIGHT] += 1
                     free += remain[layer, e]
@@ -376,9 +394,12 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                     out[_FETCHES] += 1
                     out[_MOVED] += 1
             link = max(link, free)
-            start = clock
+            start = max(clock, cpu - compute_ms)  # the layer ends when the CPU's experts are done, too
             for j in range(k):
                 e = truth[t, layer, j]
+                protect[e] = False
+                if on_cpu[j]:
+                    continue
                 start = max(start, ready[layer, e])
                 tick += 1
                 stamp[layer, e] = tick
@@ -386,7 +407,6 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                 if pending[layer, e]:
                     pending[layer, e] = False
                     out[_USEFUL] += 1
-                protect[e] = False
             out[_WAIT] += start - clock
             busy = compute_ms
             target = layer + lookahead
@@ -473,12 +493,14 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     else:
         replay = _replay_priority if compiled else _replay_priority.py_func
         out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
-                     float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms), engine.slot_on == "land")
+                     float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms), engine.slot_on == "land",
+                     float(engine.cpu_ms))
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
                                                 ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
                                                 ("fetches", _FETCHES),
                                                 ("prefetches", _PREFETCHES), ("useful_prefetches", _USEFUL),
-                                                ("refetches", _REFETCHES), ("cancelled", _CANCELLED))}
+                                                ("refetches", _REFETCHES), ("cancelled", _CANCELLED),
+                                                ("cpu_experts", _CPU))}
     return RunResult(engine=engine, tokens=truth.shape[0], wait_ms=float(out[_WAIT]),
                      predictor_overhead_ms=float(out[_OVERHEAD]), total_ms=float(out[_TOTAL]),
                      moved_experts=float(out[_MOVED]), **counts)
