@@ -70,7 +70,8 @@ def validate(model: nn.Module, val: Features, target: str, device: torch.device 
     """`validation_metrics` of the main horizon's head; for a module with a head per target (several
     `features.horizons`, `features.next_token`) also each later target's top-2 and set recall on the
     samples with that target (`val_top2_h4`, `val_set_recall_next_token`, ...), from the same pass."""
-    if getattr(model, "heads", 1) == 1 or val.horizon_set is None:
+    if (getattr(model, "heads", 1) == 1 or val.horizon_set is None
+            or tuple(getattr(model.config, "horizons", ())) != tuple(val.meta.horizons)):
         return validation_metrics(predict_logits(model, val, device=device), val, target)
     with every_head(model):
         every = predict_logits(model, val, device=device)  # [N, heads, E]
