@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                    for layer, value in layers.items()])
         write_csv(args.per_horizon, per_horizon_columns(result.per_layer_metric), result.per_horizon)
         write_csv(args.confusion, CONFUSION_COLUMNS, result.confusion)
-        write_predictions(args.predictions, test, result.rankings)
+        write_predictions(args.predictions, test, result.rankings, result.target_rankings)
 
 
 if __name__ == "__main__":

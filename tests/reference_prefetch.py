@@ -7,7 +7,9 @@ cases (tests/test_prefetch.py). Objects and lists instead of arrays; the same en
 - when layer l's router has chosen, every prefetch for layer l still to land that it did not
   choose is cancelled (its moved chunks still count; also one whose last chunk was on the link),
   and one it chose is moved as a demand;
-- a prefetch takes its cache slot when issued, or with `stage` when it lands;
+- a prefetch takes its cache slot when issued, or with `stage` when it lands; with a ranking per
+  depth (cand [T, L, D, W]) the layers l + lookahead .. l + lookahead + D - 1 are prefetched,
+  nearest first;
 - with `cpu_ms` > 0 a needed expert not resident is computed on the CPU (the layer's such experts
   one after another from its start) when that ends before its transfer would land; the layer ends
   when the GPU and the CPU are both done;
@@ -43,7 +45,9 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool,
                     cpu_ms: float = 0.0) -> dict[str, float]:
     n_tokens, n_layers, k = truth.shape
-    width = cand.shape[2]
+    if cand.ndim == 3:  # one ranking per step: for layer l + lookahead
+        cand = cand[:, :, None]
+    width = cand.shape[3]  # cand [T, L, depth, W]: slot i for layer l + lookahead + i
     cache = [dict() for _ in range(n_layers)]  # expert -> when it landed (or lands)
     recency = [[] for _ in range(n_layers)]  # least recent first
     uses = [[0] * num_experts for _ in range(n_layers)]
@@ -181,11 +185,13 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     c["useful"] += 1
             c["wait"] += start - clock
             busy = compute_ms
-            target = layer + lookahead
-            if width > 0 and target < n_layers and cand[t, layer, 0] >= 0:
+            plans = [(layer + lookahead + i, [int(e) for e in cand[t, layer, i] if e >= 0])
+                     for i in range(cand.shape[2])]
+            plans = [(target, named) for target, named in plans if target < n_layers and named]
+            if width > 0 and plans:
                 busy = max(compute_ms, predictor_ms)
                 issue = start + predictor_ms
-                named = [int(e) for e in cand[t, layer] if e >= 0]
+            for target, named in plans if width > 0 else []:
                 for e in named:
                     if e in cache[target] or (target, e) in on_link:
                         continue

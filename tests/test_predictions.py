@@ -143,3 +143,29 @@ def test_replay_refuses_a_trace_of_another_shape(tmp_path: Path) -> None:
                                                                       traces.experts, traces.weights)))
     with pytest.raises(PredictionsError, match=r"token_pos \d+, layer \d+\) has no row in traces"):
         build_replay(fewer, read_predictions(path))
+
+
+def test_later_targets_round_trip_and_reach_the_replay(tmp_path: Path) -> None:
+    """A predictor's rankings for later targets (`pred.<name>@h2`, `@next_token`, rows of -1 where a
+    sample has no such target) round-trip, are validated (an out-of-range id names its column), and
+    the replay reads each horizon's rankings at its (token, layer) for deeper prefetch."""
+    traces = tiny_trace()
+    test = encode_features(traces, FeaturesParams())
+    rankings = rankings_for(test)
+    r = prediction_ranks(test.meta.num_experts)
+    ahead = rankings_for(test, seed=1)["alpha"].copy()
+    ahead[test.layer >= 3] = -1  # layer l + 2 past the last of 5
+    path = tmp_path / "predictions.parquet"
+    write_predictions(path, test, rankings, {"alpha": {"h2": ahead, "next_token": rankings["beta"]}})
+    got = read_predictions(path)
+    assert set(got.targets) == {"alpha"} and list(got.targets["alpha"]) == ["h2", "next_token"]
+    np.testing.assert_array_equal(got.targets["alpha"]["h2"], ahead)
+    replay = build_replay(traces, got)
+    assert set(replay.ahead) == {"alpha"} and set(replay.ahead["alpha"]) == {2}
+    grid = replay.ahead["alpha"][2]
+    assert grid.shape == replay.rankings["alpha"].shape and (grid[:, 3:] == -1).all() and (grid[:, :3] >= 0).all()
+    bad = ahead.copy()
+    bad[0] = np.arange(r) + 10
+    with pytest.raises(PredictionsError, match="alpha@h2: row 0: expert ids"):
+        write_predictions(tmp_path / "bad.parquet", test, rankings, {"alpha": {"h2": bad}})
+    assert not (tmp_path / "bad.parquet").exists()

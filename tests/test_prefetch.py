@@ -370,3 +370,30 @@ def test_belady_misses_least_with_no_prediction(queue: str) -> None:
         assert misses["belady"] <= min(misses["lru"], misses["lfu"]), (slots, misses)
         fewer += misses["belady"] < misses["lru"]
     assert fewer >= 2
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_deeper_lookahead_equals_the_reference_and_perfect_gains_with_depth(stage: bool) -> None:
+    """Prefetch depth D (slot i of the rankings for layer l + 1 + i): the compiled priority link gives
+    the reference replay's counters; and on a link much slower than a layer's compute, the true
+    experts prefetched D layers ahead stall less the deeper they look (each transfer has more
+    layers' compute to hide behind)."""
+    from reference_prefetch import replay_priority
+
+    rng = np.random.default_rng(13)
+    truth = random_trace(rng, tokens=30, layers=8)
+    for depth, hit in ((2, 0.5), (3, 0.8)):
+        cand = np.stack([random_rankings(rng, truth, 6, hit, lookahead=1 + i) for i in range(depth)], axis=2)
+        for slots, eviction in ((3, "lru"), (4, "belady")):
+            engine = Engine(slots, 2, eviction, 3.0, 1.0, 100.0, queue="priority", chunk_ms=1.0,
+                            slot_on="land" if stage else "issue")
+            got = run(truth, cand, engine, predictor_ms=0.1)
+            want = replay_priority(truth, cand[..., :2], 6, 1, slots, eviction, 3.0, 1.0, 1.0, 0.1, stage)
+            assert (got.fetches, got.prefetches, got.hits, got.in_flight, got.cancelled) == (
+                want["fetches"], want["prefetches"], want["hits"], want["in_flight"], want["cancelled"])
+            assert got.total_ms == pytest.approx(want["total"])
+    engine = Engine(6, 2, "lru", 4.0, 1.0, 100.0, queue="priority", chunk_ms=1.0, slot_on="land")
+    stalls = [run(truth, perfect_candidates(truth, 1, d), engine).stall_ms for d in (1, 2, 4)]
+    assert stalls[0] > stalls[1] > stalls[2], stalls
+    with pytest.raises(ValueError, match="depth 2 needs the priority link"):
+        run(truth, perfect_candidates(truth, 1, 2), dataclasses.replace(engine, queue="fifo"))

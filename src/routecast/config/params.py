@@ -37,6 +37,11 @@ def target_name(d: int) -> str:
     return "next_token" if d == NEXT_TOKEN else str(d)
 
 
+def target_key(d: int) -> str:
+    """A target inside a longer name (a validation row's key, a predictions column): h<d>, next_token."""
+    return "next_token" if d == NEXT_TOKEN else f"h{d}"
+
+
 # --------------------------------------------------------------------------- blocks
 
 
@@ -484,6 +489,9 @@ class CacheParams:
 @dataclass(frozen=True)
 class PrefetchParams:
     width: int | None = None  # experts prefetched per layer (the predictor's best first); null: the trace's top_k
+    # prefetch for layers l + 1 .. l + depth, each from the predictor's ranking for that horizon (features.horizons);
+    # a predictor without one there prefetches less deep (metrics: `depth`); > 1 needs link.queue: priority
+    depth: int = 1
     # The predictor's own time per call (ms), by predictor name; a name not listed costs 0 (table look-ups).
     predictor_ms: dict = field(default_factory=dict)
 
@@ -546,6 +554,9 @@ class SimulateParams:
         check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")
         width = self.prefetch.width
         check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
+        check(self.prefetch.depth >= 1, f"{key}.prefetch.depth", f"must be >= 1, got {self.prefetch.depth}")
+        check(self.prefetch.depth == 1 or self.link.queue == "priority", f"{key}.prefetch.depth",
+              f"{self.prefetch.depth} needs link.queue: priority (the FIFO link prefetches one layer ahead)")
         check(width is None or width <= hw.slots_per_layer, f"{key}.prefetch.width",
               f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, "
               f"got {width}")

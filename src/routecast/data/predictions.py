@@ -6,13 +6,19 @@ the prediction is for layer l + lookahead) and, per predictor, `pred.<name>`
 (fixed_size_list<int16>[R]): its R best experts for layer l + lookahead, best first, as an
 engine would prefetch them. R = min(num_experts, MAX_RANKS). Schema metadata: `num_layers`,
 `num_experts`, `top_k`, `lookahead` and `predictors` (a JSON list of the names, in order).
+
+With several targets (`features.horizons`, `features.next_token`) a predictor that answers a
+later target also has `pred.<name>@<target>` (the same type; target `h<d>` for layer l + d,
+`next_token`): its ranking made at layer l for that target, a row of -1 where the sample has no
+such target (l + d past the last layer, a sequence's last token). Metadata `targets`: a JSON
+object, predictor name -> the targets it has, in order (absent: none).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,15 +70,28 @@ class Predictions:
     token_pos: np.ndarray  # int32 [N]
     layer: np.ndarray  # int16 [N], the source layer l
     rankings: dict[str, np.ndarray]  # name -> int16 [N, R], in the file's order
+    # name -> target key (h<d>, next_token) -> int16 [N, R] (rows of -1: no such target)
+    targets: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seq_id)
 
 
-def _check_rankings(name: str, ranks: np.ndarray, n: int, meta: PredictionsMeta, where: str) -> None:
+TARGET_SEPARATOR = "@"  # pred.<name>@<target>
+
+
+def target_column(name: str, target: str) -> str:
+    return f"{PREFIX}{name}{TARGET_SEPARATOR}{target}"
+
+
+def _check_rankings(name: str, ranks: np.ndarray, n: int, meta: PredictionsMeta, where: str,
+                    blanks: bool = False) -> None:
+    """`blanks`: a row of -1 (no prediction for that sample) is allowed (a later target's column)."""
     r = prediction_ranks(meta.num_experts)
     if ranks.ndim != 2 or ranks.shape != (n, r):
         raise PredictionsError(f"{where}: {name}: rankings must be [{n} samples, R={r}], got {list(ranks.shape)}")
+    if blanks:
+        ranks = ranks[(ranks != -1).any(axis=1)]
     bad = ((ranks < 0) | (ranks >= meta.num_experts)).any(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -121,8 +140,10 @@ def _int_array(values: np.ndarray, dtype: type, what: str, where: str) -> np.nda
     return values.astype(dtype)
 
 
-def write_predictions(path: str | Path, test: Features, rankings: dict[str, np.ndarray]) -> None:
-    """Write each predictor's rankings ([N, R], best first) for the test samples `test`, validated, atomically."""
+def write_predictions(path: str | Path, test: Features, rankings: dict[str, np.ndarray],
+                      targets: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+    """Write each predictor's rankings ([N, R], best first) for the test samples `test`, validated,
+    atomically; `targets`: name -> target key -> its rankings for a later target (rows of -1: none)."""
     path = Path(path)
     where = str(path)
     meta = PredictionsMeta(test.meta.num_layers, test.meta.num_experts, test.meta.top_k, test.meta.lookahead)
@@ -141,8 +162,19 @@ def write_predictions(path: str | Path, test: Features, rankings: dict[str, np.n
         _check_rankings(name, ranks, n, meta, where)
         flat = pa.array(ranks.astype(np.int16).ravel())
         columns[PREFIX + name] = pa.FixedSizeListArray.from_arrays(flat, r)
+    targets = {name: by_target for name, by_target in (targets or {}).items() if by_target}
+    for name, by_target in targets.items():
+        if name not in rankings:
+            raise PredictionsError(f"{where}: {name}: later targets of a predictor with no main ranking")
+        for target, ranks in by_target.items():
+            ranks = np.asarray(ranks)
+            _check_rankings(f"{name}@{target}", ranks, n, meta, where, blanks=True)
+            flat = pa.array(ranks.astype(np.int16).ravel())
+            columns[target_column(name, target)] = pa.FixedSizeListArray.from_arrays(flat, r)
     metadata = {k.encode(): str(getattr(meta, k)).encode() for k in _META_KEYS}
     metadata[b"predictors"] = json.dumps(list(rankings)).encode()
+    if targets:
+        metadata[b"targets"] = json.dumps({name: list(by_target) for name, by_target in targets.items()}).encode()
     table = pa.table(columns).replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -169,9 +201,19 @@ def read_predictions(path: str | Path) -> Predictions:
     _check_names(names, where)
     if meta.num_layers < 2 or meta.num_experts < 1 or not 1 <= meta.top_k <= meta.num_experts or meta.lookahead < 1:
         raise PredictionsError(f"{where}: bad shape in metadata: {meta}")
+    try:
+        targets_of = json.loads(metadata.get(b"targets", b"{}"))
+    except ValueError as exc:
+        raise PredictionsError(f"{where}: malformed metadata `targets`: {exc}") from None
+    if not (isinstance(targets_of, dict) and set(targets_of) <= set(names)
+            and all(isinstance(v, list) and all(isinstance(t, str) and t for t in v) for v in targets_of.values())):
+        raise PredictionsError(f"{where}: metadata `targets` must map predictor names to lists of targets, "
+                               f"got {targets_of!r}")
     columns = [c for c in table.column_names if c.startswith(PREFIX)]
-    if columns != [PREFIX + n for n in names]:
-        raise PredictionsError(f"{where}: prediction columns {columns} do not match metadata `predictors` {names}")
+    want = [PREFIX + n for n in names] + [target_column(n, t) for n in names for t in targets_of.get(n, [])]
+    if columns != want:
+        raise PredictionsError(f"{where}: prediction columns {columns} do not match metadata `predictors` {names} "
+                               f"and `targets` {targets_of}")
     expected = {"seq_id": pa.int32(), "token_pos": pa.int32(), "layer": pa.int16()}
     r = prediction_ranks(meta.num_experts)
     expected |= {c: pa.list_(pa.int16(), r) for c in columns}
@@ -193,4 +235,11 @@ def read_predictions(path: str | Path) -> Predictions:
         ranks = col.flatten().to_numpy().reshape(-1, r) if len(col) else np.zeros((0, r), np.int16)
         _check_rankings(name, ranks, len(seq_id), meta, where)
         rankings[name] = ranks
-    return Predictions(meta, seq_id, token_pos, layer, rankings)
+    targets: dict[str, dict[str, np.ndarray]] = {}
+    for name, keys in targets_of.items():
+        for target in keys:
+            col = table.column(target_column(name, target)).combine_chunks()
+            ranks = col.flatten().to_numpy().reshape(-1, r) if len(col) else np.zeros((0, r), np.int16)
+            _check_rankings(f"{name}@{target}", ranks, len(seq_id), meta, where, blanks=True)
+            targets.setdefault(name, {})[target] = ranks
+    return Predictions(meta, seq_id, token_pos, layer, rankings, targets)

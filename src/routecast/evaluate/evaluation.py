@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from routecast.config.params import NEXT_TOKEN, EvaluateParams, ExtraTest, FeaturesParams, target_name
+from routecast.config.params import NEXT_TOKEN, EvaluateParams, ExtraTest, FeaturesParams, target_key, target_name
 from routecast.data.batches import predict_logits
 from routecast.data.features import Features, encode_features
 from routecast.data.predictions import prediction_ranks
@@ -272,6 +272,8 @@ class EvaluationResult:
     per_layer: dict[str, dict[int, float]]  # predictor -> layer -> test `per_layer_metric`
     confusion: list[tuple[int, int]]  # (actual, predicted top-1) of the tuned model, per test sample
     rankings: dict[str, np.ndarray] = field(default_factory=dict)  # predictor -> [N, R] best experts (set scores)
+    # predictor -> target key (h<d>, next_token) -> [N, R] for a later target (rows of -1: no such target)
+    target_rankings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     per_layer_metric: str = "top2"  # set_recall for a trace without a primary
     per_horizon: list[list[Any]] = field(default_factory=list)  # [horizon, predictor, metric(s)] rows
 
@@ -436,8 +438,9 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
         _log_line(name, m)
     if len(val):
         metrics["validation"] = validation_block(score_all(predictors, val), val)
+    target_rankings: dict[str, dict[str, np.ndarray]] = {}
     if len(test.meta.horizons) > 1:
-        metrics["horizons"] = evaluate_horizons(models, targets, trace_meta, fit, val, test, params)
+        metrics["horizons"] = evaluate_horizons(models, targets, trace_meta, fit, val, test, params, target_rankings)
     if params.extra_tests:
         metrics["extra_tests"] = {t.name: evaluate_extra(t, predictors, trace_meta, fit, features, params)
                                   for t in params.extra_tests}
@@ -452,19 +455,23 @@ def evaluate(models: dict[str, torch.nn.Module], trace_meta: TraceMeta, fit: Fea
         per_layer=per_layer,
         confusion=confusion,
         rankings={name: s.ranking for name, s in scored.items()},
+        target_rankings=target_rankings,
         per_layer_metric="top2" if weighted else "set_recall",
         per_horizon=EvaluationResult.horizon_rows(metrics, test.meta.horizons, weighted),
     )
 
 
 def evaluate_horizons(models: dict[str, torch.nn.Module], targets: dict[str, str], trace_meta: TraceMeta,
-                      fit: Features, val: Features, test: Features, params: EvaluateParams) -> dict[str, Any]:
+                      fit: Features, val: Features, test: Features, params: EvaluateParams,
+                      rankings: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Every horizon d after the main one (`features.horizons`) and the next token (`features.next_token`,
     key "next_token"): each model's head for it, and every reference fitted for it on the same training
     samples (`Features.at_horizon`), scored on the test samples with that target (the next token: in
     the trace's token order, a sequence's last token has none). Per predictor: HORIZON_METRICS with
     their intervals over sequences, the share of the oracle, and the tuned model's paired differences;
-    and under `validation`, the point figures on the validation sequences (where choices are made)."""
+    and under `validation`, the point figures on the validation sequences (where choices are made).
+    `rankings`, when given, receives each predictor's ranking per target over all test samples
+    (rows of -1 where a sample has no such target): the predictions file's later targets."""
     out: dict[str, Any] = {}
     with_heads = [name for name, model in models.items()
                   if getattr(model, "heads", 1) == len(test.meta.horizons) and hasattr(model, "at_horizon")]
@@ -488,6 +495,12 @@ def evaluate_horizons(models: dict[str, torch.nn.Module], targets: dict[str, str
             return feats_d, score_all([*heads, *references], feats_d)
 
         test_d, on_test = scored("test", test, j, d, references)
+        if rankings is not None:
+            rows = np.flatnonzero(test.horizon_set[:, j, 0] >= 0)
+            for name, s in on_test.items():
+                full = np.full((len(test), s.ranking.shape[1]), -1, dtype=np.int16)
+                full[rows] = s.ranking
+                rankings.setdefault(name, {})[target_key(d)] = full
         summary = summarise(on_test, test_d, params)
         keep = {f"{m}{suffix}" for m in HORIZON_METRICS for suffix in ("", "_lo", "_hi")}
         keep |= {"top2_vs_oracle", "top2_vs_oracle_lo", "top2_vs_oracle_hi", "n_test", "vs"}

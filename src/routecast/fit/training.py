@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from routecast.config.params import NEXT_TOKEN, ModelParams, TrainParams
+from routecast.config.params import ModelParams, TrainParams, target_key
 from routecast.data.batches import Inputs, predict_logits, targets, token_view
 from routecast.data.features import Features
 from routecast.errors import InputError
@@ -58,11 +58,6 @@ def objective_name(target: str, d: int | None = None) -> str:
     horizon, or (`d`) of a later target: `val_top2_h4`, `val_set_recall_next_token` (see `validate`)."""
     name = "val_top2" if target == "primary" else "val_set_recall"
     return name if d is None else f"{name}_{target_key(d)}"
-
-
-def target_key(d: int) -> str:
-    """A target in a validation row's key: h<d> for horizon d, next_token."""
-    return "next_token" if d == NEXT_TOKEN else f"h{d}"
 
 
 @torch.no_grad()

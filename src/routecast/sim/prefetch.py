@@ -69,6 +69,7 @@ class Engine:
     chunk_ms: float = 0.0  # priority: a transfer yields to a demand at chunk boundaries this far apart (0: whole)
     slot_on: str = "issue"  # priority: a prefetch takes its cache slot when issued | when it lands (staging)
     cpu_ms: float = 0.0  # priority: one expert computed on the CPU (Fiddler's fallback); 0: none
+    depth: int = 1  # priority: prefetch layers l + lookahead .. l + lookahead + depth - 1
 
     @classmethod
     def from_params(cls, params: SimulateParams, top_k: int) -> Engine:
@@ -79,7 +80,7 @@ class Engine:
         return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k), eviction=params.cache.eviction,
                    transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb,
                    queue=params.link.queue, chunk_ms=transfer_ms / chunks, slot_on=params.link.slot_on,
-                   cpu_ms=params.cpu.ms(hw.expert_mb))
+                   cpu_ms=params.cpu.ms(hw.expert_mb), depth=params.prefetch.depth)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
     cached; one still on the link goes on as a prefetch); the layer ends when both the GPU and the
     CPU are done. Returns the counters."""
     n_tokens, n_layers, k = truth.shape
-    width = cand.shape[2]
+    depth, width = cand.shape[2], cand.shape[3]  # cand [T, L, depth, W]: slot i is for layer l + lookahead + i
     out = np.zeros(_N_COUNTERS)
     resident = np.zeros((n_layers, num_experts), np.bool_)
     count = np.zeros(n_layers, np.int64)
@@ -279,7 +280,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
     protect = np.zeros(num_experts, np.bool_)
     queued = np.zeros((n_layers, num_experts), np.bool_)  # a prefetch waiting for, or on, the link
     remain = np.zeros((n_layers, num_experts))  # its transfer time still to go
-    cap = n_tokens * n_layers * max(width, 1) + 1
+    cap = n_tokens * n_layers * max(width * depth, 1) + 1
     q_layer = np.zeros(cap, np.int64)  # the prefetch queue in order of issue (dropped entries skipped)
     q_expert = np.zeros(cap, np.int64)
     q_issue = np.zeros(cap)
@@ -409,32 +410,38 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                     out[_USEFUL] += 1
             out[_WAIT] += start - clock
             busy = compute_ms
-            target = layer + lookahead
-            if width > 0 and target < n_layers and cand[t, layer, 0] >= 0:
+            predicted = False
+            for i in range(depth):
+                predicted = predicted or (layer + lookahead + i < n_layers and cand[t, layer, i, 0] >= 0)
+            if width > 0 and predicted:
                 busy = max(compute_ms, predictor_ms)
                 issue = start + predictor_ms
-                for j in range(width):
-                    if cand[t, layer, j] >= 0:
-                        protect[cand[t, layer, j]] = True
-                for j in range(width):
-                    e = cand[t, layer, j]
-                    if e >= 0 and not resident[target, e] and not queued[target, e]:
-                        if not stage:
-                            _insert(target, e, slots, policy, nu, t,
-                                    resident, count, stamp, uses, pending, fetched, protect, queued, out)
-                            tick += 1
-                            stamp[target, e] = tick
-                        pending[target, e] = True
-                        queued[target, e] = True
-                        remain[target, e] = transfer_ms
-                        q_layer[q_tail], q_expert[q_tail], q_issue[q_tail] = target, e, issue
-                        q_id[target, e] = q_tail
-                        q_tail += 1
-                        out[_FETCHES] += 1
-                        out[_PREFETCHES] += 1
-                for j in range(width):
-                    if cand[t, layer, j] >= 0:
-                        protect[cand[t, layer, j]] = False
+                for i in range(depth):  # layer l + lookahead + i, nearest first
+                    target = layer + lookahead + i
+                    if target >= n_layers or cand[t, layer, i, 0] < 0:
+                        continue
+                    for j in range(width):
+                        if cand[t, layer, i, j] >= 0:
+                            protect[cand[t, layer, i, j]] = True
+                    for j in range(width):
+                        e = cand[t, layer, i, j]
+                        if e >= 0 and not resident[target, e] and not queued[target, e]:
+                            if not stage:
+                                _insert(target, e, slots, policy, nu, t,
+                                        resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                                tick += 1
+                                stamp[target, e] = tick
+                            pending[target, e] = True
+                            queued[target, e] = True
+                            remain[target, e] = transfer_ms
+                            q_layer[q_tail], q_expert[q_tail], q_issue[q_tail] = target, e, issue
+                            q_id[target, e] = q_tail
+                            q_tail += 1
+                            out[_FETCHES] += 1
+                            out[_PREFETCHES] += 1
+                    for j in range(width):
+                        if cand[t, layer, i, j] >= 0:
+                            protect[cand[t, layer, i, j]] = False
             out[_OVERHEAD] += busy - compute_ms
             out[_LAYERS] += 1
             clock = start + busy
@@ -460,9 +467,10 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     """Replay `truth` ([T tokens, L layers, k] true experts, -1 for a missing row) through `engine`.
 
     `candidates` ([T, L, >= width], -1 for none) holds, for each token and layer l, the ranking made
-    during layer l for layer l + lookahead; its first `engine.width` columns are prefetched. None:
-    no prediction (on demand). `compiled=False` runs the same loop as plain Python (the benchmark's
-    reference).
+    during layer l for layer l + lookahead; its first `engine.width` columns are prefetched. Deeper
+    lookahead (the priority link): [T, L, D, >= width], slot i the ranking for layer l + lookahead
+    + i (a slot of -1: none there). None: no prediction (on demand). `compiled=False` runs the
+    same loop as plain Python (the benchmark's reference).
     """
     truth = np.ascontiguousarray(truth, dtype=np.int16)
     if truth.ndim != 3:
@@ -472,15 +480,20 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
         raise ValueError(f"slots_per_layer must be in [top_k, num_experts] = [{top_k}, {num_experts}], "
                          f"got {engine.slots_per_layer}")
     if candidates is None:
-        cand = np.full(truth.shape[:2] + (0,), -1, dtype=np.int16)
+        cand = np.full(truth.shape[:2] + (1, 0), -1, dtype=np.int16)
     else:
-        if not 1 <= engine.width <= min(engine.slots_per_layer, candidates.shape[2]):
+        if candidates.ndim == 3:
+            candidates = candidates[:, :, None]
+        ranked = candidates.shape[-1]
+        if not 1 <= engine.width <= min(engine.slots_per_layer, ranked):
             raise ValueError(f"width must be in [1, min(slots_per_layer, ranked experts)] = "
-                             f"[1, {min(engine.slots_per_layer, candidates.shape[2])}], got {engine.width}")
-        if candidates.shape[:2] != truth.shape[:2]:
-            raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R], "
+                             f"[1, {min(engine.slots_per_layer, ranked)}], got {engine.width}")
+        if candidates.ndim != 4 or candidates.shape[:2] != truth.shape[:2]:
+            raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R] or [.., .., depth, R], "
                              f"got {list(candidates.shape)}")
-        cand = np.ascontiguousarray(candidates[:, :, :engine.width], dtype=np.int16)
+        cand = np.ascontiguousarray(candidates[..., :engine.width], dtype=np.int16)
+    if cand.shape[2] > 1 and engine.queue == "fifo":
+        raise ValueError(f"prefetch depth {cand.shape[2]} needs the priority link (link.queue: priority)")
     for name, arr in (("truth", truth), ("candidates", cand)):
         if arr.size and (arr.min() < -1 or arr.max() >= num_experts):  # the compiled loop does not check bounds
             raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
@@ -488,8 +501,8 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     nu = next_uses(truth, num_experts) if policy == BELADY else np.zeros((1, 1, 1), dtype=np.int64)
     if engine.queue == "fifo":
         replay = _replay if compiled else _replay.py_func
-        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
-                     float(engine.compute_ms), float(predictor_ms))
+        out = replay(truth, cand[:, :, 0], num_experts, lookahead, engine.slots_per_layer, policy, nu,
+                     float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
     else:
         replay = _replay_priority if compiled else _replay_priority.py_func
         out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
@@ -506,11 +519,16 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
                      moved_experts=float(out[_MOVED]), **counts)
 
 
-def perfect_candidates(truth: np.ndarray, lookahead: int) -> np.ndarray:
-    """The `perfect` bound's prefetch: at layer l, the true experts of layer l + lookahead (-1 past the end)."""
-    cand = np.full_like(truth, -1)
-    cand[:, : truth.shape[1] - lookahead] = truth[:, lookahead:]
-    return cand
+def perfect_candidates(truth: np.ndarray, lookahead: int, depth: int = 1) -> np.ndarray:
+    """The `perfect` bound's prefetch: at layer l, the true experts of layer l + lookahead (-1 past the
+    end); with `depth` > 1, [T, L, depth, k]: those of layers l + lookahead .. l + lookahead + depth - 1."""
+    T, L, k = truth.shape
+    cand = np.full((T, L, depth, k), -1, dtype=truth.dtype)
+    for i in range(depth):
+        d = lookahead + i
+        if d < L:
+            cand[:, : L - d, i] = truth[:, d:]
+    return cand[:, :, 0] if depth == 1 else cand
 
 
 # --------------------------------------------------------------------------- the replay's arrays
@@ -526,6 +544,8 @@ class Replay:
     lookahead: int
     sequences: int
     predicted_share: float  # of the steps that could carry a prediction (row present, l + lookahead < L), those that do
+    # name -> horizon d -> int16 [T, L, R]: its ranking made at layer l for layer l + d (a later horizon)
+    ahead: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -579,14 +599,18 @@ def build_replay(traces: Traces, predictions: Predictions, traces_where: str = "
         raise PredictionsError(f"{predictions_where}: row {row}: (seq_id {predictions.seq_id[row]}, token_pos "
                                f"{predictions.token_pos[row]}, layer {predictions.layer[row]}) has no row in "
                                f"{traces_where}")
-    rankings = {}
-    for name, ranks in predictions.rankings.items():
+    def as_grid(ranks: np.ndarray) -> np.ndarray:
         grid = np.full((len(tokens), num_layers, ranks.shape[1]), -1, dtype=np.int16)
         grid[p_token, p_layer] = ranks
-        rankings[name] = grid
+        return grid
+
+    rankings = {name: as_grid(ranks) for name, ranks in predictions.rankings.items()}
+    ahead = {name: {int(key[1:]): as_grid(ranks) for key, ranks in by_target.items() if key.startswith("h")}
+             for name, by_target in predictions.targets.items()}
     eligible = int((truth[:, : num_layers - pm.lookahead, 0] >= 0).sum())
     replay = Replay(truth=truth, rankings=rankings, num_experts=tm.num_experts, lookahead=pm.lookahead,
-                    sequences=len(seqs), predicted_share=len(predictions) / eligible if eligible else 0.0)
+                    sequences=len(seqs), predicted_share=len(predictions) / eligible if eligible else 0.0,
+                    ahead={name: by_d for name, by_d in ahead.items() if by_d})
     log.info("replay: %d sequences, %d tokens x %d layers; %d (token, layer) rows missing from the trace (skipped); "
              "%.1f%% of the steps that could carry a prediction have one", replay.sequences, replay.tokens, num_layers,
              replay.missing_layers, 100 * replay.predicted_share)
@@ -600,7 +624,7 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
     """The bounds and every predictor under one engine; `predictor_ms` by name (absent: 0)."""
     predictor_ms = predictor_ms or {}
     common = {"num_experts": replay.num_experts, "lookahead": replay.lookahead}
-    true_next = perfect_candidates(replay.truth, replay.lookahead)
+    true_next = perfect_candidates(replay.truth, replay.lookahead, engine.depth)
     all_k = dataclasses.replace(engine, width=replay.truth.shape[2])
     on_demand = simulate(replay.truth, None, engine, **common)
     results = {
@@ -614,8 +638,28 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
             total_ms=on_demand.layers * engine.compute_ms),
     }
     for name, grid in replay.rankings.items():
-        results[name] = simulate(replay.truth, grid, engine, predictor_ms=predictor_ms.get(name, 0.0), **common)
+        results[name] = simulate(replay.truth, depth_candidates(replay, name, grid, engine.depth), engine,
+                                 predictor_ms=predictor_ms.get(name, 0.0), **common)
     return results
+
+
+def depth_candidates(replay: Replay, name: str, grid: np.ndarray, depth: int) -> np.ndarray:
+    """A predictor's rankings for prefetch depth `depth`: [T, L, R] at depth 1, else [T, L, depth, R],
+    slot i its ranking for layer l + lookahead + i (all -1 where it has no such horizon)."""
+    if depth == 1:
+        return grid
+    out = np.full(grid.shape[:2] + (depth, grid.shape[2]), -1, dtype=np.int16)
+    out[:, :, 0] = grid
+    for i in range(1, depth):
+        d = replay.lookahead + i
+        if d in replay.ahead.get(name, {}):
+            out[:, :, i] = replay.ahead[name][d]
+    return out
+
+
+def depths(replay: Replay, name: str, depth: int) -> int:
+    """How many of the layers l + lookahead .. l + lookahead + depth - 1 a predictor has a ranking for."""
+    return 1 + sum(replay.lookahead + i in replay.ahead.get(name, {}) for i in range(1, depth))
 
 
 def sweep_values(low: int, high: int, values: list[int] | None) -> list[int]:
@@ -717,6 +761,12 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
     log.info("%d replays of %d token-layer steps each in %.1fs (%.2fM steps/s, JIT compile or cache load included)",
              done.replays, replay.tokens * replay.truth.shape[1], elapsed, steps / elapsed / 1e6)
     metrics: dict[str, Any] = prefetch_metrics(done.results)
+    if engine.depth > 1:  # how deep each predictor could look (a horizon it lacks: no prefetch there)
+        for name in predictions.rankings:
+            metrics[name]["depth"] = depths(replay, name, engine.depth)
+            if metrics[name]["depth"] < engine.depth:
+                log.info("%s: rankings for %d of the %d layers ahead (features.horizons); it prefetches no deeper",
+                         name, metrics[name]["depth"], engine.depth)
     for name, m in metrics.items():
         gap = "-" if m["gap_closed"] is None else f"{m['gap_closed']:.3f}"
         log.info("%-16s hit %.3f  stall %8.2f ms/token  %8.1f MB/token  speedup %.3f  gap closed %s", name,
@@ -725,7 +775,7 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
                          "missing_layers": replay.missing_layers, "predicted_share": replay.predicted_share}
     metrics["engine"] = {"expert_mb": engine.expert_mb, "transfer_ms": engine.transfer_ms,
                          "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
-                         "width": engine.width}
+                         "width": engine.width} | ({"depth": engine.depth} if engine.depth > 1 else {})
     names = [*BOUNDS, *predictions.rankings]
     return SimulationResult(
         metrics,
