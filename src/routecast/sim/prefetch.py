@@ -12,17 +12,21 @@ model and why):
   `queue: priority` (the default) demand fetches first, in chunks, and unchosen prefetches
   cancelled (`_replay_priority`); with `fifo` in order of issue, no pre-emption (`_replay`).
 - compute: a layer computes for `compute_ms` once all its top-k experts have arrived; it waits
-  for a missing one (a demand fetch) and for one still in flight (a late prefetch).
-- prediction: when layer l starts, the predictor names the experts of layer l + lookahead; it
-  runs beside the layer's compute for `predictor_ms`, then the engine issues transfers for those
-  of its best `width` that are not resident, best first. Time the predictor takes beyond the
-  layer's compute delays the next layer (it cannot overlap).
+  for a missing one (a demand fetch) and for one still in flight (a late prefetch). With the CPU
+  fallback (`cpu_ms`, priority link) a missing expert is computed on the CPU when that is sooner.
+- prediction: when layer l starts, the predictor names the experts of layer l + lookahead (and,
+  with `depth` > 1, of the layers after it, from its later horizons); it runs beside the layer's
+  compute for `predictor_ms`, then the engine issues transfers for those of its best `width`
+  that are not resident, best first. Time the predictor takes beyond the layer's compute delays
+  the next layer (it cannot overlap).
 
-The replay is one compiled loop (numba) per configuration; `simulate` is arrays in, counters
-out, so tests build cases by hand. `build_replay` assembles the arrays from a trace and a
-predictions file, `run_all` runs the bounds `on_demand` (no prediction) and `perfect` (the true
-experts of layer l + lookahead, free) beside every predictor, `study` adds the plots' sweeps, and
-`prefetch_metrics` turns the counters into the stage's metrics.
+The replay is one compiled loop (numba) per link; `simulate` is arrays in, counters out, so tests
+build cases by hand (an `Engine` built by hand is the FIFO engine unless told otherwise; the
+stage's comes from params). `build_replay` assembles the arrays from a trace and a predictions
+file, `run_all` runs the bounds (`on_demand`: no prediction; `perfect`: the true experts ahead,
+free; `belady`: clairvoyant retention; `clairvoyant`: both; `compute_floor`: every expert
+resident) beside every predictor, `study` adds the plots' sweeps, and `prefetch_metrics` turns
+the counters into the stage's metrics.
 """
 
 from __future__ import annotations
