@@ -223,19 +223,26 @@ def test_oracle_from_trace_metadata(tmp_path):
         OraclePredictor.from_trace_meta(TraceMeta(5, 8, 2, source="import"))
 
 
+def every_path(router) -> tuple[np.ndarray, np.ndarray]:
+    """Every path of primaries through the layers ([E^L, L]) and its probability under each type ([Z, E^L])."""
+    import itertools
+
+    L, E = router.params.num_layers, router.params.num_experts
+    paths = np.array(list(itertools.product(range(E), repeat=L)))
+    path_prob = router.init[:, paths[:, 0]]
+    for j in range(L - 1):
+        path_prob = path_prob * router.trans[:, j, paths[:, j], paths[:, j + 1]]
+    return paths, path_prob
+
+
 def brute_force_probs(router, feats: Features) -> tuple[np.ndarray, np.ndarray]:
     """P(primary at layer l + d = e | features) and P(e in the top-2 there | features), d =
     `feats.meta.lookahead`, by summing the generator's joint probability over every hidden type and
     every path of primaries (E^L of them): no closed form, no forward algorithm."""
-    import itertools
-
     p = router.params
-    Z, L, E = p.num_types, p.num_layers, p.num_experts
+    Z, E = p.num_types, p.num_experts
     d = feats.meta.lookahead
-    paths = np.array(list(itertools.product(range(E), repeat=L)))  # [E^L, L]
-    path_prob = router.init[:, paths[:, 0]]  # [Z, E^L]
-    for j in range(L - 1):
-        path_prob = path_prob * router.trans[:, j, paths[:, j], paths[:, j + 1]]
+    paths, path_prob = every_path(router)
     primary = np.zeros((len(feats), E))
     member = np.zeros((len(feats), E))
     for i in range(len(feats)):
@@ -274,14 +281,9 @@ def brute_force_next_token(router, feats: Features) -> tuple[np.ndarray, np.ndar
     """P(the next token's primary at layer l = e) and P(e in its top-2 there) by summing over its two
     branches: it repeats this token's routing (weight rho: this token's experts at l), or it draws
     afresh, summed over every type (its prior at the next position) and every path of primaries."""
-    import itertools
-
     p = router.params
-    Z, L, E, rho = p.num_types, p.num_layers, p.num_experts, p.route_persistence
-    paths = np.array(list(itertools.product(range(E), repeat=L)))  # [E^L, L]
-    path_prob = router.init[:, paths[:, 0]]  # [Z, E^L]
-    for j in range(L - 1):
-        path_prob = path_prob * router.trans[:, j, paths[:, j], paths[:, j + 1]]
+    Z, E, rho = p.num_types, p.num_experts, p.route_persistence
+    paths, path_prob = every_path(router)
     primary = np.zeros((len(feats), E))
     member = np.zeros((len(feats), E))
     for i in range(len(feats)):
