@@ -191,6 +191,9 @@ def test_check_params_says_when_a_kind_ignores_the_token(layer_prior, project: P
                      "lookup_mlp, mixture, mlp and the references predict every horizon",
                      f"features.next_token: tuned (kind {NAME}) does not predict the next token; the kinds context, "
                      "gru, lookup_mlp, mixture, mlp and the references predict it"], notes
+    set_params(project / "params.yaml", {"simulate.link.queue": "fifo"})
+    assert load_params(project / "params.yaml").idle_knobs()[-1].startswith(
+        "simulate.link.chunk_mb, simulate.link.slot_on: not read by the FIFO link")
 
 
 def test_an_unregistered_kind_is_refused_naming_the_known_ones(project: Path) -> None:

@@ -632,6 +632,9 @@ class Params:
                 if not getattr(registry.get(kind), flag):
                     kinds = ", ".join(sorted(k for k in registry.names() if getattr(registry.get(k), flag)))
                     notes.append(f"{knob}: {name} (kind {kind}) {misses}; the kinds {kinds} {others}")
+        if self.simulate.link.queue == "fifo":
+            notes.append("simulate.link.chunk_mb, simulate.link.slot_on: not read by the FIFO link (link.queue: fifo "
+                         "moves whole experts in order of issue, each taking its slot when issued)")
         return notes
 
     def model(self, name: str) -> ModelParams:
