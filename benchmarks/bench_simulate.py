@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine, write_result  # noqa: E402
 from routecast.config.params import SimulateParams, SyntheticParams
+from routecast.data.traces import TraceMeta
 from routecast.sim.prefetch import Engine, Replay, perfect_candidates, simulate, study
 from routecast.sources.synthetic import generate
 
@@ -76,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     info = machine()
     sim = SimulateParams()  # the default preset and sweeps
-    engine = Engine.from_params(sim, top_k=2)
+    engine = Engine.from_params(sim, TraceMeta(num_layers=32, num_experts=8, top_k=2))
     predictor_ms = {"p0": 0.161}
 
     with tempfile.TemporaryDirectory() as cache:  # an empty numba cache: the compile a first stage run pays

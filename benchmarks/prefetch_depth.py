@@ -47,7 +47,7 @@ def main() -> None:
     predictor_ms = {name: params.simulate.prefetch.ms_for(name) for name in replay.rankings}
     runs: dict[str, dict[str, dict[str, float]]] = {}
     for preset in PRESETS:
-        base = Engine.from_params(dataclasses.replace(params.simulate, preset=preset), traces.meta.top_k)
+        base = Engine.from_params(dataclasses.replace(params.simulate, preset=preset), traces.meta)
         for depth in DEPTHS:
             metrics = prefetch_metrics(run_all(replay, dataclasses.replace(base, depth=depth), predictor_ms))
             runs[f"{preset}/depth{depth}"] = {name: {k: m[k] for k in ("speedup_vs_on_demand", "stall_ms_per_token",

@@ -61,7 +61,7 @@ def main() -> None:
     results: dict[str, object] = {}
     for preset in PRESETS:
         sim = SimulateParams(preset=preset)
-        engine = Engine.from_params(sim, traces.meta.top_k)
+        engine = Engine.from_params(sim, traces.meta)
         done = study(replay, engine)
         width1 = prefetch_metrics(study(replay, dataclasses.replace(engine, width=1), slots=[engine.slots_per_layer],
                                         widths=[1]).results)

@@ -39,7 +39,7 @@ def main() -> None:
     predictor_ms = {name: params.simulate.prefetch.ms_for(name) for name in replay.rankings}
     runs: dict[str, dict[str, dict[str, float]]] = {}
     for preset in PRESETS:
-        base = Engine.from_params(dataclasses.replace(params.simulate, preset=preset), traces.meta.top_k)
+        base = Engine.from_params(dataclasses.replace(params.simulate, preset=preset), traces.meta)
         policies = {
             f"{queue}/width{width}": dataclasses.replace(base, queue=queue, width=width)
             for queue in ("priority", "fifo") for width in (2, 1)

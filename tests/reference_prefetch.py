@@ -11,11 +11,13 @@ cases (tests/test_prefetch.py). Objects and lists instead of arrays; the same en
   depth (cand [T, L, D, W]) the layers l + lookahead .. l + lookahead + D - 1 are prefetched,
   nearest first;
 - with `cpu_ms` > 0 a needed expert not resident is computed on the CPU (the layer's such experts
-  one after another from its start) when that ends before its transfer would land; the layer ends
+  one after another from its start) when that ends before its transfer would land, or when the
+  layer's cache holds only experts the layer is using (fewer slots than top_k); the layer ends
   when the GPU and the CPU are both done;
 - a full cache evicts the least recently used expert of the layer (`lfu`: the least used so far;
-  `belady`: the one next used farthest ahead; ties to the least recent), never one the current
-  layer (or the prefetch being issued) holds.
+  `belady`: the one next used farthest ahead; `predicted`: the one the predictor ranks lowest for
+  that layer's next use, see `keep_rank`; ties to the least recent), never one the current layer
+  (or the prefetch being issued) holds.
 """
 
 from __future__ import annotations
@@ -41,9 +43,27 @@ def next_use(truth, t: int, layer: int, e: int) -> int:
     return len(truth)
 
 
+def keep_rank(horizons: dict, next_token, num_experts: int, t: int, cur: int, layer: int, e: int) -> int:
+    """Where the predictor, at token t's layer `cur`, ranks e for `layer`'s next use (num_experts: not
+    ranked): in its ranking of this token's `layer` made at `cur` if it has that horizon and ranks e
+    there, else in its next-token ranking of `layer` (made at this token when `layer` <= `cur`, the
+    next use being the next token's; at the previous token for a layer still ahead)."""
+    d = layer - cur
+    if d > 0 and d in horizons:
+        row = [int(x) for x in horizons[d][t, cur] if x >= 0]
+        if e in row:
+            return row.index(e)
+    if next_token is not None and (d <= 0 or t > 0):
+        row = [int(x) for x in next_token[t if d <= 0 else t - 1, layer] if x >= 0]
+        return row.index(e) if e in row else num_experts
+    return num_experts
+
+
 def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, eviction: str, transfer_ms: float,
                     chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool,
-                    cpu_ms: float = 0.0) -> dict[str, float]:
+                    cpu_ms: float = 0.0, horizons: dict | None = None, next_token=None) -> dict[str, float]:
+    """`horizons` (d -> [T, L, R] rankings made at (t, l) for layer l + d) and `next_token` ([T, L, R]):
+    what `predicted` eviction reads."""
     n_tokens, n_layers, k = truth.shape
     if cand.ndim == 3:  # one ranking per step: for layer l + lookahead
         cand = cand[:, :, None]
@@ -76,6 +96,10 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
             elif eviction == "belady":
                 farthest = max(next_use(truth, now, layer, v) for v in candidates)
                 candidates = [v for v in candidates if next_use(truth, now, layer, v) == farthest]
+            elif eviction == "predicted":  # t and step: the token and layer being decoded
+                rank = {v: keep_rank(horizons or {}, next_token, num_experts, t, decoding, layer, v)
+                        for v in candidates}
+                candidates = [v for v in candidates if rank[v] == max(rank.values())]
             victim = candidates[0]
             del cache[layer][victim]
             prefetched[layer].discard(victim)
@@ -98,6 +122,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
 
     for t in range(n_tokens):
         for layer in range(n_layers):
+            decoding = layer
             if truth[t, layer, 0] < 0:
                 c["missing"] += 1
                 continue
@@ -149,7 +174,8 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 c["accesses"] += 1
                 if e not in cache[layer] or (layer, e) in on_link:
                     lands = free + (on_link[(layer, e)].left if (layer, e) in on_link else transfer_ms)
-                    if cpu_ms > 0 and cpu + cpu_ms < lands:
+                    full = len(cache[layer]) >= slots and all(v in chosen for v in cache[layer])
+                    if cpu_ms > 0 and (cpu + cpu_ms < lands or e not in cache[layer] and full):
                         cpu += cpu_ms
                         c["cpu"] += 1
                         continue

@@ -149,7 +149,7 @@ def test_an_infinitely_fast_link_is_the_one_infinite_float(params_file: Path, tm
 
     apply_overrides(str(params_file), ["simulate.link.gb_per_s=inf"])
     assert "gb_per_s: .inf" in params_file.read_text()
-    assert load_params(params_file).simulate.hardware().gb_per_s == math.inf
+    assert load_params(params_file).simulate.engine_numbers(32, 8, 2).gb_per_s == math.inf
     set_params(params_file, {"simulate.link.gb_per_s": -math.inf})
     assert rejected(params_file).key == "simulate.link.gb_per_s"
     set_params(params_file, {"simulate.link.gb_per_s": math.nan})

@@ -59,7 +59,7 @@ def test_dvc_style_exponent_is_a_float(params_file: Path) -> None:
         ({"simulate.prefetch.depth": 0}, "simulate.prefetch.depth"),
         ({"simulate.prefetch.depth": 2, "simulate.link.queue": "fifo"}, "simulate.prefetch.depth"),
         ({"simulate.cpu.gb_per_s": -1.0}, "simulate.cpu.gb_per_s"),
-        ({"simulate.cpu.ms_per_expert": 3.5, "simulate.link.queue": "fifo"}, "simulate.cpu"),
+        ({"simulate.cpu.fallback": True, "simulate.link.queue": "fifo"}, "simulate.cpu.fallback"),
     ],
 )
 def test_bad_value_names_the_key(params_file: Path, updates: dict, key: str) -> None:

@@ -194,6 +194,11 @@ def test_check_params_says_when_a_kind_ignores_the_token(layer_prior, project: P
     set_params(project / "params.yaml", {"simulate.link.queue": "fifo"})
     assert load_params(project / "params.yaml").idle_knobs()[-1].startswith(
         "simulate.link.chunk_mb, simulate.link.slot_on: not read by the FIFO link")
+    set_params(project / "params.yaml", {"simulate.link.queue": "priority", "simulate.cpu.gb_per_s": 80.0,
+                                         "simulate.cache.expert_gb": 20.0, "simulate.cache.slots_per_layer": 4})
+    assert load_params(project / "params.yaml").idle_knobs()[-2:] == [
+        "simulate.cpu.gb_per_s, simulate.cpu.ms_per_expert: not read while simulate.cpu.fallback is false (no expert "
+        "runs on the CPU)", "simulate.cache.expert_gb: not read: simulate.cache.slots_per_layer sets the slots"]
 
 
 def test_an_unregistered_kind_is_refused_naming_the_known_ones(project: Path) -> None:

@@ -1,8 +1,7 @@
 """A shared real log runs through the whole pipeline at the default params: every stage's `main()`,
 in dvc.yaml's order and with dvc.yaml's arguments, in a fresh project folder. Only the import
-settings differ from params.yaml (and, for DeepSeek, the hardware preset of its model). (The FLAME
-log does not run yet: the prefetch stage cannot hold FLAME's top-6 in the default preset's slots,
-issue 21.)"""
+settings differ from params.yaml: the prefetch stage takes each log's model from its importer (the
+default machine holds DeepSeek-V2-Lite's and FLAME-MoE's experts whole)."""
 
 from __future__ import annotations
 
@@ -84,7 +83,7 @@ def test_the_deepseek_log_runs_the_whole_pipeline_at_the_default_params(shared_t
     default params: sets without weights, so the target is the set and no primary figure exists."""
     logs = shared_traces / "deepseek-v2-lite-chat-puffin" / "prompt_2[0-7]_data.csv"
     run_pipeline(tmp_path, {"extract.source": "import", "extract.logs.format": "deepseek_csv",
-                            "extract.logs.path": str(logs), "simulate.preset": "deepseek_v2_lite_int8_pcie4"})
+                            "extract.logs.path": str(logs)})
     evaluate = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     prefetch = json.loads((tmp_path / "metrics" / "prefetch.json").read_text())
     tuned = evaluate["tuned"]
@@ -93,6 +92,24 @@ def test_the_deepseek_log_runs_the_whole_pipeline_at_the_default_params(shared_t
     assert 0 <= tuned["macro_f1"] <= 1 and 0 <= tuned["expert_accuracy"] <= 1
     assert "set_lookup" in evaluate and "boosted_trees" not in evaluate
     assert 0 <= prefetch["tuned"]["hit_rate"] <= 1
+    assert prefetch["engine"]["slots_per_layer"] == 64  # 26 x 64 bf16 experts of 17.3 MB fit in 37.9 GB
+
+
+def test_the_flame_log_runs_the_whole_pipeline_at_the_default_params(shared_traces: Path, tmp_path: Path) -> None:
+    """The FLAME log's first 256 tokens (4 sequences of 64) of every layer, at the default params."""
+    logs = tmp_path / "flame"
+    logs.mkdir()
+    for file in sorted((shared_traces / "flame-moe-290m" / "prefill-32seqs-2048tokens").glob("layer_*.csv")):
+        (logs / file.name).write_text("".join(file.read_text().splitlines(keepends=True)[:257]))
+    project = tmp_path / "project"
+    project.mkdir()
+    run_pipeline(project, {"extract.source": "import", "extract.logs.format": "flame_csv",
+                           "extract.logs.path": str(logs), "extract.logs.tokens_per_sequence": 64})
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    prefetch = json.loads((project / "metrics" / "prefetch.json").read_text())
+    assert evaluate["tuned"]["n_test"] > 0 and 0 <= evaluate["tuned"]["set_recall"] <= 1
+    assert prefetch["engine"]["expert_mb"] == pytest.approx(3 * 1024 * 704 * 2 / 1e6)  # FLAME-MoE-290M in bf16
+    assert prefetch["engine"]["slots_per_layer"] == 64
 
 
 @pytest.fixture(autouse=True)

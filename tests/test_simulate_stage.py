@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, set_params
-from routecast.config.params import PRESETS, FeaturesParams, ParamsError, SyntheticParams, load_params
+from routecast.config.params import CpuParams, FeaturesParams, ParamsError, SyntheticParams, load_params
 from routecast.data.features import encode_features
 from routecast.data.predictions import prediction_ranks, write_predictions
 from routecast.data.traces import write_traces
@@ -27,25 +28,57 @@ def params_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_preset_fills_the_nulls_and_an_explicit_number_wins(params_file: Path) -> None:
-    sim = load_params(params_file).simulate
-    assert sim.hardware() == PRESETS[sim.preset]
+MIXTRAL = (32, 8, 2, "synthetic")  # a trace shaped like Mixtral-8x7B: the synthetic default
+
+
+def test_the_preset_and_the_model_give_every_number_and_an_explicit_one_wins(params_file: Path) -> None:
+    """The default machine with Mixtral's weights gives the numbers docs/prefetch.md derives: a bf16
+    expert 352.3 MB, 3 per layer in 37.9 GB, 0.68 ms a layer; a number set in params wins."""
+    hw = load_params(params_file).simulate.engine_numbers(*MIXTRAL)
+    assert hw.expert_mb == pytest.approx(352.321536) and hw.slots_per_layer == 3 and hw.gb_per_s == 25
+    assert hw.ms_per_layer == pytest.approx(0.68, abs=0.01) and hw.cpu_ms == 0
     set_params(params_file, {"simulate.preset": "mixtral_3bit_t4", "simulate.link.gb_per_s": 6.5})
-    hw = load_params(params_file).simulate.hardware()
-    preset = PRESETS["mixtral_3bit_t4"]
-    assert hw.gb_per_s == 6.5
-    assert (hw.expert_mb, hw.ms_per_layer, hw.slots_per_layer) == (preset.expert_mb, preset.ms_per_layer,
-                                                                    preset.slots_per_layer)
+    hw = load_params(params_file).simulate.engine_numbers(*MIXTRAL)
+    assert (hw.gb_per_s, hw.slots_per_layer) == (6.5, 4)  # mixtral-offloading's 4 experts per layer on the T4
+    assert hw.expert_mb == pytest.approx(176.160768 * 2.6 / 8)
+    set_params(params_file, {"simulate.cache.slots_per_layer": 6, "simulate.expert_mb": 100.0,
+                             "simulate.cpu.fallback": True, "simulate.cpu.gb_per_s": 50.0})
+    hw = load_params(params_file).simulate.engine_numbers(*MIXTRAL)
+    assert (hw.slots_per_layer, hw.expert_mb, hw.cpu_ms) == (6, 100.0, 2.0)
+
+
+def test_slots_follow_from_the_memory_and_the_models_known_by_source_or_shape(params_file: Path) -> None:
+    """At the default machine (37.9 GB for experts) the shared logs' models fit whole: DeepSeek-V2-Lite
+    (by its importer) and FLAME-MoE-290M hold all 64 experts of every layer; their own presets'
+    memory holds fewer; a trace of no known shape needs the numbers set."""
+    sim = load_params(params_file).simulate
+    deepseek = sim.engine_numbers(26, 64, 6, "import:deepseek_csv")
+    assert deepseek.slots_per_layer == 64 and deepseek.expert_mb == pytest.approx(3 * 2048 * 1408 * 2 / 1e6)
+    flame = sim.engine_numbers(25, 64, 6, "import:flame_csv")
+    assert flame.slots_per_layer == 64 and flame.expert_mb == pytest.approx(3 * 1024 * 704 * 2 / 1e6)
+    assert sim.engine_numbers(26, 64, 6).expert_mb == deepseek.expert_mb  # no source: by its shape
+    own = dataclasses.replace(sim, preset="deepseek_v2_lite_int8_pcie4").engine_numbers(26, 64, 6,
+                                                                                        "import:deepseek_csv")
+    assert own.slots_per_layer == 6  # 10% of the experts (MoE-Beyond's setting)
+    with pytest.raises(ParamsError) as info:
+        sim.engine_numbers(12, 16, 4, "import:jsonl")
+    assert info.value.key == "simulate.expert_mb" and "not a known model" in str(info.value)
+    with pytest.raises(ParamsError) as info:  # Fiddler's GPU holds 1 bf16 expert per layer: its CPU computes the rest
+        dataclasses.replace(sim, preset="fiddler_rtx6000_bf16").engine_numbers(*MIXTRAL)
+    assert info.value.key == "simulate.cache.expert_gb" and "cpu.fallback" in str(info.value)
+    fiddler = dataclasses.replace(sim, preset="fiddler_rtx6000_bf16", cpu=CpuParams(fallback=True))
+    assert fiddler.engine_numbers(*MIXTRAL).slots_per_layer == 1
+    assert fiddler.engine_numbers(*MIXTRAL).cpu_ms == pytest.approx(352.321536 / 128)
 
 
 def test_no_preset_needs_every_number(params_file: Path) -> None:
     set_params(params_file, {"simulate.preset": None})
     with pytest.raises(ParamsError) as info:
-        load_params(params_file)
+        load_params(params_file).simulate.engine_numbers(*MIXTRAL)
     assert info.value.key == "simulate.expert_mb" and "simulate.preset is null" in str(info.value)
     set_params(params_file, {"simulate.expert_mb": 100, "simulate.link.gb_per_s": 10,
                              "simulate.compute.ms_per_layer": 1, "simulate.cache.slots_per_layer": 4})
-    hw = load_params(params_file).simulate.hardware()
+    hw = load_params(params_file).simulate.engine_numbers(*MIXTRAL)
     assert (hw.expert_mb, hw.gb_per_s, hw.ms_per_layer, hw.slots_per_layer) == (100, 10, 1, 4)
 
 
@@ -56,9 +89,12 @@ def test_no_preset_needs_every_number(params_file: Path) -> None:
     ({"simulate.expert_mb": -1}, "simulate.expert_mb"),
     ({"simulate.compute.ms_per_layer": -0.5}, "simulate.compute.ms_per_layer"),
     ({"simulate.cache.slots_per_layer": 0}, "simulate.cache.slots_per_layer"),
+    ({"simulate.cache.expert_gb": 0}, "simulate.cache.expert_gb"),
     ({"simulate.cache.eviction": "fifo"}, "simulate.cache.eviction"),
+    ({"simulate.model": "gpt4"}, "simulate.model"),
+    ({"simulate.cpu.fallback": True, "simulate.link.queue": "fifo"}, "simulate.cpu.fallback"),
+    ({"simulate.cpu.gb_per_s": -3}, "simulate.cpu.gb_per_s"),
     ({"simulate.prefetch.width": 0}, "simulate.prefetch.width"),
-    ({"simulate.prefetch.width": 9}, "simulate.prefetch.width"),  # wider than the cache
     ({"simulate.prefetch.predictor_ms": {"tuned": -1}}, "simulate.prefetch.predictor_ms.tuned"),
     ({"simulate.prefetch.predictor_ms": {"tuned": "fast"}}, "simulate.prefetch.predictor_ms.tuned"),
     ({"simulate.sweep.slots": []}, "simulate.sweep.slots"),
@@ -78,11 +114,13 @@ def test_bad_simulate_params_name_the_key(params_file: Path, updates: dict, key:
     ({"simulate.cache.slots_per_layer": 8, "simulate.prefetch.width": 9}, "simulate.prefetch.width"),
     ({"simulate.sweep.slots": [2, 12]}, "simulate.sweep.slots"),
     ({"simulate.sweep.width": [4]}, "simulate.sweep.width"),  # the preset's 3 slots hold at most 3
+    ({"simulate.prefetch.width": 4}, "simulate.prefetch.width"),  # wider than the cache
+    ({"simulate.preset": "deepseek_v2_lite_int8_pcie4"}, "simulate.cache.expert_gb"),  # 1.35 GB: no bf16 expert
 ])
 def test_params_that_do_not_fit_the_trace_name_the_key(params_file: Path, updates: dict, key: str) -> None:
     set_params(params_file, updates)
     with pytest.raises(ParamsError) as info:
-        load_params(params_file).simulate.check_shape(num_experts=8, top_k=2)
+        load_params(params_file).simulate.check_shape(*MIXTRAL)
     assert info.value.key == key
 
 
@@ -113,8 +151,8 @@ def run_stage(tmp_path: Path, params: Path) -> subprocess.CompletedProcess:
 
 
 def test_stage_writes_metrics_and_plots_and_stops_cleanly_on_bad_params(tmp_path: Path, params_file: Path) -> None:
-    stage_inputs(tmp_path)
-    set_params(params_file, {"simulate.prefetch.predictor_ms": {"tuned": 0.2}})
+    stage_inputs(tmp_path)  # 6 layers: the default machine would hold every expert; 3 slots as for 32 layers
+    set_params(params_file, {"simulate.prefetch.predictor_ms": {"tuned": 0.2}, "simulate.cache.slots_per_layer": 3})
     proc = run_stage(tmp_path, params_file)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "prefetch.json").read_text())

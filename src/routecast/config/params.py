@@ -23,7 +23,7 @@ from ruamel.yaml.comments import CommentedMap
 from routecast.config.fields import InfFloat, ParamsError, build, check, coerce, field_names, to_plain
 from routecast.pipeline.artifacts import atomic_write_text
 from routecast.predictors import registry
-from routecast.sim.presets import PRESETS, HardwarePreset
+from routecast.sim.presets import MODELS, PRESETS, EngineNumbers, expert_mb, find_model, layer_mb, slots_from_memory
 
 POSITION_SCALE = 2048.0  # positions past it read as 1.0: the seed's scale, the generator's and the default feature's
 # The target key of `features.next_token` among the horizons of the samples and models (FeatureMeta.horizons,
@@ -456,10 +456,11 @@ class LinkParams:
 
 @dataclass(frozen=True)
 class CpuParams:
-    """The host CPU computing a missing expert instead of waiting for the link (Fiddler's fallback;
-    the priority link only). Unset (the default): no fallback."""
+    """The host CPU computing a missing expert when that ends before its transfer would (Fiddler's
+    fallback; the priority link only)."""
 
-    gb_per_s: float | None = None  # host memory bandwidth a batch-1 expert streams at: expert_mb / gb_per_s ms
+    fallback: bool = False  # on: a missing expert runs on the CPU when sooner than its transfer
+    gb_per_s: float | None = None  # host memory bandwidth a batch-1 expert streams at; null: the preset's
     ms_per_expert: float | None = None  # or a measured time per expert (wins over gb_per_s)
 
     def validate(self, key: str) -> None:
@@ -468,22 +469,19 @@ class CpuParams:
             check(value is None or (math.isfinite(value) and value > 0), f"{key}.{name}",
                   f"must be > 0 or null, got {value}")
 
-    def ms(self, expert_mb: float) -> float:
-        """One expert on the CPU, ms (0: no fallback)."""
-        if self.ms_per_expert is not None:
-            return self.ms_per_expert
-        return expert_mb / self.gb_per_s if self.gb_per_s is not None else 0.0
-
 
 @dataclass(frozen=True)
 class ComputeParams:
-    ms_per_layer: float | None = None  # null: the preset's
+    ms_per_layer: float | None = None  # null: the layer's weights (model) over the preset's GPU bandwidth
 
 
 @dataclass(frozen=True)
 class CacheParams:
-    slots_per_layer: int | None = None  # null: the preset's
-    eviction: Literal["lru", "lfu", "belady"] = "lru"  # belady: the clairvoyant bound (evicts by the true future use)
+    expert_gb: float | None = None  # GPU memory for experts, GB; null: the preset's. Slots follow from it
+    slots_per_layer: int | None = None  # null: as many as expert_gb holds, every layer alike
+    # predicted: evict the expert the predictor ranks least likely next (its later horizons, then its next-token
+    # ranking; ties and the bounds: LRU); belady: the clairvoyant bound (evicts by the true future use)
+    eviction: Literal["lru", "lfu", "predicted", "belady"] = "lru"
 
 
 @dataclass(frozen=True)
@@ -516,7 +514,8 @@ class SimulateParams:
     """
 
     preset: str | None = "mixtral_bf16_pcie4"
-    expert_mb: float | None = None  # null: the preset's
+    model: str | None = "auto"  # auto: from the trace's source, else its shape | a known model | null: none
+    expert_mb: float | None = None  # null: the model's expert at the preset's precision
     link: LinkParams = field(default_factory=LinkParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
     cpu: CpuParams = field(default_factory=CpuParams)
@@ -524,72 +523,112 @@ class SimulateParams:
     prefetch: PrefetchParams = field(default_factory=PrefetchParams)
     sweep: SweepParams = field(default_factory=SweepParams)
 
-    def hardware(self, key: str = "simulate") -> HardwarePreset:
-        """The preset's numbers with every explicit one in its place; raises naming a number left unset."""
-        preset = PRESETS.get(self.preset) if self.preset is not None else None
-        values = {"expert_mb": (self.expert_mb, "expert_mb"), "gb_per_s": (self.link.gb_per_s, "link.gb_per_s"),
-                  "ms_per_layer": (self.compute.ms_per_layer, "compute.ms_per_layer"),
-                  "slots_per_layer": (self.cache.slots_per_layer, "cache.slots_per_layer")}
-        resolved = {}
-        for name, (value, where) in values.items():
-            if value is None:
-                check(preset is not None, f"{key}.{where}", f"must be set when {key}.preset is null")
-                value = getattr(preset, name)
-            resolved[name] = value
-        return HardwarePreset(**resolved)
+    def engine_numbers(self, num_layers: int, num_experts: int, top_k: int, source: str = "unknown",
+                       key: str = "simulate") -> EngineNumbers:
+        """The engine's numbers for a trace of this shape: each explicit one, else from the preset (the
+        machine) and the model; raises naming the first that neither gives."""
+        machine = PRESETS[self.preset] if self.preset is not None else None
+        name = self.model if self.model != "auto" else find_model(source, num_experts, top_k)
+        model = MODELS[name] if name is not None else None
+        trace = f"the trace ({source!r}, {num_experts} experts, top-{top_k}, {num_layers} layers)"
+        why = (f"{key}.preset is null" if machine is None else
+               f"{trace} is not a known model: set {key}.model ({', '.join(MODELS)})" if model is None else "")
+
+        def need(value: Any, where: str) -> Any:
+            check(value is not None, f"{key}.{where}", f"must be set: {why}")
+            return value
+
+        known = machine is not None and model is not None
+        one_mb = self.expert_mb if self.expert_mb is not None else need(
+            expert_mb(model, machine.expert_bits) if known else None, "expert_mb")
+        gb_per_s = self.link.gb_per_s if self.link.gb_per_s is not None else need(
+            machine.link_gb_per_s if machine else None, "link.gb_per_s")
+        ms_per_layer = self.compute.ms_per_layer if self.compute.ms_per_layer is not None else need(
+            layer_mb(model, top_k, machine.expert_bits, machine.dense_bits) / machine.gpu_gb_per_s if known else None,
+            "compute.ms_per_layer")
+        slots = self.cache.slots_per_layer
+        if slots is None:
+            gb = self.cache.expert_gb if self.cache.expert_gb is not None else need(
+                machine.expert_gb if machine else None, "cache.expert_gb")
+            slots = slots_from_memory(gb, one_mb, num_layers, num_experts)
+            least = 1 if self.cpu.fallback else top_k
+            check(slots >= least, f"{key}.cache.expert_gb", f"{gb} GB holds {slots} experts of {one_mb:.1f} MB per "
+                  f"layer for {num_layers} layers, fewer than {least}: the engine cannot compute a layer"
+                  + ("" if self.cpu.fallback else " (with cpu.fallback the CPU computes what the GPU cannot hold)"))
+        cpu_ms = 0.0
+        if self.cpu.fallback:
+            if self.cpu.ms_per_expert is not None:
+                cpu_ms = self.cpu.ms_per_expert
+            else:
+                cpu_gb = self.cpu.gb_per_s if self.cpu.gb_per_s is not None else machine.cpu_gb_per_s if machine \
+                    else None
+                check(cpu_gb is not None, f"{key}.cpu.gb_per_s", "must be set (or cpu.ms_per_expert) for "
+                      f"cpu.fallback: preset {self.preset} gives no CPU figure")
+                cpu_ms = one_mb / cpu_gb
+        return EngineNumbers(expert_mb=one_mb, gb_per_s=gb_per_s, ms_per_layer=ms_per_layer, slots_per_layer=slots,
+                             cpu_ms=cpu_ms)
 
     def validate(self, key: str) -> None:
         check(self.preset is None or self.preset in PRESETS, f"{key}.preset",
               f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)}, or null with every number set)")
-        hw = self.hardware(key)
-        check(math.isfinite(hw.expert_mb) and hw.expert_mb > 0, f"{key}.expert_mb", f"must be > 0, got {hw.expert_mb}")
-        check(hw.gb_per_s > 0, f"{key}.link.gb_per_s",
-              f"must be > 0 (.inf: an infinitely fast link), got {hw.gb_per_s}")
+        check(self.model in (None, "auto", *MODELS), f"{key}.model",
+              f"unknown model {self.model!r} (known: auto, {', '.join(MODELS)}, or null)")
+        em = self.expert_mb
+        check(em is None or (math.isfinite(em) and em > 0), f"{key}.expert_mb", f"must be > 0 or null, got {em}")
+        gb = self.link.gb_per_s
+        check(gb is None or gb > 0, f"{key}.link.gb_per_s", f"must be > 0 (.inf: an infinitely fast link), got {gb}")
         self.link.validate(f"{key}.link")
         self.cpu.validate(f"{key}.cpu")
-        check(self.cpu.ms(hw.expert_mb) == 0 or self.link.queue == "priority", f"{key}.cpu",
-              "the CPU fallback runs on the priority link: set link.queue: priority, or leave cpu unset")
-        check(math.isfinite(hw.ms_per_layer) and hw.ms_per_layer >= 0, f"{key}.compute.ms_per_layer",
-              f"must be >= 0, got {hw.ms_per_layer}")
-        check(hw.slots_per_layer >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1, got {hw.slots_per_layer}")
+        check(not self.cpu.fallback or self.link.queue == "priority", f"{key}.cpu.fallback",
+              "the CPU fallback runs on the priority link: set link.queue: priority")
+        ms = self.compute.ms_per_layer
+        check(ms is None or (math.isfinite(ms) and ms >= 0), f"{key}.compute.ms_per_layer", f"must be >= 0, got {ms}")
+        mem = self.cache.expert_gb
+        check(mem is None or (math.isfinite(mem) and mem > 0), f"{key}.cache.expert_gb",
+              f"must be > 0 or null, got {mem}")
+        slots = self.cache.slots_per_layer
+        check(slots is None or slots >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1 or null, got {slots}")
         width = self.prefetch.width
         check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
         check(self.prefetch.depth >= 1, f"{key}.prefetch.depth", f"must be >= 1, got {self.prefetch.depth}")
         check(self.prefetch.depth == 1 or self.link.queue == "priority", f"{key}.prefetch.depth",
               f"{self.prefetch.depth} needs link.queue: priority (the FIFO link prefetches one layer ahead)")
-        check(width is None or width <= hw.slots_per_layer, f"{key}.prefetch.width",
-              f"must be <= cache.slots_per_layer ({hw.slots_per_layer}): the cache cannot hold more prefetches, "
-              f"got {width}")
-        for name, ms in self.prefetch.predictor_ms.items():
+        for name, value in self.prefetch.predictor_ms.items():
             where = f"{key}.prefetch.predictor_ms.{name}"
-            check(isinstance(ms, (int, float)) and not isinstance(ms, bool), where, f"expected a number, got {ms!r}")
-            check(math.isfinite(ms) and ms >= 0, where, f"must be >= 0, got {ms}")
+            check(isinstance(value, (int, float)) and not isinstance(value, bool), where,
+                  f"expected a number, got {value!r}")
+            check(math.isfinite(value) and value >= 0, where, f"must be >= 0, got {value}")
         for name in ("slots", "width"):
             values = getattr(self.sweep, name)
             if values is not None:
                 check(len(values) > 0, f"{key}.sweep.{name}", "must list at least one value (or be null)")
                 check(len(set(values)) == len(values), f"{key}.sweep.{name}", f"repeats a value: {values}")
 
-    def check_shape(self, num_experts: int, top_k: int, key: str = "simulate") -> None:
-        """The checks that need the trace's shape (known once the stage reads its input)."""
-        hw = self.hardware(key)
+    def check_shape(self, num_layers: int, num_experts: int, top_k: int, source: str = "unknown",
+                    key: str = "simulate") -> EngineNumbers:
+        """The checks that need the trace's shape (known once the stage reads its input); the engine's numbers."""
+        hw = self.engine_numbers(num_layers, num_experts, top_k, source, key)
         shape = f"the trace has {num_experts} experts, top-{top_k}"
-        check(top_k <= hw.slots_per_layer <= num_experts, f"{key}.cache.slots_per_layer",
-              f"must be in [top_k, num_experts] = [{top_k}, {num_experts}] ({shape}), got {hw.slots_per_layer}")
-        width = self.width(top_k)
+        least = 1 if self.cpu.fallback else top_k  # the CPU computes what a layer's cache cannot hold
+        check(least <= hw.slots_per_layer <= num_experts, f"{key}.cache.slots_per_layer",
+              f"must be in [{'1' if self.cpu.fallback else 'top_k'}, num_experts] = [{least}, {num_experts}] "
+              f"({shape}), got {hw.slots_per_layer}")
+        width = self.width(top_k, hw.slots_per_layer)
         check(width <= num_experts, f"{key}.prefetch.width", f"must be <= num_experts ({shape}), got {width}")
         check(width <= hw.slots_per_layer, f"{key}.prefetch.width",
-              f"must be <= cache.slots_per_layer ({hw.slots_per_layer}), got {width} (null means top_k = {top_k})")
+              f"must be <= the cache's {hw.slots_per_layer} slots per layer, got {width}")
         for value in self.sweep.slots or []:
             check(max(top_k, width) <= value <= num_experts, f"{key}.sweep.slots",
                   f"every value must be in [max(top_k, width), num_experts] = [{max(top_k, width)}, {num_experts}], "
                   f"got {value}")
         for value in self.sweep.width or []:
             check(1 <= value <= hw.slots_per_layer, f"{key}.sweep.width",
-                  f"every value must be in [1, cache.slots_per_layer] = [1, {hw.slots_per_layer}], got {value}")
+                  f"every value must be in [1, the cache's slots per layer] = [1, {hw.slots_per_layer}], got {value}")
+        return hw
 
-    def width(self, top_k: int) -> int:
-        return self.prefetch.width if self.prefetch.width is not None else top_k
+    def width(self, top_k: int, slots: int) -> int:
+        """Experts prefetched per layer: as set, else top_k (at most the cache's slots per layer)."""
+        return self.prefetch.width if self.prefetch.width is not None else min(top_k, slots)
 
 
 @dataclass(frozen=True)
@@ -635,6 +674,12 @@ class Params:
         if self.simulate.link.queue == "fifo":
             notes.append("simulate.link.chunk_mb, simulate.link.slot_on: not read by the FIFO link (link.queue: fifo "
                          "moves whole experts in order of issue, each taking its slot when issued)")
+        sim = self.simulate
+        if not sim.cpu.fallback and (sim.cpu.gb_per_s is not None or sim.cpu.ms_per_expert is not None):
+            notes.append("simulate.cpu.gb_per_s, simulate.cpu.ms_per_expert: not read while simulate.cpu.fallback is "
+                         "false (no expert runs on the CPU)")
+        if sim.cache.slots_per_layer is not None and sim.cache.expert_gb is not None:
+            notes.append("simulate.cache.expert_gb: not read: simulate.cache.slots_per_layer sets the slots")
         return notes
 
     def model(self, name: str) -> ModelParams:

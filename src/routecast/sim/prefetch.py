@@ -44,8 +44,9 @@ from tqdm import tqdm
 
 from routecast.config.params import ParamsError, SimulateParams
 from routecast.data.predictions import Predictions, PredictionsError
-from routecast.data.traces import Traces
+from routecast.data.traces import TraceMeta, Traces
 from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
+from routecast.sim.presets import find_model
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ MAX_SWEEP_VALUES = 16  # an automatic sweep spreads at most this many values ove
 (_HITS, _IN_FLIGHT, _ACCESSES, _FETCHES, _PREFETCHES, _USEFUL, _REFETCHES, _WAIT, _OVERHEAD, _TOTAL, _LAYERS,
  _MISSING, _CANCELLED, _MOVED, _CPU) = range(15)
 _N_COUNTERS = 15
-LRU, LFU, BELADY = 0, 1, 2  # cache.eviction, as the compiled loops take it
-POLICIES = {"lru": LRU, "lfu": LFU, "belady": BELADY}
+LRU, LFU, BELADY, PREDICTED = 0, 1, 2, 3  # cache.eviction, as the compiled loops take it
+POLICIES = {"lru": LRU, "lfu": LFU, "belady": BELADY, "predicted": PREDICTED}
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,17 @@ class Engine:
     depth: int = 1  # priority: prefetch layers l + lookahead .. l + lookahead + depth - 1
 
     @classmethod
-    def from_params(cls, params: SimulateParams, top_k: int) -> Engine:
-        hw = params.hardware()
+    def from_params(cls, params: SimulateParams, meta: TraceMeta) -> Engine:
+        """The engine `params` describe for a trace of this shape and source (its numbers: `engine_numbers`)."""
+        top_k = meta.top_k
+        hw = params.check_shape(meta.num_layers, meta.num_experts, top_k, meta.source)
         transfer_ms = hw.expert_mb / hw.gb_per_s  # MB / (GB/s) is ms; an infinite bandwidth moves an expert in no time
         chunk_mb = params.link.chunk_mb
         chunks = math.ceil(hw.expert_mb / chunk_mb) if chunk_mb else 1
-        return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k), eviction=params.cache.eviction,
-                   transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer, expert_mb=hw.expert_mb,
-                   queue=params.link.queue, chunk_ms=transfer_ms / chunks, slot_on=params.link.slot_on,
-                   cpu_ms=params.cpu.ms(hw.expert_mb), depth=params.prefetch.depth)
+        return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k, hw.slots_per_layer),
+                   eviction=params.cache.eviction, transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer,
+                   expert_mb=hw.expert_mb, queue=params.link.queue, chunk_ms=transfer_ms / chunks,
+                   slot_on=params.link.slot_on, cpu_ms=hw.cpu_ms, depth=params.prefetch.depth)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,37 @@ class RunResult:
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, policy, nu, now, resident, count, stamp, uses, pending, fetched, protect, queued,
-            out):
+def _keep_rank(t, cur, layer, v, nt, hz):
+    """How likely `layer` needs expert v next, as the predictor saw it at token t's layer `cur`: its rank
+    (0: most likely) in the ranking for this token's `layer` made at `cur` (hz[t, cur, d], d = layer -
+    cur), else in the next-token ranking of `layer` (nt: made at token t for t + 1 where `layer` <=
+    `cur`, at t - 1 for t beyond it). The number of experts where it has neither (ties: LRU)."""
+    unknown = hz.shape[3] if hz.shape[0] > 0 else nt.shape[2] if nt.shape[0] > 0 else 0
+    d = layer - cur
+    if hz.shape[0] > 0 and 0 < d < hz.shape[2] and hz[t, cur, d, v] < unknown:
+        return hz[t, cur, d, v]
+    if nt.shape[0] > 0:
+        if d <= 0:
+            return nt[t, layer, v]
+        if t > 0:
+            return nt[t - 1, layer, v]
+    return unknown
+
+
+@njit(cache=True)
+def _room(layer, slots, resident, count, protect):
+    """Whether `layer`'s cache can take one more expert: a free slot, or a resident one not protected."""
+    if count[layer] < slots:
+        return True
+    for v in range(resident.shape[1]):
+        if resident[layer, v] and not protect[v]:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _insert(layer, expert, slots, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses, pending, fetched,
+            protect, queued, out):
     """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full
     (a victim still queued on a priority link is dropped from the queue: cancelled). `policy`: LRU,
     LFU (ties to the least recent) or BELADY: the expert whose next use at this layer, from token
@@ -151,6 +183,10 @@ def _insert(layer, expert, slots, policy, nu, now, resident, count, stamp, uses,
                 victim = v
             elif policy == BELADY and nu[now, layer, v] != nu[now, layer, victim]:
                 if nu[now, layer, v] > nu[now, layer, victim]:
+                    victim = v
+            elif policy == PREDICTED and _keep_rank(t, cur, layer, v, nt, hz) != \
+                    _keep_rank(t, cur, layer, victim, nt, hz):
+                if _keep_rank(t, cur, layer, v, nt, hz) > _keep_rank(t, cur, layer, victim, nt, hz):
                     victim = v
             elif policy == LFU and uses[layer, v] != uses[layer, victim]:
                 if uses[layer, v] < uses[layer, victim]:
@@ -173,7 +209,7 @@ def _insert(layer, expert, slots, policy, nu, now, resident, count, stamp, uses,
 
 
 @njit(cache=True)
-def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms, compute_ms, predictor_ms):
+def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, transfer_ms, compute_ms, predictor_ms):
     """One replay. truth: [T, L, K] true experts (-1: no row); cand: [T, L, W] the experts to prefetch
     for layer l + lookahead, decided at layer l, best first (-1: none). Returns the counters."""
     n_tokens, n_layers, k = truth.shape
@@ -205,7 +241,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms,
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, policy, nu, t,
+                    _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
                             resident, count, stamp, uses, pending, fetched, protect, queued, out)
                     tick += 1
                     stamp[layer, e] = tick
@@ -238,7 +274,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms,
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        _insert(target, e, slots, policy, nu, t,
+                        _insert(target, e, slots, policy, nu, t, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                         tick += 1
                         stamp[target, e] = tick
@@ -259,8 +295,8 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms,
 
 
 @njit(cache=True)
-def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, transfer_ms, chunk_ms, compute_ms,
-                     predictor_ms, stage, cpu_ms):
+def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, transfer_ms, chunk_ms,
+                     compute_ms, predictor_ms, stage, cpu_ms):
     """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
     queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
     router has chosen, every prefetch for layer l still queued or on the link that it did not
@@ -315,7 +351,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                     queued[ql, qe] = False
                     ready[ql, qe] = link
                     if stage:
-                        _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1,
+                        _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                         tick += 1
                         stamp[ql, qe] = tick
@@ -348,7 +384,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                         if stage:
                             for j in range(k):
                                 protect[truth[t, layer, j]] = ql == layer
-                            _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1,
+                            _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1, t, layer, nt, hz,
                                     resident, count, stamp, uses, pending, fetched, protect, queued, out)
                             tick += 1
                             stamp[ql, qe] = tick
@@ -372,7 +408,8 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                 on_cpu[j] = False
                 if not resident[layer, e] or queued[layer, e]:
                     lands = free + (remain[layer, e] if queued[layer, e] else transfer_ms)
-                    if cpu_ms > 0 and cpu + cpu_ms < lands:
+                    if cpu_ms > 0 and (cpu + cpu_ms < lands or not resident[layer, e] and not _room(
+                            layer, slots, resident, count, protect)):  # sooner, or no slot to land in (Fiddler)
                         cpu += cpu_ms
                         on_cpu[j] = True
                         out[_CPU] += 1
@@ -385,12 +422,12 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                     queued[layer, e] = False
                     ready[layer, e] = free
                     if stage:
-                        _insert(layer, e, slots, policy, nu, t,
+                        _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                 elif resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, policy, nu, t,
+                    _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
                             resident, count, stamp, uses, pending, fetched, protect, queued, out)
                     tick += 1
                     stamp[layer, e] = tick
@@ -431,7 +468,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
                         e = cand[t, layer, i, j]
                         if e >= 0 and not resident[target, e] and not queued[target, e]:
                             if not stage:
-                                _insert(target, e, slots, policy, nu, t,
+                                _insert(target, e, slots, policy, nu, t, t, layer, nt, hz,
                                         resident, count, stamp, uses, pending, fetched, protect, queued, out)
                                 tick += 1
                                 stamp[target, e] = tick
@@ -453,6 +490,35 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, tra
     return out
 
 
+@dataclass(frozen=True)
+class Retention:
+    """What `predicted` eviction reads: a predictor's rank (0: best; num_experts: not ranked) of each
+    expert, from its rankings (`retention_ranks`)."""
+
+    next_token: np.ndarray  # int16 [T, L, E]: in the next-token ranking made at (t, l); [0, 0, 0]: none
+    horizons: np.ndarray  # int16 [T, L, D, E]: in the ranking for layer l + d made at (t, l); [0, 0, 0, 0]: none
+
+
+def retention_ranks(grids: dict[int, np.ndarray], next_token: np.ndarray | None, num_experts: int) -> Retention:
+    """`Retention` from a predictor's ranking grids ([T, L, R] expert ids, best first, -1: none): by
+    horizon d, and for the next token."""
+
+    def ranks(grid: np.ndarray) -> np.ndarray:
+        out = np.full(grid.shape[:2] + (num_experts + 1,), num_experts, dtype=np.int16)  # column E: the -1s
+        tok, lay, r = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
+        out[tok, lay, np.where(grid >= 0, grid, num_experts)] = np.where(grid >= 0, r, num_experts)
+        return out[:, :, :num_experts]
+
+    T, L = next(iter(grids.values())).shape[:2] if grids else next_token.shape[:2]
+    hz = np.zeros((0, 0, 0, 0), np.int16)
+    if grids:
+        hz = np.full((T, L, max(grids) + 1, num_experts), num_experts, dtype=np.int16)
+        for d, grid in grids.items():
+            hz[:, :, d] = ranks(grid)
+    nt = ranks(next_token) if next_token is not None else np.zeros((0, 0, 0), np.int16)
+    return Retention(next_token=nt, horizons=hz)
+
+
 def next_uses(truth: np.ndarray, num_experts: int) -> np.ndarray:
     """int64 [T + 1, L, E]: the first token t' >= t whose layer l uses expert e (T: never), for Belady's
     eviction; row T (after the last token) is all T."""
@@ -467,7 +533,8 @@ def next_uses(truth: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, num_experts: int,
-             lookahead: int = 1, predictor_ms: float = 0.0, compiled: bool = True) -> RunResult:
+             lookahead: int = 1, predictor_ms: float = 0.0, compiled: bool = True,
+             retention: Retention | None = None) -> RunResult:
     """Replay `truth` ([T tokens, L layers, k] true experts, -1 for a missing row) through `engine`.
 
     `candidates` ([T, L, >= width], -1 for none) holds, for each token and layer l, the ranking made
@@ -480,9 +547,10 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     if truth.ndim != 3:
         raise ValueError(f"truth must be [tokens, layers, top_k], got shape {list(truth.shape)}")
     top_k = truth.shape[2]
-    if not top_k <= engine.slots_per_layer <= num_experts:
-        raise ValueError(f"slots_per_layer must be in [top_k, num_experts] = [{top_k}, {num_experts}], "
-                         f"got {engine.slots_per_layer}")
+    least = 1 if engine.cpu_ms > 0 and engine.queue == "priority" else top_k  # the CPU takes what the GPU cannot hold
+    if not least <= engine.slots_per_layer <= num_experts:
+        raise ValueError(f"slots_per_layer must be in [{'1' if least == 1 else 'top_k'}, num_experts] = [{least}, "
+                         f"{num_experts}], got {engine.slots_per_layer}")
     if candidates is None:
         cand = np.full(truth.shape[:2] + (1, 0), -1, dtype=np.int16)
     else:
@@ -503,15 +571,24 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
             raise ValueError(f"{name}: expert ids must be in [0, {num_experts}) or -1, got [{arr.min()}, {arr.max()}]")
     policy = POLICIES[engine.eviction]
     nu = next_uses(truth, num_experts) if policy == BELADY else np.zeros((1, 1, 1), dtype=np.int64)
+    nt, hz = np.zeros((0, 0, 0), np.int16), np.zeros((0, 0, 0, 0), np.int16)
+    if policy == PREDICTED and retention is not None:
+        nt, hz = retention.next_token, retention.horizons
+        for name, arr, shape in (("retention.next_token", nt, truth.shape[:2] + (num_experts,)),
+                                 ("retention.horizons", hz, truth.shape[:2])):
+            if arr.shape[0] and arr.shape[:len(shape)] != shape:
+                raise ValueError(f"{name} must be [{', '.join(map(str, shape))}, ...], got {list(arr.shape)}")
+        if hz.shape[0] and hz.shape[3] != num_experts:
+            raise ValueError(f"retention.horizons must rank {num_experts} experts, got {hz.shape[3]}")
     if engine.queue == "fifo":
         replay = _replay if compiled else _replay.py_func
-        out = replay(truth, cand[:, :, 0], num_experts, lookahead, engine.slots_per_layer, policy, nu,
+        out = replay(truth, cand[:, :, 0], num_experts, lookahead, engine.slots_per_layer, policy, nu, nt, hz,
                      float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
     else:
         replay = _replay_priority if compiled else _replay_priority.py_func
-        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, float(engine.transfer_ms),
-                     float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms), engine.slot_on == "land",
-                     float(engine.cpu_ms))
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, nt, hz,
+                     float(engine.transfer_ms), float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms),
+                     engine.slot_on == "land", float(engine.cpu_ms))
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
                                                 ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
                                                 ("fetches", _FETCHES),
@@ -550,6 +627,8 @@ class Replay:
     predicted_share: float  # of the steps that could carry a prediction (row present, l + lookahead < L), those that do
     # name -> horizon d -> int16 [T, L, R]: its ranking made at layer l for layer l + d (a later horizon)
     ahead: dict[str, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # name -> int16 [T, L, R]: its ranking made at (t, l) of the next token's experts at layer l
+    next_token: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -614,7 +693,9 @@ def build_replay(traces: Traces, predictions: Predictions, traces_where: str = "
     eligible = int((truth[:, : num_layers - pm.lookahead, 0] >= 0).sum())
     replay = Replay(truth=truth, rankings=rankings, num_experts=tm.num_experts, lookahead=pm.lookahead,
                     sequences=len(seqs), predicted_share=len(predictions) / eligible if eligible else 0.0,
-                    ahead={name: by_d for name, by_d in ahead.items() if by_d})
+                    ahead={name: by_d for name, by_d in ahead.items() if by_d},
+                    next_token={name: as_grid(by_target["next_token"])
+                                for name, by_target in predictions.targets.items() if "next_token" in by_target})
     log.info("replay: %d sequences, %d tokens x %d layers; %d (token, layer) rows missing from the trace (skipped); "
              "%.1f%% of the steps that could carry a prediction have one", replay.sequences, replay.tokens, num_layers,
              replay.missing_layers, 100 * replay.predicted_share)
@@ -629,7 +710,10 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
     predictor_ms = predictor_ms or {}
     common = {"num_experts": replay.num_experts, "lookahead": replay.lookahead}
     true_next = perfect_candidates(replay.truth, replay.lookahead, engine.depth)
-    all_k = dataclasses.replace(engine, width=replay.truth.shape[2])
+    predictors = engine
+    if engine.eviction == "predicted":  # the bounds have no predictor to retain by: LRU (belady stays clairvoyant)
+        engine = dataclasses.replace(engine, eviction="lru")
+    all_k = dataclasses.replace(engine, width=min(replay.truth.shape[2], engine.slots_per_layer))
     on_demand = simulate(replay.truth, None, engine, **common)
     results = {
         "on_demand": on_demand,
@@ -642,9 +726,16 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
             total_ms=on_demand.layers * engine.compute_ms),
     }
     for name, grid in replay.rankings.items():
-        results[name] = simulate(replay.truth, depth_candidates(replay, name, grid, engine.depth), engine,
-                                 predictor_ms=predictor_ms.get(name, 0.0), **common)
+        retention = retention_for(replay, name) if predictors.eviction == "predicted" else None
+        results[name] = simulate(replay.truth, depth_candidates(replay, name, grid, engine.depth), predictors,
+                                 predictor_ms=predictor_ms.get(name, 0.0), retention=retention, **common)
     return results
+
+
+def retention_for(replay: Replay, name: str) -> Retention:
+    """What `predicted` eviction reads of a predictor: every horizon's ranking and its next-token one."""
+    grids = {replay.lookahead: replay.rankings[name], **replay.ahead.get(name, {})}
+    return retention_ranks(grids, replay.next_token.get(name), replay.num_experts)
 
 
 def depth_candidates(replay: Replay, name: str, grid: np.ndarray, depth: int) -> np.ndarray:
@@ -699,9 +790,10 @@ class Study:
 def study(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | None = None,
           slots: list[int] | None = None, widths: list[int] | None = None) -> Study:
     """`run_all` at `engine`, then over cache slots (default: max(top_k, width) .. num_experts) and over
-    prefetch widths (default: 1 .. slots_per_layer)."""
+    prefetch widths (default: 1 .. slots_per_layer, at most the experts a prediction ranks)."""
     slots = sweep_values(max(replay.truth.shape[2], engine.width), replay.num_experts, slots)
-    widths = sweep_values(1, engine.slots_per_layer, widths)
+    ranked = min((grid.shape[2] for grid in replay.rankings.values()), default=engine.slots_per_layer)
+    widths = sweep_values(1, min(engine.slots_per_layer, ranked), widths)
     return Study(
         results=run_all(replay, engine, predictor_ms),
         slots=slots,
@@ -747,17 +839,20 @@ class SimulationResult:
 def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulateParams, traces_where: str = "traces",
                       predictions_where: str = "predictions") -> SimulationResult:
     """The simulate_prefetch stage: every predictor and bound at the configured engine, and the sweeps."""
-    meta = predictions.meta
-    sim.check_shape(meta.num_experts, meta.top_k)
+    tm = traces.meta
     unknown = sorted(set(sim.prefetch.predictor_ms) - set(predictions.rankings))
     if unknown:
         raise ParamsError(f"simulate.prefetch.predictor_ms.{unknown[0]}",
                           f"no such predictor in {predictions_where} (have {', '.join(predictions.rankings)})")
     replay = build_replay(traces, predictions, traces_where, predictions_where)
-    engine = Engine.from_params(sim, meta.top_k)
+    engine = Engine.from_params(sim, tm)
     predictor_ms = {name: sim.prefetch.ms_for(name) for name in predictions.rankings}
-    log.info("engine: preset %s, %s; one expert %.2f ms over the link, %.3f ms compute per layer",
-             sim.preset, engine, engine.transfer_ms, engine.compute_ms)
+    model = sim.model if sim.model != "auto" else find_model(tm.source, tm.num_experts, tm.top_k)
+    log.info("engine: preset %s, model %s (trace source %r), %s; one expert %.2f ms over the link, %.3f ms compute "
+             "per layer", sim.preset, model, tm.source, engine, engine.transfer_ms, engine.compute_ms)
+    if engine.slots_per_layer == tm.num_experts:
+        log.info("the GPU holds every expert (%d per layer): nothing to fetch, every policy is the compute floor",
+                 engine.slots_per_layer)
     start = time.perf_counter()
     done = study(replay, engine, predictor_ms, sim.sweep.slots, sim.sweep.width)
     elapsed = time.perf_counter() - start
@@ -779,7 +874,8 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
                          "missing_layers": replay.missing_layers, "predicted_share": replay.predicted_share}
     metrics["engine"] = {"expert_mb": engine.expert_mb, "transfer_ms": engine.transfer_ms,
                          "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
-                         "width": engine.width} | ({"depth": engine.depth} if engine.depth > 1 else {})
+                         "width": engine.width} | ({"depth": engine.depth} if engine.depth > 1 else {}) \
+        | ({"cpu_ms_per_expert": engine.cpu_ms} if engine.cpu_ms > 0 else {})
     names = [*BOUNDS, *predictions.rankings]
     return SimulationResult(
         metrics,
