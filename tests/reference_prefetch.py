@@ -61,15 +61,16 @@ def keep_rank(horizons: dict, next_token, num_experts: int, t: int, cur: int, la
 
 def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, eviction: str, transfer_ms: float,
                     chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool,
-                    cpu_ms: float = 0.0, horizons: dict | None = None, next_token=None) -> dict[str, float]:
+                    cpu_ms: float = 0.0, horizons: dict | None = None, next_token=None,
+                    total: int = 0) -> dict[str, float]:
     """`horizons` (d -> [T, L, R] rankings made at (t, l) for layer l + d) and `next_token` ([T, L, R]):
-    what `predicted` eviction reads."""
+    what `predicted` eviction reads; `total` > 0: one cache of that many experts for every layer."""
     n_tokens, n_layers, k = truth.shape
     if cand.ndim == 3:  # one ranking per step: for layer l + lookahead
         cand = cand[:, :, None]
     width = cand.shape[3]  # cand [T, L, depth, W]: slot i for layer l + lookahead + i
     cache = [dict() for _ in range(n_layers)]  # expert -> when it landed (or lands)
-    recency = [[] for _ in range(n_layers)]  # least recent first
+    recency: list[tuple[int, int]] = []  # (layer, expert), least recent first
     uses = [[0] * num_experts for _ in range(n_layers)]
     prefetched = [set() for _ in range(n_layers)]  # prefetched, not used since
     ever = [set() for _ in range(n_layers)]
@@ -83,39 +84,62 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
         return ms / transfer_ms if transfer_ms > 0 else 1.0
 
     def touch(layer: int, e: int) -> None:
-        if e in recency[layer]:
-            recency[layer].remove(e)
-        recency[layer].append(e)
+        if (layer, e) in recency:
+            recency.remove((layer, e))
+        recency.append((layer, e))
 
-    def insert(layer: int, e: int, keep: set[int], when: float, now: int) -> None:
-        if len(cache[layer]) >= slots:
-            candidates = [v for v in recency[layer] if v in cache[layer] and v not in keep]
+    def evictable(layer: int, keep: set) -> list[tuple[int, int]]:
+        """The residents `layer`'s insertion may evict, least recent first: its layer's (or, with a shared
+        budget, every layer's) not in `keep` ((layer, expert) pairs in use or being prefetched)."""
+        return [(lv, v) for lv, v in recency if v in cache[lv] and (lv, v) not in keep and (total or lv == layer)]
+
+    def full(layer: int) -> bool:
+        return sum(len(x) for x in cache) >= total if total else len(cache[layer]) >= slots
+
+    def insert(layer: int, e: int, keep: set, when: float, now: int) -> bool:
+        """False, changing nothing, when the cache is full of experts in `keep`."""
+        if full(layer):
+            candidates = evictable(layer, keep)
+            if not candidates:
+                return False
             if eviction == "lfu":
-                least = min(uses[layer][v] for v in candidates)
-                candidates = [v for v in candidates if uses[layer][v] == least]
+                least = min(uses[lv][v] for lv, v in candidates)
+                candidates = [(lv, v) for lv, v in candidates if uses[lv][v] == least]
             elif eviction == "belady":
-                farthest = max(next_use(truth, now, layer, v) for v in candidates)
-                candidates = [v for v in candidates if next_use(truth, now, layer, v) == farthest]
-            elif eviction == "predicted":  # t and step: the token and layer being decoded
-                rank = {v: keep_rank(horizons or {}, next_token, num_experts, t, decoding, layer, v)
-                        for v in candidates}
-                candidates = [v for v in candidates if rank[v] == max(rank.values())]
-            victim = candidates[0]
-            del cache[layer][victim]
-            prefetched[layer].discard(victim)
-            if (layer, victim) in on_link:
-                on_link.pop((layer, victim)).live = False
+                def ahead(lv: int, v: int) -> int:  # shared: in (token, layer) steps after the one being decoded
+                    if total:
+                        return next_use(truth, t if lv > decoding else t + 1, lv, v) * n_layers + lv
+                    return next_use(truth, now, lv, v)
+                farthest = max(ahead(lv, v) for lv, v in candidates)
+                candidates = [(lv, v) for lv, v in candidates if ahead(lv, v) == farthest]
+            elif eviction == "predicted":  # t and decoding: the token and layer being decoded
+                def key(lv: int, v: int) -> tuple:
+                    """Larger goes first: outside its layer's predicted top-k (by rank), else the layer whose
+                    next use (this token's if still ahead, else the next token's) is farthest."""
+                    rank = keep_rank(horizons or {}, next_token, num_experts, t, decoding, lv, v)
+                    if rank >= k:
+                        return (1, rank, 0)
+                    return (0, (t if lv > decoding else t + 1) * n_layers + lv, rank)
+                worst = max(key(lv, v) for lv, v in candidates)
+                candidates = [(lv, v) for lv, v in candidates if key(lv, v) == worst]
+            lv, victim = candidates[0]
+            del cache[lv][victim]
+            prefetched[lv].discard(victim)
+            if (lv, victim) in on_link:
+                on_link.pop((lv, victim)).live = False
                 c["cancelled"] += 1
         cache[layer][e] = when
         if e in ever[layer]:
             c["refetches"] += 1
         ever[layer].add(e)
+        return True
 
-    def land(tr: Transfer, when: float, keep: set[int], now: int) -> None:
+    def land(tr: Transfer, when: float, keep: set, now: int) -> None:
         tr.live = False
         on_link.pop((tr.layer, tr.expert))
         if stage:
-            insert(tr.layer, tr.expert, keep, when, now)
+            if not insert(tr.layer, tr.expert, keep, when, now):
+                prefetched[tr.layer].discard(tr.expert)  # no room: dropped
             touch(tr.layer, tr.expert)
         else:
             cache[tr.layer][tr.expert] = when
@@ -158,7 +182,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 head.left -= step
                 if head.left <= 1e-12 and (head.layer != layer or head.expert in chosen):  # else: cancelled below
                     head.left = 0.0
-                    land(head, free, set(chosen) if head.layer == layer else set(),
+                    land(head, free, {(layer, x) for x in chosen},
                          t if head.layer >= layer else t + 1)
             for (tl, e), tr in list(on_link.items()):  # the router has chosen
                 if tl == layer and e not in chosen:
@@ -174,8 +198,8 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 c["accesses"] += 1
                 if e not in cache[layer] or (layer, e) in on_link:
                     lands = free + (on_link[(layer, e)].left if (layer, e) in on_link else transfer_ms)
-                    full = len(cache[layer]) >= slots and all(v in chosen for v in cache[layer])
-                    if cpu_ms > 0 and (cpu + cpu_ms < lands or e not in cache[layer] and full):
+                    no_room = full(layer) and not evictable(layer, {(layer, x) for x in chosen})
+                    if cpu_ms > 0 and (cpu + cpu_ms < lands or e not in cache[layer] and no_room):
                         cpu += cpu_ms
                         c["cpu"] += 1
                         continue
@@ -189,13 +213,14 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     tr.live = False
                     del on_link[(layer, e)]
                     if stage:
-                        insert(layer, e, set(chosen), free, t)
+                        insert(layer, e, {(layer, x) for x in chosen}, free, t)
                     else:
                         cache[layer][e] = free
                 elif e in cache[layer]:
                     c["hits" if cache[layer][e] <= clock else "in_flight"] += 1
                 else:
-                    insert(layer, e, set(chosen), 0.0, t)
+                    if not insert(layer, e, {(layer, x) for x in chosen}, 0.0, t):
+                        raise RuntimeError("a demand fetch found no cache slot")
                     touch(layer, e)
                     free += transfer_ms
                     cache[layer][e] = free
@@ -222,7 +247,9 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     if e in cache[target] or (target, e) in on_link:
                         continue
                     if not stage:
-                        insert(target, e, set(named), math.inf, t)
+                        if not insert(target, e, {(target, x) for x in named} | {(layer, x) for x in chosen},
+                                      math.inf, t):
+                            continue
                         touch(target, e)
                     prefetched[target].add(e)
                     tr = Transfer(target, e, issue, transfer_ms)

@@ -471,3 +471,63 @@ def test_predicted_eviction_by_a_good_next_token_predictor_beats_lru(queue: str)
         r = run(truth, None, engine)
         misses["lru"] = r.accesses - r.hits
         assert misses["good"] < 0.9 * min(misses["lru"], misses["random"]), (slots, misses)
+
+
+# --------------------------------------------------------------------------- one cache for every layer
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_a_cache_shared_by_every_layer_equals_the_reference(stage: bool) -> None:
+    """`slots_total` (one budget for every layer; the victim is the policy's first among every layer's
+    residents not in use): the compiled link gives the reference replay's counters for every eviction,
+    with and without the CPU fallback; a budget that holds every expert misses each once only."""
+    from reference_prefetch import replay_priority
+
+    rng = np.random.default_rng(23)
+    for case in range(8):
+        truth = random_trace(rng, tokens=20, layers=5, missing=0.05 if case % 3 == 0 else 0.0)
+        eviction = ["lru", "lfu", "belady", "predicted"][case % 4]
+        h1 = random_rankings(rng, truth, 6, 0.6, 1, ranks=6)
+        nt = next_token_rankings(rng, truth, 6, 0.6)
+        total, cpu = [5, 8, 12, 17][case % 4], [0.0, 1.3][case % 2]
+        engine = Engine(6, 2, eviction, [0.4, 1.7, 5.0][case % 3], 1.0, 100.0, queue="priority", chunk_ms=0.5,
+                        slot_on="land" if stage else "issue", cpu_ms=cpu, slots_total=total)
+        got = run(truth, h1, engine, predictor_ms=0.1, retention=retention_ranks({1: h1}, nt, 6))
+        want = replay_priority(truth, h1[..., :2], 6, 1, 6, eviction, engine.transfer_ms, 0.5, 1.0, 0.1, stage,
+                               cpu, horizons={1: h1}, next_token=nt, total=total)
+        assert (got.hits, got.in_flight, got.fetches, got.prefetches, got.refetches, got.cancelled, got.cpu_experts) \
+            == (want["hits"], want["in_flight"], want["fetches"], want["prefetches"], want["refetches"],
+                want["cancelled"], want["cpu"]), case
+        assert got.total_ms == pytest.approx(want["total"])
+    truth = random_trace(rng, tokens=30, layers=5)
+    everything = run(truth, None, Engine(6, 2, "lru", 1.0, 1.0, 100.0, queue="priority", slots_total=30))
+    assert everything.refetches == 0 and everything.fetches == len(np.unique(
+        truth[:, :, :] + 6 * np.arange(5)[None, :, None]))
+    with pytest.raises(ValueError, match="slots_total must be >= top_k \\+ width"):
+        run(truth, None, Engine(6, 2, "lru", 1.0, 1.0, 100.0, queue="priority", slots_total=3))
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_fewer_slots_than_top_k_with_the_cpu_equals_the_reference(stage: bool) -> None:
+    """Fiddler's machine: a layer's cache holds fewer experts than it uses, and the CPU computes the
+    ones with no slot to land in; a prefetch with no room is dropped (on landing) or not issued (a slot
+    taken on issue). The compiled link gives the reference replay's counters, every eviction."""
+    from reference_prefetch import replay_priority
+
+    rng = np.random.default_rng(24)
+    for case in range(6):
+        truth = random_trace(rng, tokens=25)
+        h1 = random_rankings(rng, truth, 6, 0.7, 1, ranks=6)
+        eviction = ["lru", "lfu", "belady"][case % 3]
+        engine = Engine(1, 1, eviction, [0.4, 5.0][case % 2], 1.0, 100.0, queue="priority", chunk_ms=0.5,
+                        slot_on="land" if stage else "issue", cpu_ms=[0.2, 2.0][case % 2])
+        got = run(truth, h1, engine, predictor_ms=0.1)
+        want = replay_priority(truth, h1[..., :1], 6, 1, 1, eviction, engine.transfer_ms, 0.5, 1.0, 0.1, stage,
+                               engine.cpu_ms)
+        assert (got.hits, got.in_flight, got.fetches, got.prefetches, got.cancelled, got.cpu_experts) == (
+            want["hits"], want["in_flight"], want["fetches"], want["prefetches"], want["cancelled"], want["cpu"]), case
+        assert got.total_ms == pytest.approx(want["total"])
+        # every needed expert is a hit, in flight, fetched on demand, or computed on the CPU
+        assert got.cpu_experts == got.accesses - got.hits - got.in_flight - (got.fetches - got.prefetches)
+    with pytest.raises(ValueError, match="slots_per_layer must be in \\[top_k"):
+        run(truth, None, Engine(1, 1, "lru", 1.0, 1.0, 100.0, queue="priority"))

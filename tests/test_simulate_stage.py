@@ -71,6 +71,28 @@ def test_slots_follow_from_the_memory_and_the_models_known_by_source_or_shape(pa
     assert fiddler.engine_numbers(*MIXTRAL).cpu_ms == pytest.approx(352.321536 / 128)
 
 
+def test_a_cache_shared_by_every_layer_takes_its_budget_from_the_memory(params_file: Path) -> None:
+    """cache.scope: model: one budget, 37.9 GB of 352.3 MB experts = 107 on the default machine, or
+    slots_total; the per-layer and shared knobs each refuse the other scope."""
+    set_params(params_file, {"simulate.cache.scope": "model"})
+    hw = load_params(params_file).simulate.engine_numbers(*MIXTRAL)
+    assert (hw.slots_total, hw.slots_per_layer) == (107, 8)
+    set_params(params_file, {"simulate.cache.slots_total": 40})
+    assert load_params(params_file).simulate.engine_numbers(*MIXTRAL).slots_total == 40
+    set_params(params_file, {"simulate.cache.slots_total": 3})
+    with pytest.raises(ParamsError) as info:
+        load_params(params_file).simulate.check_shape(*MIXTRAL)
+    assert info.value.key == "simulate.cache.slots_total"
+    for updates, key in (({"simulate.cache.slots_total": None, "simulate.cache.slots_per_layer": 3},
+                          "simulate.cache.slots_per_layer"),
+                         ({"simulate.cache.scope": "layer", "simulate.cache.slots_per_layer": None,
+                           "simulate.cache.slots_total": 40}, "simulate.cache.slots_total")):
+        set_params(params_file, updates)
+        with pytest.raises(ParamsError) as info:
+            load_params(params_file)
+        assert info.value.key == key
+
+
 def test_no_preset_needs_every_number(params_file: Path) -> None:
     set_params(params_file, {"simulate.preset": None})
     with pytest.raises(ParamsError) as info:

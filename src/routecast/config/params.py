@@ -445,7 +445,7 @@ class LinkParams:
     # priority: demand fetches first, a prefetch its layer's router did not choose cancelled (real engines);
     # fifo: every transfer in order of issue, never withdrawn (the earlier verdict, kept reproducible)
     queue: Literal["fifo", "priority"] = "priority"
-    chunk_mb: float | None = 16.0  # priority: transfers move in chunks of this size; null: whole
+    chunk_mb: float | None = 4.0  # priority: transfers move in chunks of this size; null: whole
 
     slot_on: Literal["issue", "land"] = "land"  # priority: a prefetch takes its cache slot when issued | when it lands
 
@@ -478,7 +478,9 @@ class ComputeParams:
 @dataclass(frozen=True)
 class CacheParams:
     expert_gb: float | None = None  # GPU memory for experts, GB; null: the preset's. Slots follow from it
-    slots_per_layer: int | None = None  # null: as many as expert_gb holds, every layer alike
+    scope: Literal["layer", "model"] = "layer"  # layer: a cache per layer, alike | model: one budget for every layer
+    slots_per_layer: int | None = None  # scope layer; null: as many as expert_gb holds, every layer alike
+    slots_total: int | None = None  # scope model; null: as many as expert_gb holds
     # predicted: evict the expert the predictor ranks least likely next (its later horizons, then its next-token
     # ranking; ties and the bounds: LRU); belady: the clairvoyant bound (evicts by the true future use)
     eviction: Literal["lru", "lfu", "predicted", "belady"] = "lru"
@@ -546,7 +548,16 @@ class SimulateParams:
         ms_per_layer = self.compute.ms_per_layer if self.compute.ms_per_layer is not None else need(
             layer_mb(model, top_k, machine.expert_bits, machine.dense_bits) / machine.gpu_gb_per_s if known else None,
             "compute.ms_per_layer")
-        slots = self.cache.slots_per_layer
+        total = 0
+        if self.cache.scope == "model":
+            total = self.cache.slots_total
+            if total is None:
+                gb = self.cache.expert_gb if self.cache.expert_gb is not None else need(
+                    machine.expert_gb if machine else None, "cache.expert_gb")
+                total = min(math.floor(gb * 1000 / one_mb), num_layers * num_experts)
+            check(total >= top_k + 1, f"{key}.cache.slots_total", f"must hold a layer's top_k = {top_k} experts and "
+                  f"a prefetch, got {total}")
+        slots = num_experts if total else self.cache.slots_per_layer
         if slots is None:
             gb = self.cache.expert_gb if self.cache.expert_gb is not None else need(
                 machine.expert_gb if machine else None, "cache.expert_gb")
@@ -566,7 +577,7 @@ class SimulateParams:
                       f"cpu.fallback: preset {self.preset} gives no CPU figure")
                 cpu_ms = one_mb / cpu_gb
         return EngineNumbers(expert_mb=one_mb, gb_per_s=gb_per_s, ms_per_layer=ms_per_layer, slots_per_layer=slots,
-                             cpu_ms=cpu_ms)
+                             cpu_ms=cpu_ms, slots_total=total)
 
     def validate(self, key: str) -> None:
         check(self.preset is None or self.preset in PRESETS, f"{key}.preset",
@@ -588,6 +599,12 @@ class SimulateParams:
               f"must be > 0 or null, got {mem}")
         slots = self.cache.slots_per_layer
         check(slots is None or slots >= 1, f"{key}.cache.slots_per_layer", f"must be >= 1 or null, got {slots}")
+        total = self.cache.slots_total
+        check(total is None or total >= 1, f"{key}.cache.slots_total", f"must be >= 1 or null, got {total}")
+        check(total is None or self.cache.scope == "model", f"{key}.cache.slots_total",
+              "is the shared budget of cache.scope: model (scope layer sets cache.slots_per_layer)")
+        check(slots is None or self.cache.scope == "layer", f"{key}.cache.slots_per_layer",
+              "is the per-layer cache of cache.scope: layer (scope model sets cache.slots_total)")
         width = self.prefetch.width
         check(width is None or width >= 1, f"{key}.prefetch.width", f"must be >= 1 or null, got {width}")
         check(self.prefetch.depth >= 1, f"{key}.prefetch.depth", f"must be >= 1, got {self.prefetch.depth}")
@@ -614,6 +631,9 @@ class SimulateParams:
               f"must be in [{'1' if self.cpu.fallback else 'top_k'}, num_experts] = [{least}, {num_experts}] "
               f"({shape}), got {hw.slots_per_layer}")
         width = self.width(top_k, hw.slots_per_layer)
+        check(not hw.slots_total or hw.slots_total >= top_k + width, f"{key}.cache.slots_total",
+              f"must be >= top_k + prefetch width = {top_k + width} (a layer's experts and its prefetches), "
+              f"got {hw.slots_total}")
         check(width <= num_experts, f"{key}.prefetch.width", f"must be <= num_experts ({shape}), got {width}")
         check(width <= hw.slots_per_layer, f"{key}.prefetch.width",
               f"must be <= the cache's {hw.slots_per_layer} slots per layer, got {width}")

@@ -75,6 +75,7 @@ class Engine:
     slot_on: str = "issue"  # priority: a prefetch takes its cache slot when issued | when it lands (staging)
     cpu_ms: float = 0.0  # priority: one expert computed on the CPU (Fiddler's fallback); 0: none
     depth: int = 1  # priority: prefetch layers l + lookahead .. l + lookahead + depth - 1
+    slots_total: int = 0  # > 0: one cache of this many experts shared by every layer (slots_per_layer unread)
 
     @classmethod
     def from_params(cls, params: SimulateParams, meta: TraceMeta) -> Engine:
@@ -87,7 +88,8 @@ class Engine:
         return cls(slots_per_layer=hw.slots_per_layer, width=params.width(top_k, hw.slots_per_layer),
                    eviction=params.cache.eviction, transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer,
                    expert_mb=hw.expert_mb, queue=params.link.queue, chunk_ms=transfer_ms / chunks,
-                   slot_on=params.link.slot_on, cpu_ms=hw.cpu_ms, depth=params.prefetch.depth)
+                   slot_on=params.link.slot_on, cpu_ms=hw.cpu_ms, depth=params.prefetch.depth,
+                   slots_total=hw.slots_total)
 
 
 @dataclass(frozen=True)
@@ -157,59 +159,85 @@ def _keep_rank(t, cur, layer, v, nt, hz):
 
 
 @njit(cache=True)
-def _room(layer, slots, resident, count, protect):
-    """Whether `layer`'s cache can take one more expert: a free slot, or a resident one not protected."""
-    if count[layer] < slots:
+def _room(layer, slots, total, resident, count, protect):
+    """Whether the cache can take one more expert for `layer`: a free slot (its layer's, or with a
+    shared budget `total` > 0 any), or a resident expert not protected that it may evict."""
+    if (count.sum() < total) if total > 0 else (count[layer] < slots):
         return True
-    for v in range(resident.shape[1]):
-        if resident[layer, v] and not protect[v]:
-            return True
+    for l2 in range(resident.shape[0]):
+        if total > 0 or l2 == layer:
+            for v in range(resident.shape[1]):
+                if resident[l2, v] and not protect[l2, v]:
+                    return True
     return False
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses, pending, fetched,
-            protect, queued, out):
-    """Make `expert` resident in `layer`'s cache, evicting its lowest-priority unprotected expert if full
-    (a victim still queued on a priority link is dropped from the queue: cancelled). `policy`: LRU,
-    LFU (ties to the least recent) or BELADY: the expert whose next use at this layer, from token
-    `now` on (`nu`, the true future), is farthest (ties to the least recent)."""
-    if count[layer] >= slots:
-        victim = -1
-        for v in range(resident.shape[1]):
-            if not resident[layer, v] or protect[v]:
+def _evict_first(policy, total, top_k, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, uses):
+    """Whether resident expert (la, a) goes before (lb, b): LRU, LFU (ties to the least recent),
+    PREDICTED (Belady on the predictions: one outside its layer's predicted top-k first, by rank
+    (`_keep_rank`); of two inside, the one whose layer comes next farthest ahead; ties to the least
+    recent) or BELADY (next use farthest ahead in the true routing, from token `now` for a per-layer
+    cache; in (token, layer) steps for a shared one)."""
+    if policy == BELADY:
+        if total > 0:  # the next use after the current step (token t, layer cur)
+            ka = nu[t if la > cur else t + 1, la, a] * nu.shape[1] + la
+            kb = nu[t if lb > cur else t + 1, lb, b] * nu.shape[1] + lb
+        else:
+            ka, kb = nu[now, la, a], nu[now, lb, b]
+        if ka != kb:
+            return ka > kb
+    elif policy == PREDICTED:  # Belady on the predictions: not predicted needed, else needed farthest ahead
+        ka, kb = _keep_rank(t, cur, la, a, nt, hz), _keep_rank(t, cur, lb, b, nt, hz)
+        if (ka < top_k) != (kb < top_k):
+            return kb < top_k
+        if ka < top_k and la != lb:  # both predicted for their layer's next use: this token's, or the next one's
+            return (t if la > cur else t + 1) * stamp.shape[0] + la > (t if lb > cur else t + 1) * stamp.shape[0] + lb
+        if ka != kb:
+            return ka > kb
+    elif policy == LFU and uses[la, a] != uses[lb, b]:
+        return uses[la, a] < uses[lb, b]
+    return stamp[la, a] < stamp[lb, b]
+
+
+@njit(cache=True)
+def _insert(layer, expert, slots, total, top_k, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses,
+            pending, fetched, protect, queued, out):
+    """Make `expert` resident in `layer`'s cache (its own `slots`, or with `total` > 0 one budget shared
+    by every layer), evicting the unprotected expert `_evict_first` puts first if full (a victim
+    still queued on a priority link is dropped from the queue: cancelled). False, changing nothing,
+    when every resident expert is protected (a cache of fewer slots than a layer's experts and its
+    prefetches, as on a machine whose CPU computes what its GPU cannot hold)."""
+    if (count.sum() >= total) if total > 0 else (count[layer] >= slots):
+        vl, victim = -1, -1
+        for l2 in range(resident.shape[0]):
+            if total == 0 and l2 != layer:
                 continue
-            if victim < 0:
-                victim = v
-            elif policy == BELADY and nu[now, layer, v] != nu[now, layer, victim]:
-                if nu[now, layer, v] > nu[now, layer, victim]:
-                    victim = v
-            elif policy == PREDICTED and _keep_rank(t, cur, layer, v, nt, hz) != \
-                    _keep_rank(t, cur, layer, victim, nt, hz):
-                if _keep_rank(t, cur, layer, v, nt, hz) > _keep_rank(t, cur, layer, victim, nt, hz):
-                    victim = v
-            elif policy == LFU and uses[layer, v] != uses[layer, victim]:
-                if uses[layer, v] < uses[layer, victim]:
-                    victim = v
-            elif stamp[layer, v] < stamp[layer, victim]:
-                victim = v
-        if victim < 0:
-            raise RuntimeError("every cached expert is protected: slots_per_layer < top_k or width > slots")
-        resident[layer, victim] = False
-        pending[layer, victim] = False  # a prefetch evicted unused: wasted
-        if queued[layer, victim]:
-            queued[layer, victim] = False
+            for v in range(resident.shape[1]):
+                if not resident[l2, v] or protect[l2, v]:
+                    continue
+                if victim < 0 or _evict_first(policy, total, top_k, l2, v, vl, victim, nu, now, t, cur, nt, hz, stamp,
+                                              uses):
+                    vl, victim = l2, v
+        if victim < 0:  # every resident expert is in use or being prefetched: no room
+            return False
+        resident[vl, victim] = False
+        count[vl] -= 1
+        pending[vl, victim] = False  # a prefetch evicted unused: wasted
+        if queued[vl, victim]:
+            queued[vl, victim] = False
             out[_CANCELLED] += 1
-    else:
-        count[layer] += 1
+    count[layer] += 1
     resident[layer, expert] = True
     if fetched[layer, expert]:
         out[_REFETCHES] += 1
     fetched[layer, expert] = True
+    return True
 
 
 @njit(cache=True)
-def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, transfer_ms, compute_ms, predictor_ms):
+def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, hz, transfer_ms, compute_ms,
+            predictor_ms):
     """One replay. truth: [T, L, K] true experts (-1: no row); cand: [T, L, W] the experts to prefetch
     for layer l + lookahead, decided at layer l, best first (-1: none). Returns the counters."""
     n_tokens, n_layers, k = truth.shape
@@ -222,7 +250,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
     uses = np.zeros((n_layers, num_experts), np.int64)  # uses so far, kept across evictions (LFU)
     pending = np.zeros((n_layers, num_experts), np.bool_)  # prefetched, not used since
     fetched = np.zeros((n_layers, num_experts), np.bool_)  # ever transferred
-    protect = np.zeros(num_experts, np.bool_)
+    protect = np.zeros((n_layers, num_experts), np.bool_)  # in use by the current layer, or being prefetched
     queued = np.zeros((n_layers, num_experts), np.bool_)  # never set: a FIFO transfer is never withdrawn
     clock = 0.0  # when the next layer may start
     link = 0.0  # when the link has moved everything issued so far
@@ -234,15 +262,16 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
                 continue
             # Demand: every needed expert not resident (nor on its way) queues behind the link.
             for j in range(k):
-                protect[truth[t, layer, j]] = True
+                protect[layer, truth[t, layer, j]] = True
             for j in range(k):
                 e = truth[t, layer, j]
                 out[_ACCESSES] += 1
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
-                            resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                                   resident, count, stamp, uses, pending, fetched, protect, queued, out):
+                        raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
                     stamp[layer, e] = tick
                     link = max(clock, link) + transfer_ms
@@ -260,7 +289,6 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
                 if pending[layer, e]:
                     pending[layer, e] = False
                     out[_USEFUL] += 1
-                protect[e] = False
             out[_WAIT] += start - clock
             busy = compute_ms
             # Prefetch for layer + lookahead, issued once the predictor has run.
@@ -270,12 +298,13 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
                 issue = start + predictor_ms
                 for j in range(width):
                     if cand[t, layer, j] >= 0:
-                        protect[cand[t, layer, j]] = True
+                        protect[target, cand[t, layer, j]] = True
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        _insert(target, e, slots, policy, nu, t, t, layer, nt, hz,
-                                resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                        if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                                       resident, count, stamp, uses, pending, fetched, protect, queued, out):
+                            continue
                         tick += 1
                         stamp[target, e] = tick
                         pending[target, e] = True
@@ -286,7 +315,9 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
                         out[_MOVED] += 1
                 for j in range(width):
                     if cand[t, layer, j] >= 0:
-                        protect[cand[t, layer, j]] = False
+                        protect[target, cand[t, layer, j]] = False
+            for j in range(k):  # the layer is done with its experts
+                protect[layer, truth[t, layer, j]] = False
             out[_OVERHEAD] += busy - compute_ms
             out[_LAYERS] += 1
             clock = start + busy
@@ -295,7 +326,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, tran
 
 
 @njit(cache=True)
-def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt, hz, transfer_ms, chunk_ms,
+def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, hz, transfer_ms, chunk_ms,
                      compute_ms, predictor_ms, stage, cpu_ms):
     """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
     queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
@@ -317,7 +348,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
     uses = np.zeros((n_layers, num_experts), np.int64)
     pending = np.zeros((n_layers, num_experts), np.bool_)
     fetched = np.zeros((n_layers, num_experts), np.bool_)
-    protect = np.zeros(num_experts, np.bool_)
+    protect = np.zeros((n_layers, num_experts), np.bool_)  # in use by the current layer, or being prefetched
     queued = np.zeros((n_layers, num_experts), np.bool_)  # a prefetch waiting for, or on, the link
     remain = np.zeros((n_layers, num_experts))  # its transfer time still to go
     cap = n_tokens * n_layers * max(width * depth, 1) + 1
@@ -351,8 +382,9 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                     queued[ql, qe] = False
                     ready[ql, qe] = link
                     if stage:
-                        _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1, t, layer, nt, hz,
-                                resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                        if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer, nt,
+                                       hz, resident, count, stamp, uses, pending, fetched, protect, queued, out):
+                            pending[ql, qe] = False  # no room: the landed copy is dropped
                         tick += 1
                         stamp[ql, qe] = tick
                     q_head += 1
@@ -383,16 +415,18 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                         ready[ql, qe] = free
                         if stage:
                             for j in range(k):
-                                protect[truth[t, layer, j]] = ql == layer
-                            _insert(ql, qe, slots, policy, nu, t if ql >= layer else t + 1, t, layer, nt, hz,
-                                    resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                                protect[layer, truth[t, layer, j]] = True
+                            if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer,
+                                           nt, hz, resident, count, stamp, uses, pending, fetched, protect, queued,
+                                           out):
+                                pending[ql, qe] = False  # no room: the landed copy is dropped
                             tick += 1
                             stamp[ql, qe] = tick
             for j in range(k):
-                protect[truth[t, layer, j]] = True
+                protect[layer, truth[t, layer, j]] = True
             # The router has chosen: this layer's other prefetches still to land are cancelled.
             for e in range(num_experts):
-                if queued[layer, e] and not protect[e]:
+                if queued[layer, e] and not protect[layer, e]:
                     queued[layer, e] = False
                     pending[layer, e] = False
                     if not stage:
@@ -409,7 +443,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                 if not resident[layer, e] or queued[layer, e]:
                     lands = free + (remain[layer, e] if queued[layer, e] else transfer_ms)
                     if cpu_ms > 0 and (cpu + cpu_ms < lands or not resident[layer, e] and not _room(
-                            layer, slots, resident, count, protect)):  # sooner, or no slot to land in (Fiddler)
+                            layer, slots, total, resident, count, protect)):  # sooner, or no slot to land in (Fiddler)
                         cpu += cpu_ms
                         on_cpu[j] = True
                         out[_CPU] += 1
@@ -421,14 +455,15 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                     remain[layer, e] = 0.0
                     queued[layer, e] = False
                     ready[layer, e] = free
-                    if stage:
-                        _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
+                    if stage:  # (no room: the layer computes it from the staging buffer, uncached)
+                        _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                 elif resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    _insert(layer, e, slots, policy, nu, t, t, layer, nt, hz,
-                            resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                                   resident, count, stamp, uses, pending, fetched, protect, queued, out):
+                        raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
                     stamp[layer, e] = tick
                     free += transfer_ms
@@ -439,7 +474,6 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
             start = max(clock, cpu - compute_ms)  # the layer ends when the CPU's experts are done, too
             for j in range(k):
                 e = truth[t, layer, j]
-                protect[e] = False
                 if on_cpu[j]:
                     continue
                 start = max(start, ready[layer, e])
@@ -463,13 +497,14 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                         continue
                     for j in range(width):
                         if cand[t, layer, i, j] >= 0:
-                            protect[cand[t, layer, i, j]] = True
+                            protect[target, cand[t, layer, i, j]] = True
                     for j in range(width):
                         e = cand[t, layer, i, j]
                         if e >= 0 and not resident[target, e] and not queued[target, e]:
                             if not stage:
-                                _insert(target, e, slots, policy, nu, t, t, layer, nt, hz,
-                                        resident, count, stamp, uses, pending, fetched, protect, queued, out)
+                                if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                                               resident, count, stamp, uses, pending, fetched, protect, queued, out):
+                                    continue  # no room to take a slot on issue: not prefetched
                                 tick += 1
                                 stamp[target, e] = tick
                             pending[target, e] = True
@@ -482,7 +517,9 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, policy, nu, nt,
                             out[_PREFETCHES] += 1
                     for j in range(width):
                         if cand[t, layer, i, j] >= 0:
-                            protect[cand[t, layer, i, j]] = False
+                            protect[target, cand[t, layer, i, j]] = False
+            for j in range(k):  # the layer is done with its experts
+                protect[layer, truth[t, layer, j]] = False
             out[_OVERHEAD] += busy - compute_ms
             out[_LAYERS] += 1
             clock = start + busy
@@ -548,6 +585,9 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
         raise ValueError(f"truth must be [tokens, layers, top_k], got shape {list(truth.shape)}")
     top_k = truth.shape[2]
     least = 1 if engine.cpu_ms > 0 and engine.queue == "priority" else top_k  # the CPU takes what the GPU cannot hold
+    if engine.slots_total and engine.slots_total < top_k + engine.width:
+        raise ValueError(f"slots_total must be >= top_k + width = {top_k + engine.width} (a layer's experts and a "
+                         f"prefetch in flight), got {engine.slots_total}")
     if not least <= engine.slots_per_layer <= num_experts:
         raise ValueError(f"slots_per_layer must be in [{'1' if least == 1 else 'top_k'}, num_experts] = [{least}, "
                          f"{num_experts}], got {engine.slots_per_layer}")
@@ -582,11 +622,13 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
             raise ValueError(f"retention.horizons must rank {num_experts} experts, got {hz.shape[3]}")
     if engine.queue == "fifo":
         replay = _replay if compiled else _replay.py_func
-        out = replay(truth, cand[:, :, 0], num_experts, lookahead, engine.slots_per_layer, policy, nu, nt, hz,
+        out = replay(truth, cand[:, :, 0], num_experts, lookahead, engine.slots_per_layer, engine.slots_total, policy,
+                     nu, nt, hz,
                      float(engine.transfer_ms), float(engine.compute_ms), float(predictor_ms))
     else:
         replay = _replay_priority if compiled else _replay_priority.py_func
-        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, policy, nu, nt, hz,
+        out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, engine.slots_total, policy, nu, nt,
+                     hz,
                      float(engine.transfer_ms), float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms),
                      engine.slot_on == "land", float(engine.cpu_ms))
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
@@ -793,12 +835,18 @@ def study(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | None 
     prefetch widths (default: 1 .. slots_per_layer, at most the experts a prediction ranks)."""
     slots = sweep_values(max(replay.truth.shape[2], engine.width), replay.num_experts, slots)
     ranked = min((grid.shape[2] for grid in replay.rankings.values()), default=engine.slots_per_layer)
-    widths = sweep_values(1, min(engine.slots_per_layer, ranked), widths)
+    top_k, layers = replay.truth.shape[2], replay.truth.shape[1]
+    room = engine.slots_total - top_k if engine.slots_total else engine.slots_per_layer
+    widths = sweep_values(1, min(engine.slots_per_layer, ranked, room), widths)
+
+    def at_slots(s: int) -> Engine:  # a shared cache: the same memory, s per layer on average
+        return dataclasses.replace(engine, slots_total=max(s * layers, top_k + engine.width)) if engine.slots_total \
+            else dataclasses.replace(engine, slots_per_layer=s)
+
     return Study(
         results=run_all(replay, engine, predictor_ms),
         slots=slots,
-        by_slots=sweep(replay, [dataclasses.replace(engine, slots_per_layer=s) for s in slots], predictor_ms,
-                       desc="slots sweep"),
+        by_slots=sweep(replay, [at_slots(s) for s in slots], predictor_ms, desc="slots sweep"),
         widths=widths,
         by_width=sweep(replay, [dataclasses.replace(engine, width=w) for w in widths], predictor_ms,
                        desc="width sweep"),
@@ -875,7 +923,8 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
     metrics["engine"] = {"expert_mb": engine.expert_mb, "transfer_ms": engine.transfer_ms,
                          "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
                          "width": engine.width} | ({"depth": engine.depth} if engine.depth > 1 else {}) \
-        | ({"cpu_ms_per_expert": engine.cpu_ms} if engine.cpu_ms > 0 else {})
+        | ({"cpu_ms_per_expert": engine.cpu_ms} if engine.cpu_ms > 0 else {}) \
+        | ({"slots_total": engine.slots_total} if engine.slots_total else {})
     names = [*BOUNDS, *predictions.rankings]
     return SimulationResult(
         metrics,

@@ -87,6 +87,7 @@ class EngineNumbers:
     ms_per_layer: float  # one MoE layer's decode compute, its experts resident
     slots_per_layer: int  # experts of each layer the GPU holds
     cpu_ms: float  # one expert computed on the host CPU (0: no fallback)
+    slots_total: int = 0  # > 0: one cache of this many experts for every layer (cache.scope: model)
 
 
 def find_model(source: str, num_experts: int, top_k: int) -> str | None:
