@@ -3,8 +3,9 @@ bound, and the simulator against published throughput: the README's verdict and 
 into benchmarks/results/prefetch_verdict.json.
 
 Policies, on the priority link (demand first, wrong prefetches cancelled) at each preset:
-retention `lru` | `lfu` | `predicted` (predictors only), a cache per layer or one for every layer
-(`cache.scope`), with and without the CPU fallback (where the preset's source gives a CPU). The
+eviction `lru` | `lfu` | `predicted` (on demand it has no ranks: the layer visited farthest ahead,
+then LRU), a cache per layer or one for every layer (`cache.scope`), with and without the CPU
+fallback (where the preset's source gives a CPU). The
 reference of every speedup is on-demand LRU with a cache per layer and no CPU (on Fiddler's machine,
 which cannot hold two experts a layer, the same with its CPU). The clairvoyant bound of a policy is
 the same policy fed the true routing: perfect prefetch and Belady's retention.
@@ -60,13 +61,15 @@ PUBLISHED = {
 }
 
 
+EVICTIONS = ("lru", "lfu", "predicted")  # predicted with no ranks (on demand): layer order, then LRU
+
+
 def policies(base, cpu_ok: bool, fiddler: bool, layers: int, experts: int):
-    """name -> engine: scope / cpu / retention (`predicted` is the predictors' variant of each; the
-    shared cache pools the per-layer cache's memory)."""
+    """name -> engine: scope / cpu / eviction (the shared cache pools the per-layer cache's memory)."""
     out = {}
     for scope in ("layer", "model"):
         for cpu in ((True,) if fiddler else (False, True) if cpu_ok else (False,)):
-            for eviction in ("lru", "lfu"):
+            for eviction in EVICTIONS:
                 engine = dataclasses.replace(base, eviction=eviction, cpu_ms=base.cpu_ms if cpu else 0.0)
                 if scope == "model":
                     engine = dataclasses.replace(engine, slots_total=base.slots_per_layer * layers,
@@ -91,22 +94,18 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
             cpu_ok = False
         runs = {}
         for name, engine in policies(with_cpu, cpu_ok, fiddler, replay.truth.shape[1], replay.num_experts).items():
-            plain = run_all(replay, engine)  # the bounds, and each predictor with this retention
-            predicted = run_all(replay, dataclasses.replace(engine, eviction="predicted"))
-            runs[name] = {**{bound: plain[bound].ms_per_token
+            r = run_all(replay, engine)  # the bounds (no ranks) and each predictor, with this eviction
+            runs[name] = {**{bound: r[bound].ms_per_token
                              for bound in ("on_demand", "clairvoyant", "belady", "perfect", "compute_floor")},
-                          "tuned": plain[tuned].ms_per_token, "tuned+predicted": predicted[tuned].ms_per_token,
-                          "misses_per_token": {"on_demand": miss(plain["on_demand"]), "tuned": miss(plain[tuned]),
-                                               "tuned+predicted": miss(predicted[tuned]),
-                                               "belady": miss(plain["belady"])}}
+                          "tuned": r[tuned].ms_per_token,
+                          "misses_per_token": {n: miss(r[n]) for n in ("on_demand", tuned, "belady")}}
         default = run_all(replay, with_cpu if fiddler else dataclasses.replace(with_cpu, cpu_ms=0.0))
         every = {n: default["on_demand"].ms_per_token / r.ms_per_token for n, r in default.items()
                  if n not in ("on_demand", "perfect", "belady", "clairvoyant", "compute_floor")}
         reference = runs["layer/cpu/lru" if fiddler else "layer/gpu/lru"]["on_demand"]
         no_pred = min(((n, r["on_demand"]) for n, r in runs.items()), key=lambda x: x[1])
-        with_pred = min(((f"{n}+prefetch" if k == "tuned" else f"{n.rsplit('/', 1)[0]}/predicted+prefetch", r[k], n)
-                         for n, r in runs.items() for k in ("tuned", "tuned+predicted")), key=lambda x: x[1])
-        family = runs[with_pred[2]]
+        with_pred = min(((n, r["tuned"]) for n, r in runs.items()), key=lambda x: x[1])
+        family = runs[with_pred[0]]
         gap = family["on_demand"] - family["clairvoyant"]
         out[preset] = {
             "engine": {"expert_mb": with_cpu.expert_mb, "transfer_ms": with_cpu.transfer_ms,
@@ -115,10 +114,15 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
             "reference": "on-demand LRU, a cache per layer" + (", CPU fallback" if fiddler else ", no CPU"),
             "reference_ms_per_token": reference,
             "best_no_prediction": {"policy": no_pred[0], "speedup": reference / no_pred[1]},
-            "best_tuned": {"policy": with_pred[0], "speedup": reference / with_pred[1]},
-            "clairvoyant_of_best": {"policy": with_pred[2], "speedup": reference / family["clairvoyant"]},
+            "best_tuned": {"policy": with_pred[0] + " + prefetch", "speedup": reference / with_pred[1]},
+            "clairvoyant_of_best": {"policy": with_pred[0], "speedup": reference / family["clairvoyant"]},
             "gap_closed": (family["on_demand"] - with_pred[1]) / gap if gap > 1e-9 else None,
-            "predicted_vs_lru": {n: r["tuned"] / r["tuned+predicted"] for n, r in runs.items()},
+            # the tuned predictor (its prefetch on both) with predicted eviction, over LRU, same cache and CPU
+            "predicted_vs_lru": {n[:-4]: r["tuned"] / runs[n[:-4] + "/predicted"]["tuned"]
+                                 for n, r in runs.items() if n.endswith("/lru")},
+            # on demand with predicted eviction's layer order (no ranks), over LRU
+            "layer_order_vs_lru": {n[:-4]: r["on_demand"] / runs[n[:-4] + "/predicted"]["on_demand"]
+                                   for n, r in runs.items() if n.endswith("/lru")},
             "every_predictor_vs_on_demand": every,  # at the preset's default engine (LRU per layer, width top_k)
             "runs": runs,
         }
@@ -127,8 +131,8 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
               f"{v['best_no_prediction']['speedup']:.3f}x; best tuned {v['best_tuned']['policy']} "
               f"{v['best_tuned']['speedup']:.3f}x; clairvoyant {v['clairvoyant_of_best']['speedup']:.3f}x; gap closed "
               f"{v['gap_closed']}; predicted/lru {({n: round(x, 3) for n, x in v['predicted_vs_lru'].items()})}; "
-              f"worst predictor {min(every.items(), key=lambda x: x[1])}",
-              flush=True)
+              f"layer order/lru {({n: round(x, 3) for n, x in v['layer_order_vs_lru'].items()})}; "
+              f"worst predictor {min(every.items(), key=lambda x: x[1])}", flush=True)
     return out
 
 

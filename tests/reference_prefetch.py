@@ -114,12 +114,11 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 candidates = [(lv, v) for lv, v in candidates if ahead(lv, v) == farthest]
             elif eviction == "predicted":  # t and decoding: the token and layer being decoded
                 def key(lv: int, v: int) -> tuple:
-                    """Larger goes first: outside its layer's predicted top-k (by rank), else the layer whose
-                    next use (this token's if still ahead, else the next token's) is farthest."""
-                    rank = keep_rank(horizons or {}, next_token, num_experts, t, decoding, lv, v)
-                    if rank >= k:
-                        return (1, rank, 0)
-                    return (0, (t if lv > decoding else t + 1) * n_layers + lv, rank)
+                    """Larger goes first: the layer's next visit (this token's if still ahead, else the next
+                    token's), then the predictor's rank for it (none given: every rank ties)."""
+                    rank = keep_rank(horizons or {}, next_token, num_experts, t, decoding, lv, v) \
+                        if horizons or next_token is not None else 0
+                    return ((t if lv > decoding else t + 1) * n_layers + lv, rank)
                 worst = max(key(lv, v) for lv, v in candidates)
                 candidates = [(lv, v) for lv, v in candidates if key(lv, v) == worst]
             lv, victim = candidates[0]

@@ -173,11 +173,12 @@ def _room(layer, slots, total, resident, count, protect):
 
 
 @njit(cache=True)
-def _evict_first(policy, total, top_k, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, uses):
+def _evict_first(policy, total, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, uses):
     """Whether resident expert (la, a) goes before (lb, b): LRU, LFU (ties to the least recent),
-    PREDICTED (Belady on the predictions: one outside its layer's predicted top-k first, by rank
-    (`_keep_rank`); of two inside, the one whose layer comes next farthest ahead; ties to the least
-    recent) or BELADY (next use farthest ahead in the true routing, from token `now` for a per-layer
+    PREDICTED (of a shared cache, the expert of the layer whose next visit, this token's or the next
+    one's, is farthest ahead; within a layer the one its predictor ranks lowest for that visit,
+    `_keep_rank`; ties, and no ranks, to the least recent: so for a per-layer cache with no ranks,
+    LRU) or BELADY (next use farthest ahead in the true routing, from token `now` for a per-layer
     cache; in (token, layer) steps for a shared one)."""
     if policy == BELADY:
         if total > 0:  # the next use after the current step (token t, layer cur)
@@ -187,12 +188,13 @@ def _evict_first(policy, total, top_k, la, a, lb, b, nu, now, t, cur, nt, hz, st
             ka, kb = nu[now, la, a], nu[now, lb, b]
         if ka != kb:
             return ka > kb
-    elif policy == PREDICTED:  # Belady on the predictions: not predicted needed, else needed farthest ahead
+    elif policy == PREDICTED:  # the layer visited farthest ahead, then the expert its predictor ranks lowest
+        n_layers = stamp.shape[0]
+        ka = (t if la > cur else t + 1) * n_layers + la
+        kb = (t if lb > cur else t + 1) * n_layers + lb
+        if ka != kb:
+            return ka > kb
         ka, kb = _keep_rank(t, cur, la, a, nt, hz), _keep_rank(t, cur, lb, b, nt, hz)
-        if (ka < top_k) != (kb < top_k):
-            return kb < top_k
-        if ka < top_k and la != lb:  # both predicted for their layer's next use: this token's, or the next one's
-            return (t if la > cur else t + 1) * stamp.shape[0] + la > (t if lb > cur else t + 1) * stamp.shape[0] + lb
         if ka != kb:
             return ka > kb
     elif policy == LFU and uses[la, a] != uses[lb, b]:
@@ -201,8 +203,8 @@ def _evict_first(policy, total, top_k, la, a, lb, b, nu, now, t, cur, nt, hz, st
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, total, top_k, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses,
-            pending, fetched, protect, queued, out):
+def _insert(layer, expert, slots, total, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses, pending,
+            fetched, protect, queued, out):
     """Make `expert` resident in `layer`'s cache (its own `slots`, or with `total` > 0 one budget shared
     by every layer), evicting the unprotected expert `_evict_first` puts first if full (a victim
     still queued on a priority link is dropped from the queue: cancelled). False, changing nothing,
@@ -216,8 +218,7 @@ def _insert(layer, expert, slots, total, top_k, policy, nu, now, t, cur, nt, hz,
             for v in range(resident.shape[1]):
                 if not resident[l2, v] or protect[l2, v]:
                     continue
-                if victim < 0 or _evict_first(policy, total, top_k, l2, v, vl, victim, nu, now, t, cur, nt, hz, stamp,
-                                              uses):
+                if victim < 0 or _evict_first(policy, total, l2, v, vl, victim, nu, now, t, cur, nt, hz, stamp, uses):
                     vl, victim = l2, v
         if victim < 0:  # every resident expert is in use or being prefetched: no room
             return False
@@ -269,7 +270,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, h
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                    if not _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
                                    resident, count, stamp, uses, pending, fetched, protect, queued, out):
                         raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
@@ -302,7 +303,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, h
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                        if not _insert(target, e, slots, total, policy, nu, t, t, layer, nt, hz,
                                        resident, count, stamp, uses, pending, fetched, protect, queued, out):
                             continue
                         tick += 1
@@ -382,7 +383,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                     queued[ql, qe] = False
                     ready[ql, qe] = link
                     if stage:
-                        if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer, nt,
+                        if not _insert(ql, qe, slots, total, policy, nu, t if ql >= layer else t + 1, t, layer, nt,
                                        hz, resident, count, stamp, uses, pending, fetched, protect, queued, out):
                             pending[ql, qe] = False  # no room: the landed copy is dropped
                         tick += 1
@@ -416,7 +417,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                         if stage:
                             for j in range(k):
                                 protect[layer, truth[t, layer, j]] = True
-                            if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer,
+                            if not _insert(ql, qe, slots, total, policy, nu, t if ql >= layer else t + 1, t, layer,
                                            nt, hz, resident, count, stamp, uses, pending, fetched, protect, queued,
                                            out):
                                 pending[ql, qe] = False  # no room: the landed copy is dropped
@@ -456,12 +457,12 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                     queued[layer, e] = False
                     ready[layer, e] = free
                     if stage:  # (no room: the layer computes it from the staging buffer, uncached)
-                        _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                        _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                 elif resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                    if not _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
                                    resident, count, stamp, uses, pending, fetched, protect, queued, out):
                         raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
@@ -502,7 +503,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                         e = cand[t, layer, i, j]
                         if e >= 0 and not resident[target, e] and not queued[target, e]:
                             if not stage:
-                                if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
+                                if not _insert(target, e, slots, total, policy, nu, t, t, layer, nt, hz,
                                                resident, count, stamp, uses, pending, fetched, protect, queued, out):
                                     continue  # no room to take a slot on issue: not prefetched
                                 tick += 1
@@ -752,9 +753,7 @@ def run_all(replay: Replay, engine: Engine, predictor_ms: dict[str, float] | Non
     predictor_ms = predictor_ms or {}
     common = {"num_experts": replay.num_experts, "lookahead": replay.lookahead}
     true_next = perfect_candidates(replay.truth, replay.lookahead, engine.depth)
-    predictors = engine
-    if engine.eviction == "predicted":  # the bounds have no predictor to retain by: LRU (belady stays clairvoyant)
-        engine = dataclasses.replace(engine, eviction="lru")
+    predictors = engine  # with `predicted` eviction the bounds have no ranks: layer order, then LRU
     all_k = dataclasses.replace(engine, width=min(replay.truth.shape[2], engine.slots_per_layer))
     on_demand = simulate(replay.truth, None, engine, **common)
     results = {
