@@ -81,6 +81,7 @@ def policies(base, cpu_ok: bool, fiddler: bool, layers: int, experts: int):
 def study_trace(replay, traces, params, presets, tuned: str) -> dict:
     from routecast.config.params import CpuParams
     from routecast.sim.prefetch import Engine, run_all
+    from routecast.sim.presets import PRESETS
 
     out = {}
     for preset in presets:
@@ -100,6 +101,13 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
                           "tuned": r[tuned].ms_per_token,
                           "misses_per_token": {n: miss(r[n]) for n in ("on_demand", tuned, "belady")}}
         default = run_all(replay, with_cpu if fiddler else dataclasses.replace(with_cpu, cpu_ms=0.0))
+        low = {}  # a lower-precision copy on a miss (miss_bits), the default engine: bf16 machines, int4 and int2
+        for bits in (4, 2) if PRESETS[preset].expert_bits == 16 else ():
+            engine = dataclasses.replace(with_cpu if fiddler else dataclasses.replace(with_cpu, cpu_ms=0.0),
+                                         miss_fraction=bits / 16)
+            r = run_all(replay, engine)
+            low[f"miss_bits{bits}"] = {n: {"ms_per_token": r[n].ms_per_token, "mb_per_token": r[n].mb_per_token}
+                                       for n in ("on_demand", tuned)}
         every = {n: default["on_demand"].ms_per_token / r.ms_per_token for n, r in default.items()
                  if n not in ("on_demand", "perfect", "belady", "clairvoyant", "compute_floor")}
         reference = runs["layer/cpu/lru" if fiddler else "layer/gpu/lru"]["on_demand"]
@@ -124,6 +132,7 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
             "layer_order_vs_lru": {n[:-4]: r["on_demand"] / runs[n[:-4] + "/predicted"]["on_demand"]
                                    for n, r in runs.items() if n.endswith("/lru")},
             "every_predictor_vs_on_demand": every,  # at the preset's default engine (LRU per layer, width top_k)
+            "miss_bits": low,  # the quality cost of computing with the copies is not measured
             "runs": runs,
         }
         v = out[preset]
@@ -132,7 +141,9 @@ def study_trace(replay, traces, params, presets, tuned: str) -> dict:
               f"{v['best_tuned']['speedup']:.3f}x; clairvoyant {v['clairvoyant_of_best']['speedup']:.3f}x; gap closed "
               f"{v['gap_closed']}; predicted/lru {({n: round(x, 3) for n, x in v['predicted_vs_lru'].items()})}; "
               f"layer order/lru {({n: round(x, 3) for n, x in v['layer_order_vs_lru'].items()})}; "
-              f"worst predictor {min(every.items(), key=lambda x: x[1])}", flush=True)
+              f"worst predictor {min(every.items(), key=lambda x: x[1])}; miss_bits "
+              f"{({b: {n: round(reference / x['ms_per_token'], 3) for n, x in v.items()} for b, v in low.items()})}",
+              flush=True)
     return out
 
 

@@ -62,9 +62,10 @@ def keep_rank(horizons: dict, next_token, num_experts: int, t: int, cur: int, la
 def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, eviction: str, transfer_ms: float,
                     chunk_ms: float, compute_ms: float, predictor_ms: float, stage: bool,
                     cpu_ms: float = 0.0, horizons: dict | None = None, next_token=None,
-                    total: int = 0) -> dict[str, float]:
+                    total: int = 0, miss: float = 1.0) -> dict[str, float]:
     """`horizons` (d -> [T, L, R] rankings made at (t, l) for layer l + d) and `next_token` ([T, L, R]):
-    what `predicted` eviction reads; `total` > 0: one cache of that many experts for every layer."""
+    what `predicted` eviction reads; `total` > 0: one cache of that many experts for every layer;
+    `miss` < 1: a demand fetch moves that share of an expert (a lower-precision copy)."""
     n_tokens, n_layers, k = truth.shape
     if cand.ndim == 3:  # one ranking per step: for layer l + lookahead
         cand = cand[:, :, None]
@@ -196,7 +197,7 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
             for e in chosen:
                 c["accesses"] += 1
                 if e not in cache[layer] or (layer, e) in on_link:
-                    lands = free + (on_link[(layer, e)].left if (layer, e) in on_link else transfer_ms)
+                    lands = free + (on_link[(layer, e)].left if (layer, e) in on_link else transfer_ms * miss)
                     no_room = full(layer) and not evictable(layer, {(layer, x) for x in chosen})
                     if cpu_ms > 0 and (cpu + cpu_ms < lands or e not in cache[layer] and no_room):
                         cpu += cpu_ms
@@ -221,10 +222,10 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                     if not insert(layer, e, {(layer, x) for x in chosen}, 0.0, t):
                         raise RuntimeError("a demand fetch found no cache slot")
                     touch(layer, e)
-                    free += transfer_ms
+                    free += transfer_ms * miss
                     cache[layer][e] = free
                     c["fetches"] += 1
-                    c["moved"] += 1
+                    c["moved"] += miss
             link = max(link, free)
             start = max([clock, cpu - compute_ms] + [cache[layer][e] for e in gpu])
             for e in gpu:

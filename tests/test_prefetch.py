@@ -531,3 +531,29 @@ def test_fewer_slots_than_top_k_with_the_cpu_equals_the_reference(stage: bool) -
         assert got.cpu_experts == got.accesses - got.hits - got.in_flight - (got.fetches - got.prefetches)
     with pytest.raises(ValueError, match="slots_per_layer must be in \\[top_k"):
         run(truth, None, Engine(1, 1, "lru", 1.0, 1.0, 100.0, queue="priority"))
+
+
+@pytest.mark.parametrize("cpu", [0.0, 1.3])
+def test_a_lower_precision_copy_on_a_miss_equals_the_reference_and_moves_fewer_bytes(cpu: float) -> None:
+    """`miss_fraction` (miss_bits / the preset's bits): a demand fetch moves that share of an expert,
+    prefetches whole ones; the compiled link gives the reference replay's counters, with and without
+    the CPU; without it, on demand stalls less than with full copies and moves that share of the bytes."""
+    from reference_prefetch import replay_priority
+
+    rng = np.random.default_rng(25)
+    truth = random_trace(rng, tokens=30)
+    h1 = random_rankings(rng, truth, 6, 0.6, 1, ranks=6)
+    for miss, stage in ((0.25, True), (0.5, False)):
+        engine = Engine(3, 2, "lru", 2.0, 1.0, 100.0, queue="priority", chunk_ms=0.5,
+                        slot_on="land" if stage else "issue", cpu_ms=cpu, miss_fraction=miss)
+        got = run(truth, h1, engine, predictor_ms=0.1)
+        want = replay_priority(truth, h1[..., :2], 6, 1, 3, "lru", 2.0, 0.5, 1.0, 0.1, stage, cpu, miss=miss)
+        assert (got.hits, got.in_flight, got.fetches, got.cancelled, got.cpu_experts) == (
+            want["hits"], want["in_flight"], want["fetches"], want["cancelled"], want["cpu"])
+        assert got.total_ms == pytest.approx(want["total"]) and got.moved_experts == pytest.approx(want["moved"])
+        full = run(truth, None, dataclasses.replace(engine, miss_fraction=1.0))
+        low = run(truth, None, engine)
+        if not cpu:  # (with the CPU a cheaper fetch wins the greedy choice more often, and may then queue)
+            assert low.stall_ms < full.stall_ms and low.moved_experts == pytest.approx(miss * full.moved_experts)
+    with pytest.raises(ValueError, match="miss_fraction"):
+        run(truth, None, Engine(3, 2, "lru", 2.0, 1.0, 100.0, miss_fraction=0.5))  # the FIFO link

@@ -93,6 +93,15 @@ def test_a_cache_shared_by_every_layer_takes_its_budget_from_the_memory(params_f
         assert info.value.key == key
 
 
+def test_miss_bits_is_the_share_of_the_presets_precision_a_miss_moves(params_file: Path) -> None:
+    set_params(params_file, {"simulate.miss_bits": 4})
+    assert load_params(params_file).simulate.engine_numbers(*MIXTRAL).miss_fraction == 0.25  # of bf16
+    set_params(params_file, {"simulate.miss_bits": 16})
+    with pytest.raises(ParamsError) as info:
+        load_params(params_file).simulate.engine_numbers(*MIXTRAL)
+    assert info.value.key == "simulate.miss_bits" and "below the preset's 16" in str(info.value)
+
+
 def test_no_preset_needs_every_number(params_file: Path) -> None:
     set_params(params_file, {"simulate.preset": None})
     with pytest.raises(ParamsError) as info:
@@ -116,6 +125,8 @@ def test_no_preset_needs_every_number(params_file: Path) -> None:
     ({"simulate.model": "gpt4"}, "simulate.model"),
     ({"simulate.cpu.fallback": True, "simulate.link.queue": "fifo"}, "simulate.cpu.fallback"),
     ({"simulate.cpu.gb_per_s": -3}, "simulate.cpu.gb_per_s"),
+    ({"simulate.miss_bits": 0}, "simulate.miss_bits"),
+    ({"simulate.miss_bits": 4, "simulate.link.queue": "fifo"}, "simulate.miss_bits"),
     ({"simulate.prefetch.width": 0}, "simulate.prefetch.width"),
     ({"simulate.prefetch.predictor_ms": {"tuned": -1}}, "simulate.prefetch.predictor_ms.tuned"),
     ({"simulate.prefetch.predictor_ms": {"tuned": "fast"}}, "simulate.prefetch.predictor_ms.tuned"),

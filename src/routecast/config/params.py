@@ -482,7 +482,8 @@ class CacheParams:
     slots_per_layer: int | None = None  # scope layer; null: as many as expert_gb holds, every layer alike
     slots_total: int | None = None  # scope model; null: as many as expert_gb holds
     # predicted: evict the expert the predictor ranks least likely next (its later horizons, then its next-token
-    # ranking; ties and the bounds: LRU); belady: the clairvoyant bound (evicts by the true future use)
+    # ranking; a shared cache first takes the layer visited farthest ahead; ties, and the bounds, LRU within that);
+    # belady: the clairvoyant bound (evicts by the true future use)
     eviction: Literal["lru", "lfu", "predicted", "belady"] = "lru"
 
 
@@ -518,6 +519,9 @@ class SimulateParams:
     preset: str | None = "mixtral_bf16_pcie4"
     model: str | None = "auto"  # auto: from the trace's source, else its shape | a known model | null: none
     expert_mb: float | None = None  # null: the model's expert at the preset's precision
+    # fetch a missing expert as a copy of this many bits per parameter (HOBBIT); null: at the preset's precision.
+    # The quality cost of computing with the copy is not measured. The priority link only
+    miss_bits: float | None = None
     link: LinkParams = field(default_factory=LinkParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
     cpu: CpuParams = field(default_factory=CpuParams)
@@ -576,8 +580,14 @@ class SimulateParams:
                 check(cpu_gb is not None, f"{key}.cpu.gb_per_s", "must be set (or cpu.ms_per_expert) for "
                       f"cpu.fallback: preset {self.preset} gives no CPU figure")
                 cpu_ms = one_mb / cpu_gb
+        miss = 1.0
+        if self.miss_bits is not None:
+            check(machine is not None, f"{key}.miss_bits", "needs a preset: the copy is smaller than its precision")
+            check(self.miss_bits < machine.expert_bits, f"{key}.miss_bits", f"must be below the preset's "
+                  f"{machine.expert_bits} bits per parameter, got {self.miss_bits}")
+            miss = self.miss_bits / machine.expert_bits
         return EngineNumbers(expert_mb=one_mb, gb_per_s=gb_per_s, ms_per_layer=ms_per_layer, slots_per_layer=slots,
-                             cpu_ms=cpu_ms, slots_total=total)
+                             cpu_ms=cpu_ms, slots_total=total, miss_fraction=miss)
 
     def validate(self, key: str) -> None:
         check(self.preset is None or self.preset in PRESETS, f"{key}.preset",
@@ -592,6 +602,10 @@ class SimulateParams:
         self.cpu.validate(f"{key}.cpu")
         check(not self.cpu.fallback or self.link.queue == "priority", f"{key}.cpu.fallback",
               "the CPU fallback runs on the priority link: set link.queue: priority")
+        mb = self.miss_bits
+        check(mb is None or (math.isfinite(mb) and mb > 0), f"{key}.miss_bits", f"must be > 0 or null, got {mb}")
+        check(mb is None or self.link.queue == "priority", f"{key}.miss_bits",
+              "a lower-precision copy on a miss runs on the priority link: set link.queue: priority")
         ms = self.compute.ms_per_layer
         check(ms is None or (math.isfinite(ms) and ms >= 0), f"{key}.compute.ms_per_layer", f"must be >= 0, got {ms}")
         mem = self.cache.expert_gb

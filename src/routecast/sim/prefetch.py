@@ -3,17 +3,22 @@
 The engine decodes at batch 1, token by token, layer by layer (docs/prefetch.md has the whole
 model and why):
 
-- cache: the GPU holds `slots_per_layer` experts of each MoE layer (one cache per layer); the
-  rest live in host memory. A full cache evicts the least recently used expert (`lru`), the one
-  this layer has used least often so far (`lfu`, ties to the least recent), or, as a clairvoyant
-  bound, the one whose next use at this layer is farthest ahead in the true routing (`belady`).
-  The experts the current layer uses, and those a prefetch names, are never evicted to make room.
+- cache: the GPU holds `slots_per_layer` experts of each MoE layer (one cache per layer), or
+  `slots_total` experts of any layer (one shared budget); the rest live in host memory. A full
+  cache evicts the least recently used expert (`lru`), the one used least often so far (`lfu`,
+  ties to the least recent), the one the predictor ranks least likely for its layer's next use
+  (`predicted`: `_keep_rank`; a shared cache first takes the layer visited farthest ahead), or,
+  as a clairvoyant bound, the one whose next use is farthest ahead in the true routing (`belady`).
+  The experts the current layer uses, and those a prefetch names, are never evicted to make room;
+  with fewer slots than a layer's experts (the CPU fallback only) what finds no room runs on the
+  CPU, and a prefetch with no room is dropped.
 - link: one host-to-GPU link moving one expert in `transfer_ms`, one transfer at a time: with
   `queue: priority` (the default) demand fetches first, in chunks, and unchosen prefetches
   cancelled (`_replay_priority`); with `fifo` in order of issue, no pre-emption (`_replay`).
 - compute: a layer computes for `compute_ms` once all its top-k experts have arrived; it waits
   for a missing one (a demand fetch) and for one still in flight (a late prefetch). With the CPU
-  fallback (`cpu_ms`, priority link) a missing expert is computed on the CPU when that is sooner.
+  fallback (`cpu_ms`, priority link) a missing expert is computed on the CPU when that is sooner;
+  with `miss_fraction` < 1 (`miss_bits`, priority link) a demand fetch moves a lower-precision copy.
 - prediction: when layer l starts, the predictor names the experts of layer l + lookahead (and,
   with `depth` > 1, of the layers after it, from its later horizons); it runs beside the layer's
   compute for `predictor_ms`, then the engine issues transfers for those of its best `width`
@@ -76,6 +81,7 @@ class Engine:
     cpu_ms: float = 0.0  # priority: one expert computed on the CPU (Fiddler's fallback); 0: none
     depth: int = 1  # priority: prefetch layers l + lookahead .. l + lookahead + depth - 1
     slots_total: int = 0  # > 0: one cache of this many experts shared by every layer (slots_per_layer unread)
+    miss_fraction: float = 1.0  # priority: the share of an expert's bytes a demand fetch moves (miss_bits' copy)
 
     @classmethod
     def from_params(cls, params: SimulateParams, meta: TraceMeta) -> Engine:
@@ -89,7 +95,7 @@ class Engine:
                    eviction=params.cache.eviction, transfer_ms=transfer_ms, compute_ms=hw.ms_per_layer,
                    expert_mb=hw.expert_mb, queue=params.link.queue, chunk_ms=transfer_ms / chunks,
                    slot_on=params.link.slot_on, cpu_ms=hw.cpu_ms, depth=params.prefetch.depth,
-                   slots_total=hw.slots_total)
+                   slots_total=hw.slots_total, miss_fraction=hw.miss_fraction)
 
 
 @dataclass(frozen=True)
@@ -328,7 +334,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, h
 
 @njit(cache=True)
 def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, hz, transfer_ms, chunk_ms,
-                     compute_ms, predictor_ms, stage, cpu_ms):
+                     compute_ms, predictor_ms, stage, cpu_ms, miss):
     """`_replay` on a link as real engines run it (MoE-Infinity, ProMoE): demand fetches go before
     queued prefetches (a prefetch on the link finishes its current chunk first); once layer l's
     router has chosen, every prefetch for layer l still queued or on the link that it did not
@@ -442,7 +448,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                 out[_ACCESSES] += 1
                 on_cpu[j] = False
                 if not resident[layer, e] or queued[layer, e]:
-                    lands = free + (remain[layer, e] if queued[layer, e] else transfer_ms)
+                    lands = free + (remain[layer, e] if queued[layer, e] else transfer_ms * miss)
                     if cpu_ms > 0 and (cpu + cpu_ms < lands or not resident[layer, e] and not _room(
                             layer, slots, total, resident, count, protect)):  # sooner, or no slot to land in (Fiddler)
                         cpu += cpu_ms
@@ -467,10 +473,10 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                         raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
                     stamp[layer, e] = tick
-                    free += transfer_ms
+                    free += transfer_ms * miss  # a lower-precision copy (miss_bits) moves this share
                     ready[layer, e] = free
                     out[_FETCHES] += 1
-                    out[_MOVED] += 1
+                    out[_MOVED] += miss
             link = max(link, free)
             start = max(clock, cpu - compute_ms)  # the layer ends when the CPU's experts are done, too
             for j in range(k):
@@ -605,6 +611,9 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
             raise ValueError(f"candidates must be [{truth.shape[0]}, {truth.shape[1]}, R] or [.., .., depth, R], "
                              f"got {list(candidates.shape)}")
         cand = np.ascontiguousarray(candidates[..., :engine.width], dtype=np.int16)
+    if not 0 < engine.miss_fraction <= 1 or (engine.miss_fraction < 1 and engine.queue == "fifo"):
+        raise ValueError(f"miss_fraction must be in (0, 1], below 1 on the priority link only, got "
+                         f"{engine.miss_fraction} ({engine.queue})")
     if cand.shape[2] > 1 and engine.queue == "fifo":
         raise ValueError(f"prefetch depth {cand.shape[2]} needs the priority link (link.queue: priority)")
     for name, arr in (("truth", truth), ("candidates", cand)):
@@ -614,7 +623,9 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
     nu = next_uses(truth, num_experts) if policy == BELADY else np.zeros((1, 1, 1), dtype=np.int64)
     nt, hz = np.zeros((0, 0, 0), np.int16), np.zeros((0, 0, 0, 0), np.int16)
     if policy == PREDICTED and retention is not None:
-        nt, hz = retention.next_token, retention.horizons
+        # C-contiguous int16, as the empty ones: one compiled signature (each other layout compiles anew)
+        nt = np.ascontiguousarray(retention.next_token, dtype=np.int16)
+        hz = np.ascontiguousarray(retention.horizons, dtype=np.int16)
         for name, arr, shape in (("retention.next_token", nt, truth.shape[:2] + (num_experts,)),
                                  ("retention.horizons", hz, truth.shape[:2])):
             if arr.shape[0] and arr.shape[:len(shape)] != shape:
@@ -631,7 +642,7 @@ def simulate(truth: np.ndarray, candidates: np.ndarray | None, engine: Engine, n
         out = replay(truth, cand, num_experts, lookahead, engine.slots_per_layer, engine.slots_total, policy, nu, nt,
                      hz,
                      float(engine.transfer_ms), float(engine.chunk_ms), float(engine.compute_ms), float(predictor_ms),
-                     engine.slot_on == "land", float(engine.cpu_ms))
+                     engine.slot_on == "land", float(engine.cpu_ms), float(engine.miss_fraction))
     counts = {name: int(out[i]) for name, i in (("layers", _LAYERS), ("missing_layers", _MISSING),
                                                 ("accesses", _ACCESSES), ("hits", _HITS), ("in_flight", _IN_FLIGHT),
                                                 ("fetches", _FETCHES),
@@ -923,7 +934,8 @@ def simulate_prefetch(traces: Traces, predictions: Predictions, sim: SimulatePar
                          "compute_ms_per_layer": engine.compute_ms, "slots_per_layer": engine.slots_per_layer,
                          "width": engine.width} | ({"depth": engine.depth} if engine.depth > 1 else {}) \
         | ({"cpu_ms_per_expert": engine.cpu_ms} if engine.cpu_ms > 0 else {}) \
-        | ({"slots_total": engine.slots_total} if engine.slots_total else {})
+        | ({"slots_total": engine.slots_total} if engine.slots_total else {}) \
+        | ({"miss_fraction": engine.miss_fraction} if engine.miss_fraction < 1 else {})
     names = [*BOUNDS, *predictions.rankings]
     return SimulationResult(
         metrics,

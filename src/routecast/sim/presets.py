@@ -88,6 +88,7 @@ class EngineNumbers:
     slots_per_layer: int  # experts of each layer the GPU holds
     cpu_ms: float  # one expert computed on the host CPU (0: no fallback)
     slots_total: int = 0  # > 0: one cache of this many experts for every layer (cache.scope: model)
+    miss_fraction: float = 1.0  # the share of an expert's bytes a demand fetch moves (miss_bits / expert_bits)
 
 
 def find_model(source: str, num_experts: int, top_k: int) -> str | None:
