@@ -115,11 +115,13 @@ def replay_priority(truth, cand, num_experts: int, lookahead: int, slots: int, e
                 candidates = [(lv, v) for lv, v in candidates if ahead(lv, v) == farthest]
             elif eviction == "predicted":  # t and decoding: the token and layer being decoded
                 def key(lv: int, v: int) -> tuple:
-                    """Larger goes first: the layer's next visit (this token's if still ahead, else the next
-                    token's), then the predictor's rank for it (none given: every rank ties)."""
+                    """Larger goes first: the expert's next use as the predicted sets say, in (token, layer)
+                    steps: its layer's next visit (this token's if still ahead, else the next token's), or
+                    the visit after it if the predictor ranks it outside the top k; then its rank (none
+                    given: every rank 0)."""
                     rank = keep_rank(horizons or {}, next_token, num_experts, t, decoding, lv, v) \
                         if horizons or next_token is not None else 0
-                    return ((t if lv > decoding else t + 1) * n_layers + lv, rank)
+                    return ((t if lv > decoding else t + 1) * n_layers + lv + (n_layers if rank >= k else 0), rank)
                 worst = max(key(lv, v) for lv, v in candidates)
                 candidates = [(lv, v) for lv, v in candidates if key(lv, v) == worst]
             lv, victim = candidates[0]

@@ -481,8 +481,8 @@ class CacheParams:
     scope: Literal["layer", "model"] = "layer"  # layer: a cache per layer, alike | model: one budget for every layer
     slots_per_layer: int | None = None  # scope layer; null: as many as expert_gb holds, every layer alike
     slots_total: int | None = None  # scope model; null: as many as expert_gb holds
-    # predicted: evict the expert the predictor ranks least likely next (its later horizons, then its next-token
-    # ranking; a shared cache first takes the layer visited farthest ahead; ties, and the bounds, LRU within that);
+    # predicted: Belady on the predictor's sets (its later horizons, then its next-token ranking): the expert whose
+    # predicted next use is farthest, then the lowest ranked (per layer: the lowest ranked; no ranks: LRU);
     # belady: the clairvoyant bound (evicts by the true future use)
     eviction: Literal["lru", "lfu", "predicted", "belady"] = "lru"
 

@@ -7,7 +7,7 @@ model and why):
   `slots_total` experts of any layer (one shared budget); the rest live in host memory. A full
   cache evicts the least recently used expert (`lru`), the one used least often so far (`lfu`,
   ties to the least recent), the one the predictor ranks least likely for its layer's next use
-  (`predicted`: `_keep_rank`; a shared cache first takes the layer visited farthest ahead), or,
+  (`predicted`: Belady on the predicted sets, `_evict_first` and `_keep_rank`), or,
   as a clairvoyant bound, the one whose next use is farthest ahead in the true routing (`belady`).
   The experts the current layer uses, and those a prefetch names, are never evicted to make room;
   with fewer slots than a layer's experts (the CPU fallback only) what finds no room runs on the
@@ -179,13 +179,13 @@ def _room(layer, slots, total, resident, count, protect):
 
 
 @njit(cache=True)
-def _evict_first(policy, total, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, uses):
+def _evict_first(policy, total, top_k, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, uses):
     """Whether resident expert (la, a) goes before (lb, b): LRU, LFU (ties to the least recent),
-    PREDICTED (of a shared cache, the expert of the layer whose next visit, this token's or the next
-    one's, is farthest ahead; within a layer the one its predictor ranks lowest for that visit,
-    `_keep_rank`; ties, and no ranks, to the least recent: so for a per-layer cache with no ranks,
-    LRU) or BELADY (next use farthest ahead in the true routing, from token `now` for a per-layer
-    cache; in (token, layer) steps for a shared one)."""
+    PREDICTED (Belady on the predicted sets: the next use farthest ahead, taking it at its layer's
+    next visit, this token's or the next one's, if the predictor ranks it within the top k and a
+    pass later if not (`_keep_rank`), then the lowest rank, then the least recent: for a per-layer
+    cache the lowest rank, and with no ranks LRU) or BELADY (next use farthest ahead in the true
+    routing, from token `now` for a per-layer cache; in (token, layer) steps for a shared one)."""
     if policy == BELADY:
         if total > 0:  # the next use after the current step (token t, layer cur)
             ka = nu[t if la > cur else t + 1, la, a] * nu.shape[1] + la
@@ -194,23 +194,24 @@ def _evict_first(policy, total, la, a, lb, b, nu, now, t, cur, nt, hz, stamp, us
             ka, kb = nu[now, la, a], nu[now, lb, b]
         if ka != kb:
             return ka > kb
-    elif policy == PREDICTED:  # the layer visited farthest ahead, then the expert its predictor ranks lowest
+    elif policy == PREDICTED:  # Belady on the predicted sets: the next use farthest ahead, then the lowest rank
         n_layers = stamp.shape[0]
-        ka = (t if la > cur else t + 1) * n_layers + la
-        kb = (t if lb > cur else t + 1) * n_layers + lb
+        ra, rb = _keep_rank(t, cur, la, a, nt, hz), _keep_rank(t, cur, lb, b, nt, hz)
+        # its layer's next visit (this token's, or the next one's), a whole pass later if not predicted for it
+        ka = (t if la > cur else t + 1) * n_layers + la + (n_layers if ra >= top_k else 0)
+        kb = (t if lb > cur else t + 1) * n_layers + lb + (n_layers if rb >= top_k else 0)
         if ka != kb:
             return ka > kb
-        ka, kb = _keep_rank(t, cur, la, a, nt, hz), _keep_rank(t, cur, lb, b, nt, hz)
-        if ka != kb:
-            return ka > kb
+        if ra != rb:
+            return ra > rb
     elif policy == LFU and uses[la, a] != uses[lb, b]:
         return uses[la, a] < uses[lb, b]
     return stamp[la, a] < stamp[lb, b]
 
 
 @njit(cache=True)
-def _insert(layer, expert, slots, total, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses, pending,
-            fetched, protect, queued, out):
+def _insert(layer, expert, slots, total, top_k, policy, nu, now, t, cur, nt, hz, resident, count, stamp, uses,
+            pending, fetched, protect, queued, out):
     """Make `expert` resident in `layer`'s cache (its own `slots`, or with `total` > 0 one budget shared
     by every layer), evicting the unprotected expert `_evict_first` puts first if full (a victim
     still queued on a priority link is dropped from the queue: cancelled). False, changing nothing,
@@ -224,7 +225,8 @@ def _insert(layer, expert, slots, total, policy, nu, now, t, cur, nt, hz, reside
             for v in range(resident.shape[1]):
                 if not resident[l2, v] or protect[l2, v]:
                     continue
-                if victim < 0 or _evict_first(policy, total, l2, v, vl, victim, nu, now, t, cur, nt, hz, stamp, uses):
+                if victim < 0 or _evict_first(policy, total, top_k, l2, v, vl, victim, nu, now, t, cur, nt, hz, stamp,
+                                              uses):
                     vl, victim = l2, v
         if victim < 0:  # every resident expert is in use or being prefetched: no room
             return False
@@ -276,7 +278,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, h
                 if resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    if not _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
+                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                    resident, count, stamp, uses, pending, fetched, protect, queued, out):
                         raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
@@ -309,7 +311,7 @@ def _replay(truth, cand, num_experts, lookahead, slots, total, policy, nu, nt, h
                 for j in range(width):
                     e = cand[t, layer, j]
                     if e >= 0 and not resident[target, e]:
-                        if not _insert(target, e, slots, total, policy, nu, t, t, layer, nt, hz,
+                        if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                        resident, count, stamp, uses, pending, fetched, protect, queued, out):
                             continue
                         tick += 1
@@ -389,7 +391,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                     queued[ql, qe] = False
                     ready[ql, qe] = link
                     if stage:
-                        if not _insert(ql, qe, slots, total, policy, nu, t if ql >= layer else t + 1, t, layer, nt,
+                        if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer, nt,
                                        hz, resident, count, stamp, uses, pending, fetched, protect, queued, out):
                             pending[ql, qe] = False  # no room: the landed copy is dropped
                         tick += 1
@@ -423,7 +425,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                         if stage:
                             for j in range(k):
                                 protect[layer, truth[t, layer, j]] = True
-                            if not _insert(ql, qe, slots, total, policy, nu, t if ql >= layer else t + 1, t, layer,
+                            if not _insert(ql, qe, slots, total, k, policy, nu, t if ql >= layer else t + 1, t, layer,
                                            nt, hz, resident, count, stamp, uses, pending, fetched, protect, queued,
                                            out):
                                 pending[ql, qe] = False  # no room: the landed copy is dropped
@@ -463,12 +465,12 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                     queued[layer, e] = False
                     ready[layer, e] = free
                     if stage:  # (no room: the layer computes it from the staging buffer, uncached)
-                        _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
+                        _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                 resident, count, stamp, uses, pending, fetched, protect, queued, out)
                 elif resident[layer, e]:
                     out[_HITS if ready[layer, e] <= clock else _IN_FLIGHT] += 1
                 else:
-                    if not _insert(layer, e, slots, total, policy, nu, t, t, layer, nt, hz,
+                    if not _insert(layer, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                    resident, count, stamp, uses, pending, fetched, protect, queued, out):
                         raise RuntimeError("a demand fetch found no cache slot: fewer slots than top_k")
                     tick += 1
@@ -509,7 +511,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
                         e = cand[t, layer, i, j]
                         if e >= 0 and not resident[target, e] and not queued[target, e]:
                             if not stage:
-                                if not _insert(target, e, slots, total, policy, nu, t, t, layer, nt, hz,
+                                if not _insert(target, e, slots, total, k, policy, nu, t, t, layer, nt, hz,
                                                resident, count, stamp, uses, pending, fetched, protect, queued, out):
                                     continue  # no room to take a slot on issue: not prefetched
                                 tick += 1
