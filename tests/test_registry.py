@@ -199,6 +199,10 @@ def test_check_params_says_when_a_kind_ignores_the_token(layer_prior, project: P
     assert load_params(project / "params.yaml").idle_knobs()[-2:] == [
         "simulate.cpu.gb_per_s, simulate.cpu.ms_per_expert: not read while simulate.cpu.fallback is false (no expert "
         "runs on the CPU)", "simulate.cache.expert_gb: not read: simulate.cache.slots_per_layer sets the slots"]
+    set_params(project / "params.yaml", {"simulate.cache.scope": "model", "simulate.cache.slots_per_layer": None,
+                                         "simulate.cache.slots_total": 80})
+    assert load_params(project / "params.yaml").idle_knobs()[-1] == \
+        "simulate.cache.expert_gb: not read: simulate.cache.slots_total sets the slots"
 
 
 def test_an_unregistered_kind_is_refused_naming_the_known_ones(project: Path) -> None:

@@ -552,20 +552,17 @@ class SimulateParams:
         ms_per_layer = self.compute.ms_per_layer if self.compute.ms_per_layer is not None else need(
             layer_mb(model, top_k, machine.expert_bits, machine.dense_bits) / machine.gpu_gb_per_s if known else None,
             "compute.ms_per_layer")
+        gb = self.cache.expert_gb if self.cache.expert_gb is not None else machine.expert_gb if machine else None
         total = 0
         if self.cache.scope == "model":
             total = self.cache.slots_total
             if total is None:
-                gb = self.cache.expert_gb if self.cache.expert_gb is not None else need(
-                    machine.expert_gb if machine else None, "cache.expert_gb")
-                total = min(math.floor(gb * 1000 / one_mb), num_layers * num_experts)
+                total = min(math.floor(need(gb, "cache.expert_gb") * 1000 / one_mb), num_layers * num_experts)
             check(total >= top_k + 1, f"{key}.cache.slots_total", f"must hold a layer's top_k = {top_k} experts and "
                   f"a prefetch, got {total}")
         slots = num_experts if total else self.cache.slots_per_layer
         if slots is None:
-            gb = self.cache.expert_gb if self.cache.expert_gb is not None else need(
-                machine.expert_gb if machine else None, "cache.expert_gb")
-            slots = slots_from_memory(gb, one_mb, num_layers, num_experts)
+            slots = slots_from_memory(need(gb, "cache.expert_gb"), one_mb, num_layers, num_experts)
             least = 1 if self.cpu.fallback else top_k
             check(slots >= least, f"{key}.cache.expert_gb", f"{gb} GB holds {slots} experts of {one_mb:.1f} MB per "
                   f"layer for {num_layers} layers, fewer than {least}: the engine cannot compute a layer"
@@ -712,8 +709,10 @@ class Params:
         if not sim.cpu.fallback and (sim.cpu.gb_per_s is not None or sim.cpu.ms_per_expert is not None):
             notes.append("simulate.cpu.gb_per_s, simulate.cpu.ms_per_expert: not read while simulate.cpu.fallback is "
                          "false (no expert runs on the CPU)")
-        if sim.cache.slots_per_layer is not None and sim.cache.expert_gb is not None:
-            notes.append("simulate.cache.expert_gb: not read: simulate.cache.slots_per_layer sets the slots")
+        slots_set = sim.cache.slots_per_layer if sim.cache.scope == "layer" else sim.cache.slots_total
+        if slots_set is not None and sim.cache.expert_gb is not None:
+            knob = "slots_per_layer" if sim.cache.scope == "layer" else "slots_total"
+            notes.append(f"simulate.cache.expert_gb: not read: simulate.cache.{knob} sets the slots")
         return notes
 
     def model(self, name: str) -> ModelParams:
