@@ -557,3 +557,14 @@ def test_a_lower_precision_copy_on_a_miss_equals_the_reference_and_moves_fewer_b
             assert low.stall_ms < full.stall_ms and low.moved_experts == pytest.approx(miss * full.moved_experts)
     with pytest.raises(ValueError, match="miss_fraction"):
         run(truth, None, Engine(3, 2, "lru", 2.0, 1.0, 100.0, miss_fraction=0.5))  # the FIFO link
+
+
+def test_the_plain_python_loops_run_on_demand_and_agree_with_the_compiled_ones() -> None:
+    """`compiled=False` (the benchmark's reference) runs the same loops with Python's bounds checks: on
+    demand (no prediction, width 0) they read nothing out of range, and give the compiled counters."""
+    rng = np.random.default_rng(26)
+    truth = random_trace(rng, tokens=6)
+    for queue in ("fifo", "priority"):
+        engine = Engine(3, 2, "lru", 2.0, 1.0, 100.0, queue=queue, chunk_ms=0.5)
+        plain, fast = (simulate(truth, None, engine, 6, compiled=c) for c in (False, True))
+        assert (plain.hits, plain.fetches, plain.total_ms) == (fast.hits, fast.fetches, fast.total_ms)

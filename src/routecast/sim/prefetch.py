@@ -495,7 +495,7 @@ def _replay_priority(truth, cand, num_experts, lookahead, slots, total, policy, 
             out[_WAIT] += start - clock
             busy = compute_ms
             predicted = False
-            for i in range(depth):
+            for i in range(depth if width > 0 else 0):  # (no prediction: no column 0 to read)
                 predicted = predicted or (layer + lookahead + i < n_layers and cand[t, layer, i, 0] >= 0)
             if width > 0 and predicted:
                 busy = max(compute_ms, predictor_ms)
