@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import clone_pipeline, copy_repo, run, set_params
+from conftest import ROOT, clone_pipeline, copy_repo, run, set_params
 from routecast.config.params import load_params
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def test_repro_runs_every_stage_in_order(repro_repo: Path) -> None:
     out = (repro_repo.parent / "repro.log").read_text()
     assert stages_run(out) == ["check_params", "extract_traces", "encode_features", "split_95_5", "tune",
                                "check_params_after_tune", "train_full@baseline", "train_full@tuned", "evaluate",
-                               "simulate_prefetch"]
+                               "simulate_prefetch", "headline"]
 
 
 def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path) -> None:
@@ -52,11 +53,29 @@ def test_repro_then_status_clean_and_second_repro_runs_nothing(repro_repo: Path)
         assert 0.0 <= metrics[name]["top1"] <= metrics[name]["top2"] <= 1.0
 
 
-def test_metrics_show_lists_both_models(repro_repo: Path) -> None:
-    shown = run(["dvc", "metrics", "show"], repro_repo).stdout
-    assert "baseline.top2" in shown and "tuned.top2" in shown, shown
+def readme_command(prefix: str) -> list[str]:
+    """The README's command that starts with `prefix` (in a bash block), as arguments."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(prefix))
+    return shlex.split(line.split("#")[0] if " #" in line else line)
+
+
+def fits(table: str, columns: int = 100) -> None:
+    """Every line of `table` fits `columns`, and no cell was cut to fit ("…")."""
+    assert "…" not in table, table
+    assert max(len(line.rstrip()) for line in table.splitlines()) <= columns, table
+
+
+def test_metrics_show_is_the_headline_in_100_columns(repro_repo: Path) -> None:
+    shown = run(readme_command("dvc metrics show"), repro_repo).stdout
+    fits(shown)
+    header, *rows = shown.strip().splitlines()
+    assert [row.split()[0] for row in rows] == ["metrics/headline.json"], shown  # one row: the headline
+    assert header.split()[1:] == sorted(json.loads((repro_repo / "metrics" / "headline.json").read_text())), shown
+    # The detail stays one command away: any metrics file as a target.
+    detail = run(["dvc", "metrics", "show", "metrics/evaluate.json", "metrics/prefetch.json"], repro_repo).stdout
+    assert "baseline.top2" in detail and "tuned.top2" in detail, detail
     for name in ("on_demand", "perfect", "baseline", "tuned", "lookup_3"):
-        assert f"{name}.stall_ms_per_token" in shown and f"{name}.gap_closed" in shown, shown
+        assert f"{name}.stall_ms_per_token" in detail and f"{name}.gap_closed" in detail, detail
 
 
 def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_repo: Path, tmp_path: Path) -> None:
@@ -67,24 +86,36 @@ def test_exp_run_retrains_only_tuned_with_float_lr_and_metrics_diff(pipeline_rep
     picked = load_params(repro_repo / "params.yaml").tuned.kind  # tune's pick: its block gives way to the GRU's
     to_gru = [] if picked == "gru" else ["-S", "tuned.kind=gru", "-S", f"~tuned.{picked}"]
     out = run(["dvc", "exp", "run", *to_gru, "-S", "++tuned.gru.lr=1e-6"], repro_repo).stdout
-    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate", "simulate_prefetch"], out
+    assert stages_run(out) == ["check_params_after_tune", "train_full@tuned", "evaluate", "simulate_prefetch",
+                               "headline"], out
     assert "lr: 1e-06" in (repro_repo / "params.yaml").read_text()
     checkpoint = torch.load(repro_repo / "data" / "models" / "tuned.pt", weights_only=True)
     assert checkpoint["kind"] == "gru"
     first_epoch_lr = checkpoint["history"][0]["lr"]
     assert isinstance(first_epoch_lr, float) and first_epoch_lr == pytest.approx(1e-6)
-    diff = run(["dvc", "metrics", "diff", "--md"], repro_repo).stdout
-    assert re.search(r"tuned\.top2\s*\|", diff), diff
-    assert not re.search(r"\|\s*baseline\.top2\s*\|", diff), diff  # unchanged metrics are not listed
-    # DVCLive's per-epoch metrics are experiment metrics: `dvc exp show` lists the tuned model's last step.
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repro_repo).stdout)
-    experiment = next(e for entry in shown for e in entry.get("experiments") or [])
-    live = experiment["revs"][0]["data"]["metrics"]["metrics/train/tuned/metrics.json"]["data"]
-    assert live["step"] == len(checkpoint["history"]) and live["kind"] == "gru"
-    assert "seconds" not in live  # a duration would differ on every run of the same params
+    # The metrics diff is the headline alone: a short table (the detail: `--targets <file>`).
+    diff = run(["dvc", "metrics", "diff"], repro_repo).stdout
+    fits(diff)
+    rows = [line.split() for line in diff.strip().splitlines()[1:]]
+    assert 1 <= len(rows) <= 8 and {row[0] for row in rows} == {"metrics/headline.json"}, diff
+    assert ["metrics/headline.json", "kind", picked, "gru", "-"] in rows or picked == "gru", diff
+    detail = run(["dvc", "metrics", "diff", "--md", "--targets", "metrics/evaluate.json"], repro_repo).stdout
+    assert re.search(r"tuned\.top2\s*\|", detail), detail
+    assert not re.search(r"\|\s*baseline\.top2\s*\|", detail), detail  # unchanged metrics are not listed
+    # `dvc exp show` with the README's flags: the headline of the experiment and its baseline in 100 columns.
+    with_env = dict(os.environ, COLUMNS="100")
+    shown = subprocess.run(readme_command("dvc exp show"), cwd=repro_repo, env=with_env, capture_output=True,
+                           text=True, check=True).stdout
+    fits(shown)
+    header = next(line for line in shown.splitlines() if "Experiment" in line).split()
+    assert header == ["Experiment", *json.loads((repro_repo / "metrics" / "headline.json").read_text())], shown
+    kinds = [line.split()[-5] for line in shown.splitlines() if line.strip().startswith(("workspace", "└──"))]
+    assert kinds == ["gru", "gru"], shown  # the workspace and the experiment, beside the commit's pick
     for name in ("baseline", "tuned"):  # no "nan" for what a kind lacks (the mixture's train loss and lr)
-        summary = json.loads((pipeline_repo / "metrics" / "train" / name / "metrics.json").read_text())
+        summary = json.loads((repro_repo / "metrics" / "train" / name / "metrics.json").read_text())
         assert all(isinstance(v, (int, float)) for k, v in summary.items() if k != "kind"), summary
+    assert summary["step"] == len(checkpoint["history"]) and summary["kind"] == "gru"
+    assert "seconds" not in summary  # a duration would differ on every run of the same params
 
 
 def test_exp_run_on_the_baseline_never_retunes(pipeline_repo: Path, tmp_path: Path) -> None:
@@ -93,7 +124,7 @@ def test_exp_run_on_the_baseline_never_retunes(pipeline_repo: Path, tmp_path: Pa
     before = (repo / "params.yaml").read_text()
     out = run(["dvc", "exp", "run", "-S", "baseline.mlp.lr=1e-6"], repo).stdout
     assert stages_run(out) == ["check_params", "check_params_after_tune", "train_full@baseline", "evaluate",
-                               "simulate_prefetch"], out
+                               "simulate_prefetch", "headline"], out
     after = (repo / "params.yaml").read_text()
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
     assert len(before.splitlines()) == len(after.splitlines()) and len(changed) == 1, changed  # one line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from matplotlib.lines import Line2D
 from ruamel.yaml import YAML
 
 from conftest import ROOT, run
+from routecast.report.page import external_urls
 
 VIEWS = ["Training loss per epoch", "Validation accuracy per epoch", "Test top-2 per layer",
          "Confusion matrix of the tuned model", "Tune history", "Prefetch stall per token against cache slots",
@@ -80,6 +82,37 @@ def test_plots_show_renders_every_view(pipeline_repo: Path, tmp_path: Path) -> N
     for name, view in declared_views().items():
         assert view["title"] in html, name
     assert html.count("vegaEmbed(") >= len(VIEWS)
+    # DVC's own page loads Vega from a CDN: blank offline. The check below finds exactly that.
+    assert any("cdn.jsdelivr.net" in url for url in external_urls(html)), external_urls(html)
+
+
+def test_the_offline_plots_page_draws_every_view_with_no_external_resource(pipeline_repo: Path,
+                                                                            tmp_path: Path) -> None:
+    """`routecast plots` draws each view of dvc.yaml as inline SVG: no script, nothing fetched."""
+    out = tmp_path / "plots.html"
+    run(["routecast", "plots", "--out", str(out)], pipeline_repo)
+    page = out.read_text(encoding="utf-8")
+    assert external_urls(page) == []
+    assert "<script" not in page.lower()
+    body = ElementTree.fromstring(page.split("<body>", 1)[1].rsplit("</body>", 1)[0].join(["<body>", "</body>"]))
+    sections = {s.findtext("h2"): s for s in body.iter("section")}
+    assert set(sections) >= set(VIEWS), set(VIEWS) - set(sections)
+    svg = "{http://www.w3.org/2000/svg}"
+    for name in VIEWS:
+        (drawing,) = sections[name].findall(f"{svg}svg")
+        assert float(drawing.get("width")) > 100 and float(drawing.get("height")) > 100, name
+        marks = [p for p in drawing.iter(f"{svg}path") if len(p.get("d") or "") > 20]
+        assert len(marks) >= 3, f"{name}: {len(marks)} drawn paths"
+        assert any(t.text and t.text.strip() for t in drawing.iter(f"{svg}text")), f"{name}: no axis text"
+
+
+def test_the_url_check_finds_every_way_a_page_fetches() -> None:
+    page = ('<script src="https://cdn.example/vega.js"></script><link rel=stylesheet href=//fonts.example/a.css>'
+            "<style>@import 'http://x.example/b.css'; p{background:url( https://x.example/i.png )}</style>"
+            '<svg xmlns="http://www.w3.org/2000/svg"><image xlink:href="http://x.example/c.png"/>'
+            '<image href="data:image/png;base64,AAAA"/><a href="#local">x</a></svg>')
+    assert [u.split("//")[1][:9] for u in external_urls(page)] == ["cdn.examp", "fonts.exa", "x.example",
+                                                                    "x.example", "x.example"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run, set_params
+from routecast.report.headline import headline
+from routecast.report.page import external_urls
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -98,6 +100,8 @@ def write_results(repo: Path, evaluate: dict[str, dict], shift: float, seed: int
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics" / "evaluate.json").write_text(json.dumps(evaluate, indent=2))
     (repo / "metrics" / "prefetch.json").write_text(json.dumps(prefetch(70.0 - 100 * shift), indent=2))
+    (repo / "metrics" / "headline.json").write_text(json.dumps(
+        headline(evaluate, prefetch(70.0 - 100 * shift), "mlp" if shift == 0 else "gru"), ensure_ascii=False))
     for model, delta in (("baseline", 0.0), ("tuned", shift)):
         series = {"train_loss": lambda e: 2.1 - 0.1 * e, "val_loss": lambda e: 2.15 - 0.08 * e,
                   "val_top2": lambda e, delta=delta: 0.25 + 0.03 * e + delta,
@@ -171,6 +175,22 @@ def table_row(markdown: str, first_cell: str) -> list[str]:
         if line.startswith("|") and cells[0] == first_cell:
             return cells
     raise AssertionError(f"no table row for {first_cell!r} in:\n{markdown}")
+
+
+def test_the_headline_comes_first_and_the_detail_is_folded_below_it(report: Path) -> None:
+    """What the PR comment shows before any click: the headline table (base -> PR); all else folded."""
+    markdown = report.read_text()
+    first_table = markdown.index("\n|")
+    assert first_table < markdown.index("<details><summary>Detail") < markdown.index("### Test metrics")
+    assert markdown.index("### Plots") < markdown.rindex("</details>")
+    assert table_row(markdown, "tuned kind")[1:] == ["mlp", "gru", "changed"]
+    # tuned top-2 30.0 -> 35.0; the best reference in the workspace is speculative_gate (55.0): gain -20.
+    assert table_row(markdown, "tuned, test top-2 (%)")[1:] == ["30", "35", "+5"]
+    gain = table_row(markdown, "tuned − speculative_gate (best reference), paired, points (at `main`: frequency)")
+    assert gain[1:] == ["0.3", "-20", "-20.3"]
+    page = report.parent / "plots.html"  # every `dvc plots diff` view, offline, beside the report
+    assert page.exists() and external_urls(page.read_text(encoding="utf-8")) == []
+    assert "plots.html" in markdown
 
 
 def test_metrics_cells_hold_intervals_and_call_a_change_real_only_when_they_do_not_overlap(report: Path) -> None:

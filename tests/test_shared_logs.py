@@ -19,7 +19,7 @@ from conftest import ROOT, set_params
 from routecast.config.params import load_params
 
 ORDER = ["check_params", "extract_traces", "encode_features", "split_95_5", "tune", "check_params_after_tune",
-         "train_full@baseline", "train_full@tuned", "evaluate", "simulate_prefetch"]
+         "train_full@baseline", "train_full@tuned", "evaluate", "simulate_prefetch", "headline"]
 
 
 def stage_commands() -> dict[str, list[str]]:

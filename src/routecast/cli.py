@@ -1,6 +1,7 @@
 """The `routecast` command: a table of subcommands, each a small function over the library.
 
     routecast report --rev main     # Markdown + PNGs comparing the workspace with a revision
+    routecast plots                 # the `dvc plots` views as one page that renders offline
     routecast tiny-model DIR        # a tiny random MoE model to try extract.source: hf
 
 Add a subcommand by writing `add_<name>(subparsers)` that registers its parser with
@@ -39,6 +40,29 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_report)
 
 
+def run_plots(args: argparse.Namespace) -> int:
+    from routecast.errors import InputError
+    from routecast.report.page import write_plots_page
+
+    try:
+        print(write_plots_page(args.repo, args.out, args.rev))
+    except InputError as exc:
+        logging.getLogger("routecast.plots").error("%s", exc)
+        return 1
+    return 0
+
+
+def add_plots(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plots", help="the dvc.yaml plot views as one HTML page that renders offline",
+                                   description="Draw every view of dvc.yaml's `plots:` (as `dvc plots show`, or "
+                                               "`dvc plots diff REV` with --rev) into one HTML page of inline SVG: "
+                                               "no script and no external resource, so it renders offline.")
+    parser.add_argument("--rev", help="also draw this git revision's data, as `dvc plots diff REV` does")
+    parser.add_argument("--out", default="reports/plots.html", help="the page (default: reports/plots.html)")
+    parser.add_argument("--repo", default=".", help="repository root (default: the current directory)")
+    parser.set_defaults(func=run_plots)
+
+
 def run_tiny_model(args: argparse.Namespace) -> int:
     from routecast.sources.tiny_model import save_tiny_model  # imports transformers: the [hf] extra
 
@@ -64,7 +88,7 @@ def add_tiny_model(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_tiny_model)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_tiny_model]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_report, add_plots, add_tiny_model]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

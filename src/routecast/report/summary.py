@@ -1,6 +1,7 @@
 """The review report: Markdown comparing the workspace's results with a git revision's.
 
-`routecast report --rev main` writes reports/report.md with
+`routecast report --rev main` writes reports/report.md with the headline first (metrics/headline.json,
+the figures `dvc exp show` prints: routecast.report.headline), then, folded below it, the detail:
 - the test metrics of every predictor (top-1, top-2, set recall), each with its 95% interval,
   revision -> workspace, a change called real only where the two intervals do not overlap;
   the tuned model's paired top-2 differences against every other predictor (a lead stated only
@@ -11,7 +12,8 @@
   predictor beside the on_demand and perfect bounds;
 - every other metric that changed (`dvc metrics diff --all --json`) and the parameters that
   changed (`dvc params diff --json`);
-- PNG plots (routecast.report.plotting) beside it, the revision's data dashed where there is some.
+- PNG plots (routecast.report.plotting) beside it, the revision's data dashed where there is some,
+  and the `dvc plots` views as a page that renders offline (plots.html: routecast.report.page).
 The metrics files, CSVs and DVCLive series are committed (cache: false in dvc.yaml), so the
 revision's are read with `git show`.
 """
@@ -35,12 +37,18 @@ from ruamel.yaml import YAML
 from routecast.evaluate.names import CONFUSION_COLUMNS, MODELS, PER_LAYER_COLUMNS, PER_LAYER_SET_COLUMNS
 from routecast.pipeline.artifacts import atomic_write_text
 from routecast.report import plotting
+from routecast.report.headline import labels as headline_labels
+from routecast.report.page import write_plots_page
 from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 
 log = logging.getLogger(__name__)
 
+HEADLINE_JSON = "metrics/headline.json"  # the one file dvc.yaml declares as metrics
 EVALUATE_JSON = "metrics/evaluate.json"
 PREFETCH_JSON = "metrics/prefetch.json"
+# The detail: versioned like the headline (cache: false), diffed with `dvc metrics diff --targets`.
+DETAIL_METRICS = ("metrics/features.json", "metrics/tune.json", "metrics/train/baseline/metrics.json",
+                  "metrics/train/tuned/metrics.json", EVALUATE_JSON, PREFETCH_JSON)
 PER_LAYER_CSV = "metrics/evaluate/per_layer_top2.csv"
 CONFUSION_CSV = "metrics/evaluate/confusion_tuned.csv"
 STALL_CSV = "metrics/prefetch/stall_vs_slots.csv"
@@ -407,6 +415,40 @@ def prefetch_section(old: Mapping[str, Any], new: Mapping[str, Any], rev_label: 
         table(["predictor", *(header for header, _ in PREFETCH_COLUMNS.values())], rows)])
 
 
+# The headline table's rows: key in headline.json -> label ({metric}, {reference}: from evaluate.json).
+HEADLINE_ROWS = {"base": "baseline, test {metric} (%)", "tuned": "tuned, test {metric} (%)",
+                 "±": "± of both (95% interval, points)", "kind": "tuned kind",
+                 "oracle": "tuned as % of the exact oracle",
+                 "gain": "tuned − {reference} (best reference), paired, points",
+                 "gain±": "± of the gain (95% interval, points)", "speedup": "prefetch speedup over no prediction (x)"}
+METRIC_NAMES = {"top2": "top-2", "set_recall": "set recall"}
+
+
+def headline_section(old: Mapping[str, Any], new: Mapping[str, Any], old_labels: Mapping[str, Any],
+                     new_labels: Mapping[str, Any], rev_label: str) -> str:
+    """The headline table: each figure at the revision, in the workspace, and the change."""
+    def fmt(value: Any) -> str:
+        return "—" if value is None else f"{value:g}" if is_number(value) else str(value)
+
+    def label(key: str) -> str:
+        text = HEADLINE_ROWS.get(key, key)
+        metric, reference = new_labels.get("metric"), new_labels.get("reference")
+        text = text.format(metric=METRIC_NAMES.get(metric, metric), reference=reference or "the best reference")
+        if key == "gain" and old and old_labels.get("reference") not in (None, reference):
+            text += f" (at `{rev_label}`: {old_labels['reference']})"
+        return text
+
+    rows = []
+    for key in dict.fromkeys([*HEADLINE_ROWS, *new, *old]):
+        if key not in new and key not in old:
+            continue
+        a, b = old.get(key), new.get(key)
+        change = (f"{b - a:+.3g}" if is_number(a) and is_number(b) and a != b
+                  else "=" if a == b else "changed" if a is not None and b is not None else "")
+        rows.append([label(key), fmt(a), fmt(b), change])
+    return table(["", f"`{rev_label}`", "workspace", "change"], rows)
+
+
 def shown_elsewhere(path: str, key: str, metrics: tuple[str, ...] = tuple(HEADLINE_METRICS)) -> bool:
     """Whether a `dvc metrics diff` key is one the sections above render (`metrics`: the test
     metrics table's columns)."""
@@ -524,18 +566,28 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
     sha = _command(["git", "rev-parse", "--short", f"{rev}^{{commit}}"], repo).strip()
     label = rev_label or rev
     evaluate_old, evaluate_new = read_json(repo, EVALUATE_JSON, rev), read_json(repo, EVALUATE_JSON)
-    metrics_diff = dvc_json(["metrics", "diff", rev, "--all"], repo)
+    metrics_diff = dvc_json(["metrics", "diff", rev, "--all", "--targets", *DETAIL_METRICS], repo)
     params_diff = dvc_json(["params", "diff", rev], repo)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = make_plots(repo, rev, out.parent, ("workspace", label))
+    page = write_plots_page(repo, out.parent / "plots.html", rev)
     lines = [f"## routecast: workspace vs `{label}` (`{sha}`)", ""]
     if note:
         lines += [note, ""]
+    headline_old, headline_new = read_json(repo, HEADLINE_JSON, rev), read_json(repo, HEADLINE_JSON)
+    if headline_new or headline_old:
+        lines += [headline_section(headline_old, headline_new, headline_labels(evaluate_old),
+                                   headline_labels(evaluate_new), label), ""]
+    else:
+        lines += [f"No `{HEADLINE_JSON}` in the workspace or at `{label}`: run `dvc repro` first.", ""]
     if Estimate.of(evaluate_new.get("tuned"), "top2") is not None:
         lines += [f"Tuned model, test top-2: {metric_cell(evaluate_old, evaluate_new, 'tuned', 'top2', label)}", ""]
     elif Estimate.of(evaluate_new.get("tuned"), "set_recall") is not None:  # no primary: set recall instead
         lines += [f"Tuned model, test set recall: "
                   f"{metric_cell(evaluate_old, evaluate_new, 'tuned', 'set_recall', label)}", ""]
+    # The detail, folded: GitHub renders Markdown inside <details> when blank lines surround it.
+    lines += ["<details><summary>Detail: every predictor, cross-trace tests, prefetch simulation, other "
+              "metrics, parameters, plots</summary>", ""]
     lines += ["### Test metrics", "", metrics_section(evaluate_old, evaluate_new, label), ""]
     if extra := extra_tests_section(evaluate_old, evaluate_new, label):
         lines += ["### Cross-trace tests", "", extra, ""]
@@ -551,8 +603,9 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
         lines += ["No plot data in the workspace: run `dvc repro` first.", ""]
     for title, path, caption in plots:
         lines += [f"#### {title}", "", f"![{title}]({path.relative_to(out.parent).as_posix()})", "", caption, ""]
-    lines += ["<sub>Made by `routecast report --rev " + rev + "`; interactive versions: "
-              f"`dvc plots diff {rev}`.</sub>", ""]
+    lines += ["</details>", "",
+              f"<sub>Made by `routecast report --rev {rev}`; every `dvc plots diff {rev}` view, offline: "
+              f"[{page.name}]({page.relative_to(out.parent).as_posix()}).</sub>", ""]
     atomic_write_text(out, "\n".join(lines))
     log.info("report: wrote %s and %d plots", out, len(plots))
     return Report(out, [path for _, path, _ in plots])
