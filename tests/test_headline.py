@@ -64,14 +64,22 @@ def test_no_reference_and_no_simulation_leave_their_figures_out() -> None:
     assert "gain" not in figures and "speedup" not in figures and figures["base"] == 48.0
 
 
+def test_too_few_test_sequences_for_an_interval_leave_the_half_widths_out() -> None:
+    evaluate = synthetic()
+    evaluate["tuned"]["top2_lo"] = evaluate["tuned"]["top2_hi"] = None  # as evaluate writes them then
+    evaluate["tuned"]["vs"]["lookup_3"].update(top2_diff_lo=None, top2_diff_hi=None)
+    figures = headline(evaluate, None, "mlp")
+    assert "±" not in figures and "gain±" not in figures and figures["gain"] == 20.4
+
+
 @pytest.mark.parametrize(("drop", "message"), [("baseline", "no `baseline` block"),
-                                               ("top2_hi", "`tuned` has no top2_hi")])
+                                               ("top2", "`baseline` has no top2")])
 def test_a_broken_evaluate_file_is_named(drop: str, message: str) -> None:
     evaluate = synthetic()
     if drop == "baseline":
         del evaluate["baseline"]
     else:
-        del evaluate["tuned"]["top2_hi"]
+        evaluate["baseline"]["top2"] = None
     with pytest.raises(InputError, match=f"metrics/evaluate.json: {message}"):
         headline(evaluate, None, "mlp")
 

@@ -75,6 +75,9 @@ def test_the_mixtral_log_runs_the_whole_pipeline_at_the_default_params(shared_tr
     assert "oracle" not in evaluate  # a real log has no generator to be exact about
     assert prefetch["tuned"]["stall_ms_per_token"] >= prefetch["perfect"]["stall_ms_per_token"]
     assert tuned.to_plain() == json.loads((tmp_path / "metrics" / "tune.json").read_text())["best_params"]
+    head = json.loads((tmp_path / "metrics" / "headline.json").read_text(encoding="utf-8"))
+    assert head["tuned"] == round(100 * evaluate["tuned"]["top2"], 1) and head["kind"] == tuned.kind
+    assert "oracle" not in head and "gain" in head and "speedup" in head
 
 
 def test_the_deepseek_log_runs_the_whole_pipeline_at_the_default_params(shared_traces: Path,
@@ -93,6 +96,9 @@ def test_the_deepseek_log_runs_the_whole_pipeline_at_the_default_params(shared_t
     assert "set_lookup" in evaluate and "boosted_trees" not in evaluate
     assert 0 <= prefetch["tuned"]["hit_rate"] <= 1
     assert prefetch["engine"]["slots_per_layer"] == 64  # 26 x 64 bf16 experts of 17.3 MB fit in 37.9 GB
+    head = json.loads((tmp_path / "metrics" / "headline.json").read_text(encoding="utf-8"))
+    assert head["tuned"] == round(100 * tuned["set_recall"], 1)  # no primary: the headline is set recall
+    assert "gain" in head and "oracle" not in head
 
 
 def test_the_flame_log_runs_the_whole_pipeline_at_the_default_params(shared_traces: Path, tmp_path: Path) -> None:
@@ -108,6 +114,9 @@ def test_the_flame_log_runs_the_whole_pipeline_at_the_default_params(shared_trac
     evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
     prefetch = json.loads((project / "metrics" / "prefetch.json").read_text())
     assert evaluate["tuned"]["n_test"] > 0 and 0 <= evaluate["tuned"]["set_recall"] <= 1
+    head = json.loads((project / "metrics" / "headline.json").read_text(encoding="utf-8"))
+    # One test sequence of four: no interval, so no half-widths; a real log has no oracle.
+    assert set(head) == {"base", "tuned", "kind", "gain", "speedup"}, head
     assert prefetch["engine"]["expert_mb"] == pytest.approx(3 * 1024 * 704 * 2 / 1e6)  # FLAME-MoE-290M in bf16
     assert prefetch["engine"]["slots_per_layer"] == 64
 

@@ -5,7 +5,8 @@ Every key is short and every value a short number, so that a row fits 100 column
 
     base     the baseline's test top-2, in percent (set recall where the trace has no primary)
     tuned    the tuned predictor's, the same way
-    ±        the half-width of the wider of their two 95% intervals, in points, rounded up
+    ±        the half-width of the wider of their two 95% intervals, in points, rounded up (absent
+             where evaluate drew no interval: too few test sequences)
     kind     the tuned predictor's kind
     oracle   tuned as a percentage of the exact oracle (synthetic traces only; absent otherwise)
     gain     tuned minus the best reference predictor (the highest on the test set), paired, in points
@@ -36,6 +37,10 @@ def points(fraction: float) -> float:
     return round(100.0 * fraction, 1)
 
 
+def has_interval(entry: Mapping[str, Any], key: str) -> bool:
+    return entry.get(f"{key}_lo") is not None and entry.get(f"{key}_hi") is not None
+
+
 def half_width(entry: Mapping[str, Any], key: str) -> float:
     """The larger side of `key`'s 95% interval, in points, rounded up to 0.1 (never narrower)."""
     value, lo, hi = entry[key], entry[f"{key}_lo"], entry[f"{key}_hi"]
@@ -64,18 +69,21 @@ def headline(evaluate: Mapping[str, Any], prefetch: Mapping[str, Any] | None, ki
     metric = primary_metric(evaluate)
     base, tuned = evaluate["baseline"], evaluate["tuned"]
     for name, entry in (("baseline", base), ("tuned", tuned)):
-        missing = [k for k in (metric, f"{metric}_lo", f"{metric}_hi") if entry.get(k) is None]
-        if missing:
-            raise InputError(f"{source}: `{name}` has no {', '.join(missing)}")
-    out: dict[str, Any] = {"base": points(base[metric]), "tuned": points(tuned[metric]),
-                           "±": max(half_width(base, metric), half_width(tuned, metric)), "kind": kind}
+        if entry.get(metric) is None:
+            raise InputError(f"{source}: `{name}` has no {metric}")
+    out: dict[str, Any] = {"base": points(base[metric]), "tuned": points(tuned[metric])}
+    if all(has_interval(entry, metric) for entry in (base, tuned)):  # none from too few test sequences
+        out["±"] = max(half_width(base, metric), half_width(tuned, metric))
+    out["kind"] = kind
     if tuned.get(f"{metric}_vs_oracle") is not None:
         out["oracle"] = points(tuned[f"{metric}_vs_oracle"])
     if (ref := best_reference(evaluate, metric)) is not None:
         diff = tuned["vs"][ref]
         key = f"{metric}_diff"
         if diff.get(key) is not None:
-            out["gain"], out["gain±"] = points(diff[key]), half_width(diff, key)
+            out["gain"] = points(diff[key])
+            if has_interval(diff, key):
+                out["gain±"] = half_width(diff, key)
     speedup = ((prefetch or {}).get("tuned") or {}).get("speedup_vs_on_demand")
     if speedup is not None and math.isfinite(speedup):
         out["speedup"] = round(speedup, 3)

@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 # another origin ("http:", "https:", or protocol-relative "//"). XML namespaces (xmlns=...) are names,
 # never fetched, and are not matched.
 _EXTERNAL = re.compile(r"""(?:\b(?:src|href|xlink:href|srcset|action|poster|data)\s*=\s*["']?\s*"""
-                       r"""|url\(\s*["']?\s*|@import\s+["']?\s*)(?:[a-z][a-z0-9+.-]*:)?//""", re.IGNORECASE)
+                       r"""|url\(\s*["']?\s*|@import\s+["']?\s*)"""
+                       r"""(?P<url>(?:[a-z][a-z0-9+.-]*:)?//[^\s"'()<>]*)""", re.IGNORECASE)
 
 
 def external_urls(page: str) -> list[str]:
-    """Every reference in `page` that a browser would load from the network (empty: offline-safe)."""
-    return [page[m.start():m.end() + 60].split()[0] for m in _EXTERNAL.finditer(page)]
+    """Every URL in `page` that a browser would load from the network (empty: offline-safe)."""
+    return [m.group("url") for m in _EXTERNAL.finditer(page)]
 
 
 def dvc_plots_json(repo: Path, rev: str | None = None) -> dict[str, Any]:
