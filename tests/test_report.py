@@ -185,9 +185,9 @@ def test_the_headline_comes_first_and_the_detail_is_folded_below_it(report: Path
     assert markdown.index("### Plots") < markdown.rindex("</details>")
     assert table_row(markdown, "tuned kind")[1:] == ["mlp", "gru", "changed"]
     # tuned top-2 30.0 -> 35.0; the best reference in the workspace is speculative_gate (55.0): gain -20.
-    assert table_row(markdown, "tuned, test top-2 (%)")[1:] == ["30", "35", "+5"]
+    assert table_row(markdown, "tuned, test top-2 (%)")[1:] == ["30.0", "35.0", "+5"]
     gain = table_row(markdown, "tuned − speculative_gate (best reference), paired, points (at `main`: frequency)")
-    assert gain[1:] == ["0.3", "-20", "-20.3"]
+    assert gain[1:] == ["0.3", "-20.0", "-20.3"]
     page = report.parent / "plots.html"  # every `dvc plots diff` view, offline, beside the report
     assert page.exists() and external_urls(page.read_text(encoding="utf-8")) == []
     assert "plots.html" in markdown

@@ -28,7 +28,7 @@ from typing import Any
 from routecast.errors import InputError
 
 KEYS = ("base", "tuned", "±", "kind", "oracle", "gain", "gain±", "speedup")
-# Not reference predictors: the two trained models, the exact oracle, and evaluate.json's other blocks.
+# Not reference predictors, among those the tuned model is compared with: the other model and the oracle.
 NOT_REFERENCES = frozenset({"baseline", "tuned", "oracle"})
 
 

@@ -10,7 +10,7 @@ the figures `dvc exp show` prints: routecast.report.headline), then, folded belo
   macro F1 at top-k and at p >= 0.5) and paired set recall differences;
 - the prefetch simulation (metrics/prefetch.json): stall, gap closed, speedup, hit rate per
   predictor beside the on_demand and perfect bounds;
-- every other metric that changed (`dvc metrics diff --all --json`) and the parameters that
+- every other metric that changed (`dvc metrics diff --all --json --targets` the detail files) and the parameters that
   changed (`dvc params diff --json`);
 - PNG plots (routecast.report.plotting) beside it, the revision's data dashed where there is some,
   and the `dvc plots` views as a page that renders offline (plots.html: routecast.report.page).
@@ -428,7 +428,7 @@ def headline_section(old: Mapping[str, Any], new: Mapping[str, Any], old_labels:
                      new_labels: Mapping[str, Any], rev_label: str) -> str:
     """The headline table: each figure at the revision, in the workspace, and the change."""
     def fmt(value: Any) -> str:
-        return "—" if value is None else f"{value:g}" if is_number(value) else str(value)
+        return "—" if value is None else str(value)  # as the file holds it (rounded for the screen)
 
     def label(key: str) -> str:
         text = HEADLINE_ROWS.get(key, key)
@@ -605,7 +605,8 @@ def build_report(rev: str, out: str | Path = "reports/report.md", repo: str | Pa
         lines += [f"#### {title}", "", f"![{title}]({path.relative_to(out.parent).as_posix()})", "", caption, ""]
     lines += ["</details>", "",
               f"<sub>Made by `routecast report --rev {rev}`; every `dvc plots diff {rev}` view, offline: "
-              f"[{page.name}]({page.relative_to(out.parent).as_posix()}).</sub>", ""]
+              f"[{page.name}]({page.relative_to(out.parent).as_posix()}) beside this report (in CI: the "
+              "`routecast-report` artifact).</sub>", ""]
     atomic_write_text(out, "\n".join(lines))
     log.info("report: wrote %s and %d plots", out, len(plots))
     return Report(out, [path for _, path, _ in plots])
