@@ -34,6 +34,7 @@ EXPECTED: dict[str, tuple[set[str], str]] = {
     "evaluate": ({"torch", "pyarrow"}, "runs the models (torch) on the splits and writes the predictions (Parquet)"),
     "simulate_prefetch": ({"numba", "pyarrow"}, "replays (numba) the trace and the predictions (Parquet); runs no "
                                                 "model, so no torch"),
+    "headline": (set(), "reads two JSON files and params.yaml: no model, no Parquet"),
 }
 
 # Print which heavy packages the interpreter has loaded (the last line of every probe below).
