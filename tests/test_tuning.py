@@ -108,6 +108,7 @@ def test_tune_searches_across_kinds_and_writes_the_winner(project: Path, tmp_pat
     knobs come back as a ModelParams that params.yaml's `tuned:` block round-trips."""
     proj = fresh(project, tmp_path)
     params, result = run_tune(proj, {"tune.n_trials": 4, "tune.epochs": 1, "tune.pruner": "none",
+                                     "tune.final_selection": False,  # the search's best trial (tested apart)
                                      "tune.search_space": {"mixture": {"num_types": {"low": 2, "high": 6}},
                                                            "gru": None, "mlp": None}})
     kinds = [t.params["kind"] for t in result.trials]

@@ -390,6 +390,9 @@ class TuneParams:
     storage: str = "data/tune/journal.log"
     seed: int = 0
     objective: Objective = field(default_factory=Objective)  # main | a target | a weighted mix (see Objective)
+    # After the search, train the best trial of each kind and the baseline's configuration as
+    # train_full does; tuned is the best of them on validation (routecast.fit.selection).
+    final_selection: bool = True
 
     def validate(self, key: str) -> None:
         check(self.n_trials >= 1, f"{key}.n_trials", f"must be >= 1, got {self.n_trials}")

@@ -41,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from routecast.config.params import ModelParams, Params, SearchSpace, TuneParams
 from routecast.data.features import Features
+from routecast.fit.selection import CACHE_PREFIX, candidates, select
 from routecast.fit.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
 from routecast.fit.training import fit_predictor, objective_name, split_train_val
 from routecast.pipeline.codegraph import SOURCE, code_digest
@@ -308,12 +309,22 @@ def tune(params: Params, train: Features, train_digest: str,
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no trial completed; see the log above")
     best = study.best_trial
+    chosen, final = config_from_trial(best), None
+    if params.tune.final_selection:
+        weights = objective_weights(params)
+        picks = candidates(trials, starting_points(params.tune.search_space), config_from_trial)
+        cache = {k: v for k, v in study.user_attrs.items() if k.startswith(CACHE_PREFIX)}
+        final = select(params, train, train_digest, trial_code_digest(), picks, cache, study.set_user_attr,
+                       lambda row: objective_value(weights, row))
+        chosen = final[0].config
     importances = param_importances(study, params.tune.seed)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     summary = {
         "best_value": best.value,
         "best_trial": best.number,
-        "best_params": config_from_trial(best).to_plain(),
+        "best_params": chosen.to_plain(),  # the finalists' best (the search's best trial without final selection)
+        "best_trial_params": config_from_trial(best).to_plain(),
+        "finalists": None if final is None else [f.to_plain() for f in final],
         "objective": objective_label(params),
         "study": study.study_name,
         "storage": redact(params.tune.storage),
@@ -333,7 +344,10 @@ def tune(params: Params, train: Features, train_digest: str,
              study.study_name, best.number, summary["objective"], best.value, summary["n_complete"],
              summary["n_pruned"],
              summary["n_failed"], ran)
-    return TuneResult(config_from_trial(best), best.value, summary, trials, importances)
+    if final is not None:
+        log.info("final selection: %s (%s), validation %.4f under full training; the search's best was trial %d",
+                 final[0].origin, chosen.kind, final[0].value, best.number)
+    return TuneResult(chosen, best.value, summary, trials, importances)
 
 
 def tune_worker(params: Params, train: Features, train_digest: str) -> int:

@@ -1,0 +1,108 @@
+"""Final selection (routecast.fit.selection): tune's pick is chosen under full training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from routecast.config.params import ModelParams, load_params
+from routecast.data.features import read_features
+from routecast.fit import selection
+from routecast.fit.selection import candidates, select
+from routecast.fit.training import TrainResult, fit_predictor, split_train_val
+from routecast.fit.tuning import objective_value, objective_weights
+from routecast.predictors.mixture import MixtureParams
+from routecast.predictors.mlp import SEED_BASELINE, SEED_BEST
+from test_tuning import fresh, project, run_tune  # noqa: F401  (project: the module's tiny fixture)
+
+FAST = ModelParams("mixture", MixtureParams(num_types=4))
+SLOW = ModelParams("mlp", SEED_BASELINE)
+
+
+def trial(number: int, kind: str, value: float | None, origin: str | None = None,
+          state: TrialState = TrialState.COMPLETE) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        params={"kind": kind}, distributions={"kind": CategoricalDistribution(["mixture", "mlp"])},
+        value=value if state == TrialState.COMPLETE else None, state=state,
+        user_attrs={"origin": origin} if origin else {})
+
+
+def config_of(t: optuna.trial.FrozenTrial) -> ModelParams:
+    return FAST if t.params["kind"] == "mixture" else ModelParams("mlp", SEED_BEST)
+
+
+def test_finalists_are_the_best_of_each_kind_and_the_baseline_even_when_pruned() -> None:
+    trials = [trial(0, "mlp", None, "baseline", TrialState.PRUNED), trial(1, "mixture", 0.43),
+              trial(2, "mixture", 0.47), trial(3, "mlp", 0.30, "seed_best")]
+    for number, t in enumerate(trials):
+        t.number = number
+    picks = candidates(trials, [("baseline", SLOW), ("seed_best", ModelParams("mlp", SEED_BEST))], config_of)
+    assert [(origin, config.kind, value) for origin, config, value in picks] == [
+        ("trial 2", "mixture", 0.47), ("trial 3", "mlp", 0.30), ("baseline", "mlp", None)]
+
+
+def fake_fit(full: dict[str, float]):
+    """fit_predictor as a table: each kind's validation top-2 under full training."""
+    calls = []
+
+    def fit(config, train, fit_part, val, epochs=None, on_epoch=None, desc=""):
+        calls.append(desc)
+        value = full[config.kind if config != SLOW else "baseline"]
+        return TrainResult(None, [{"epoch": 7, "val_top2": value}], 7, value, 1.0)
+
+    return fit, calls
+
+
+def test_a_slow_learner_the_search_ranked_last_is_picked_under_full_training(project: Path,  # noqa: F811
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FLAME case in miniature: at the trials' budget the mixture leads (0.47 against the
+    baseline MLP's 0.27); trained in full the MLP reaches 0.72 and the mixture stays at 0.43."""
+    train = read_features(project / "train.parquet")
+    params = load_params(project / "params.yaml")
+    params = replace(params, train=params.train.for_samples(train.meta.weighted))  # as tune resolves it
+    fit, calls = fake_fit({"mixture": 0.43, "mlp": 0.35, "baseline": 0.72})
+    monkeypatch.setattr(selection, "fit_predictor", fit)
+    picks = [("trial 2", FAST, 0.47), ("trial 3", ModelParams("mlp", SEED_BEST), 0.30), ("baseline", SLOW, 0.27)]
+    stored: dict[str, dict] = {}
+    finals = select(params, train, "digest", "code", picks, {}, stored.__setitem__,
+                    lambda row: objective_value(objective_weights(params), row))
+    assert [(f.origin, f.value) for f in finals] == [("baseline", 0.72), ("trial 2", 0.43), ("trial 3", 0.35)]
+    assert finals[0].config == SLOW and len(calls) == 3 and len(stored) == 3
+    # Again with what the study kept: nothing is trained twice.
+    again = select(params, train, "digest", "code", picks, dict(stored), stored.__setitem__,
+                   lambda row: objective_value(objective_weights(params), row))
+    assert len(calls) == 3 and [f.value for f in again] == [f.value for f in finals] and all(f.cached for f in again)
+    # Another split (or code, or training params) is another key: trained afresh.
+    select(params, train, "other digest", "code", picks[:1], dict(stored), stored.__setitem__,
+           lambda row: objective_value(objective_weights(params), row))
+    assert len(calls) == 4
+
+
+def test_tune_picks_the_finalist_trained_in_full_and_records_every_one(project: Path, tmp_path: Path,  # noqa: F811
+                                                                       ) -> None:
+    proj = fresh(project, tmp_path)
+    params, result = run_tune(proj, {"tune.n_trials": 4, "tune.epochs": 1, "tune.pruner": "none", "train.epochs": 3,
+                                     "tune.search_space": {"mixture": {"num_types": {"low": 2, "high": 6}},
+                                                           "mlp": None}})
+    finalists = result.summary["finalists"]
+    assert {f["kind"] for f in finalists} == {"mixture", "mlp"}
+    assert [f["value"] for f in finalists] == sorted((f["value"] for f in finalists), reverse=True)
+    assert result.best.to_plain() == result.summary["best_params"]
+    assert result.best.kind == finalists[0]["kind"]
+    # The baseline's configuration is a finalist (its own, or the trial that ran it), and its figure
+    # is what train_full gets for it: the same split, epochs and seed.
+    (baseline,) = [f for f in finalists if f["params"] == SLOW.to_plain()]
+    fit, val = split_train_val(read_features(proj / "train.parquet"))
+    full = fit_predictor(SLOW, params.train.for_samples(fit.meta.weighted), fit, val)
+    assert math.isclose(baseline["value"], full.best_value) and baseline["best_epoch"] == full.best_epoch
+    assert finalists[0]["value"] >= baseline["value"]  # never below the baseline on validation
+    # A resumed study (one more trial) trains only finalists it has not trained.
+    params, again = run_tune(proj, {"tune.n_trials": 5})
+    kept = {(f["origin"], f["value"]) for f in finalists}
+    assert kept & {(f["origin"], f["value"]) for f in again.summary["finalists"]}
