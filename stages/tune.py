@@ -9,6 +9,7 @@ machine against a PostgreSQL `tune.storage`) and runs trials until the study hol
 import argparse
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 from dvclive import Live
 
@@ -37,9 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", help="DVCLive directory: one step per trial (its value, the best so far)")
     parser.add_argument("--importances", help="CSV: fANOVA importance per parameter")
     parser.add_argument("--intermediate", help="CSV: every value a trial reported (trial, epoch, value, state)")
+    parser.add_argument("--finalists", help="directory: the final selection's models, which train_full reuses")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    outputs = ("study_dir", "metrics", "live", "importances", "intermediate")
+    outputs = ("study_dir", "metrics", "live", "importances", "intermediate", "finalists")
     if not args.worker and any(getattr(args, name) is None for name in outputs):
         parser.error("the tune stage needs --" + ", --".join(n.replace("_", "-") for n in outputs) +
                      " (a --worker needs none)")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                     live.log_metric("best_so_far", best[0] if best[0] > float("-inf") else float("nan"))
                     live.next_step()
 
-                result = tune(params, train, digest, on_trial=log_trial)
+                Path(args.finalists).mkdir(parents=True, exist_ok=True)  # an output even without final selection
+                result = tune(params, train, digest, on_trial=log_trial, finalists=args.finalists)
             write_tuned(result.best, args.params)
             # Always written (also for a database storage), so DVC's study output exists. The name is
             # the one the trials ran under, not recomputed: the code's digest is part of it.

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from conftest import ROOT, set_params
 from routecast.config.params import ModelParams, load_params
 from routecast.data.features import read_features
 from routecast.fit import selection
 from routecast.fit.selection import candidates, select
 from routecast.fit.training import TrainResult, fit_predictor, split_train_val
 from routecast.fit.tuning import objective_value, objective_weights
+from routecast.predictors.checkpoints import load_checkpoint
 from routecast.predictors.mixture import MixtureParams
 from routecast.predictors.mlp import SEED_BASELINE, SEED_BEST
 from test_tuning import fresh, project, run_tune  # noqa: F401  (project: the module's tiny fixture)
@@ -106,3 +110,44 @@ def test_tune_picks_the_finalist_trained_in_full_and_records_every_one(project: 
     params, again = run_tune(proj, {"tune.n_trials": 5})
     kept = {(f["origin"], f["value"]) for f in finalists}
     assert kept & {(f["origin"], f["value"]) for f in again.summary["finalists"]}
+
+
+def run_stage(script: str, args: list[str], cwd: Path) -> None:
+    """A stage's main(args) in this process, in `cwd`."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(f"stage_{Path(script).stem}", ROOT / "stages" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        module.main(args)
+    finally:
+        os.chdir(here)
+
+
+def test_train_full_copies_the_finalist_tune_trained_and_it_is_the_model_training_gives(
+        project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """Not paid twice: the baseline's configuration is a finalist, so train_full copies its model;
+    trained afresh (no finalists), it is the same model, history and DVCLive summary."""
+    proj = fresh(project, tmp_path)
+    set_params(proj / "params.yaml", {"tune.n_trials": 2, "tune.epochs": 1, "train.epochs": 2})
+    run_stage("tune.py", ["train.parquet", "--study-dir", "tune", "--metrics", "tune.json", "--live", "tune_live",
+                          "--importances", "imp.csv", "--intermediate", "inter.csv", "--finalists", "finalists"], proj)
+    finalists = json.loads((proj / "tune.json").read_text())["finalists"]
+    assert any(f["params"] == SLOW.to_plain() for f in finalists)  # the baseline's configuration
+    assert len(list((proj / "finalists").glob("*.pt"))) == len(finalists)  # one model each, nothing stale
+    common = ["baseline", "--train", "train.parquet", "--params", "params.yaml"]
+    with caplog.at_level("INFO", logger="routecast"):
+        run_stage("train_full.py", [*common, "--out", "copied.pt", "--live", "live_copied", "--finalists", "finalists"],
+                  proj)
+    assert "copied (trained there in full)" in caplog.text
+    run_stage("train_full.py", [*common, "--out", "trained.pt", "--live", "live_trained"], proj)
+    (_, copied), (_, trained) = load_checkpoint(proj / "copied.pt"), load_checkpoint(proj / "trained.pt")
+    assert copied["history"] == [{**row, "seconds": copied["history"][i]["seconds"]}
+                                 for i, row in enumerate(trained["history"])]  # all but the wall time
+    assert copied["state_dict"].keys() == trained["state_dict"].keys()
+    assert all(torch.equal(copied["state_dict"][k], trained["state_dict"][k]) for k in copied["state_dict"])
+    assert (proj / "live_copied" / "metrics.json").read_text() == (proj / "live_trained" / "metrics.json").read_text()

@@ -10,7 +10,9 @@ on validation it is never below the baseline's configuration.
 
 Each finalist's figures are kept in the study (a user attribute keyed by its configuration, the
 training params, the train split and the code), so a resumed study (more `n_trials`) trains only
-the finalists it has not trained before.
+the finalists it has not trained before; its model is kept as `<dir>/<key>.pt`, the file
+train_full would write, so train_full copies the pick (and the baseline, when it is a finalist)
+instead of training it again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -76,23 +79,42 @@ def cache_key(config: ModelParams, params: Params, train_digest: str, code: str)
     return CACHE_PREFIX + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def model_path(directory: str | Path, key: str) -> Path:
+    """Where a finalist's model is kept (and where train_full looks for it)."""
+    return Path(directory) / f"{key.removeprefix(CACHE_PREFIX)}.pt"
+
+
 def select(params: Params, train: Features, train_digest: str, code: str,
            picks: list[tuple[str, ModelParams, float | None]], cache: dict[str, Any],
-           store: Callable[[str, dict[str, Any]], None], score: Callable[[dict[str, float]], float]) -> list[Finalist]:
-    """Train each of `picks` in full (or read it from `cache`, `store`-ing what is new); the finalists,
-    best first (by value; the earlier pick on a tie)."""
+           store: Callable[[str, dict[str, Any]], None], score: Callable[[dict[str, float]], float],
+           models: str | Path | None = None) -> list[Finalist]:
+    """Train each of `picks` in full (or read it from `cache`, `store`-ing what is new, and saving
+    its model under `models`); the finalists, best first (by value; the earlier pick on a tie)."""
+    from routecast.predictors.checkpoints import save_trained  # torch: only when something trains
+
     fit, val = split_train_val(train)  # as train_full: all of the fit part, the marked validation sequences
     out = []
     for origin, config, trial_value in picks:
         key = cache_key(config, params, train_digest, code)
         hit = cache.get(key)
+        if hit is not None and models is not None and not model_path(models, key).exists():
+            hit = None  # its figures are known but its model is gone (a new workspace): train it again
         if hit is None:
             result = fit_predictor(config, params.train, fit, val, desc=f"finalist {origin} ({config.kind})")
             kept = next(row for row in result.history if row["epoch"] == result.best_epoch)
             hit = {"value": score(kept), "best_epoch": int(result.best_epoch)}
+            if models is not None:
+                target = params.train.for_samples(fit.meta.weighted).target
+                save_trained(model_path(models, key), result, fit.meta, target)
             store(key, hit)
-        out.append(Finalist(origin, config, trial_value, float(hit["value"]), int(hit["best_epoch"]), key in cache))
+        out.append(Finalist(origin, config, trial_value, float(hit["value"]), int(hit["best_epoch"]),
+                            cache.get(key) is hit))
         log.info("finalist %s (%s): search %s, full training %.4f at epoch %d%s", origin, config.kind,
                  "—" if trial_value is None else f"{trial_value:.4f}", out[-1].value, out[-1].best_epoch,
                  " (from the study)" if out[-1].cached else "")
+    if models is not None:  # keep only this selection's models: older keys can never match again
+        wanted = {model_path(models, cache_key(c, params, train_digest, code)).name for _, c, _ in picks}
+        for stale in Path(models).glob("*.pt"):
+            if stale.name not in wanted:
+                stale.unlink()
     return sorted(out, key=lambda f: -f.value)

@@ -287,8 +287,9 @@ def _quiet_optuna() -> None:
 
 
 def tune(params: Params, train: Features, train_digest: str,
-         on_trial: Callable[[FrozenTrial], None] | None = None) -> TuneResult:
-    """The `tune` stage: run (and wait for) trials until the study is done, then summarise it.
+         on_trial: Callable[[FrozenTrial], None] | None = None, finalists: str | Path | None = None) -> TuneResult:
+    """The `tune` stage: run (and wait for) trials until the study is done, select under full
+    training (`tune.final_selection`; the finalists' models saved under `finalists`), summarise.
     `on_trial` sees each trial this process finishes (e.g. to log it)."""
     start = time.perf_counter()
     _quiet_optuna()
@@ -315,7 +316,7 @@ def tune(params: Params, train: Features, train_digest: str,
         picks = candidates(trials, starting_points(params.tune.search_space), config_from_trial)
         cache = {k: v for k, v in study.user_attrs.items() if k.startswith(CACHE_PREFIX)}
         final = select(params, train, train_digest, trial_code_digest(), picks, cache, study.set_user_attr,
-                       lambda row: objective_value(weights, row))
+                       lambda row: objective_value(weights, row), finalists)
         chosen = final[0].config
     importances = param_importances(study, params.tune.seed)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -96,6 +97,12 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[A
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """`src`'s bytes at `dst`, atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

@@ -31,6 +31,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | 
                       "state_dict": model.state_dict(), **(extra or {})})
 
 
+def save_trained(path: str | Path, result: Any, fit_meta: Any, target: str) -> None:
+    """A fitted `TrainResult` as train_full writes it: the model, its history and what serving needs."""
+    save_checkpoint(path, result.model, {"history": result.history, "best_epoch": result.best_epoch,
+                                         "best_value": result.best_value, "position_scale": fit_meta.position_scale,
+                                         "target": target})
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The model (eval mode, CPU) and the whole checkpoint dict."""
     path = Path(path)
