@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         model_params = params.model(args.name)
         fit, val = split_train_val(read_features(args.train))
         train_params = params.train.for_samples(fit.meta.weighted)
-        key = cache_key(model_params, replace(params, train=train_params), file_digest(args.train), trial_code_digest())
-        trained = model_path(args.finalists, key) if args.finalists else None
+        finalist = cache_key(model_params, replace(params, train=train_params), file_digest(args.train),
+                             trial_code_digest())
+        trained = model_path(args.finalists, finalist) if args.finalists else None
         with Live(dir=args.live, save_dvc_exp=False, dvcyaml=False) as live:
             def log_epoch(epoch: int, row: dict[str, float]) -> None:
                 live.step = epoch  # DVCLive's step is the epoch (0: lookup_mlp's table before any step)
