@@ -93,9 +93,10 @@ def select(params: Params, train: Features, train_digest: str, code: str,
     from routecast.predictors.checkpoints import save_trained  # torch: only when something trains
 
     fit, val = split_train_val(train)  # as train_full: all of the fit part, the marked validation sequences
-    out = []
+    out, keys = [], set()
     for origin, config, trial_value in picks:
         key = cache_key(config, params, train_digest, code)
+        keys.add(key)
         hit = cache.get(key)
         if hit is not None and models is not None and not model_path(models, key).exists():
             hit = None  # its figures are known but its model is gone (a new workspace): train it again
@@ -112,8 +113,8 @@ def select(params: Params, train: Features, train_digest: str, code: str,
         log.info("finalist %s (%s): search %s, full training %.4f at epoch %d%s", origin, config.kind,
                  "—" if trial_value is None else f"{trial_value:.4f}", out[-1].value, out[-1].best_epoch,
                  " (from the study)" if out[-1].cached else "")
-    if models is not None:  # keep only this selection's models: older keys can never match again
-        wanted = {model_path(models, cache_key(c, params, train_digest, code)).name for _, c, _ in picks}
+    if models is not None:  # keep only this selection's models (others are of other params, splits or code)
+        wanted = {model_path(models, key).name for key in keys}
         for stale in Path(models).glob("*.pt"):
             if stale.name not in wanted:
                 stale.unlink()
