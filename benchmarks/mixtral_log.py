@@ -46,7 +46,7 @@ PARAMS = {
     "train.epochs": 60,
     "train.early_stopping_patience": 10,
 }
-COMPARED = ("tuned", "baseline", "lookup_3", "boosted_trees", "frequency")
+COMPARED = ("tuned", "baseline", "lookup_3", "boosted_trees", "boosted_trees_full", "frequency")
 
 
 MODELS = ("tuned", "baseline")

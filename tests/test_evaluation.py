@@ -146,7 +146,8 @@ def test_validation_scores_sit_beside_the_test_ones(small_run) -> None:
     traces, fit, val, test = small_run
     result = evaluate({}, traces.meta, fit, val, test, EvaluateParams(bootstrap=200), FeaturesParams())
     validation = result.metrics["validation"]
-    assert set(validation) == {"frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle"}
+    assert set(validation) == {"frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "boosted_trees_full",
+                               "oracle"}
     assert validation["lookup_3"]["n"] == len(val)
     from routecast.predictors.references import LookupPredictor
     lookup_3 = LookupPredictor(3).fit(fit)

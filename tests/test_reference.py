@@ -13,6 +13,7 @@ from routecast.data.features import FeatureMeta, Features, encode_features
 from routecast.data.traces import TraceMeta
 from routecast.evaluate.evaluation import reference_predictors
 from routecast.predictors.references import (
+    BoostedTreesFullPredictor,
     BoostedTreesPredictor,
     FrequencyPredictor,
     LookupPredictor,
@@ -104,8 +105,30 @@ def test_boosted_trees_with_more_experts_than_sklearn_categories():
     history[:, 0] = rng.integers(1, E + 1, n)
     feats = hand_features(layer=[0] * n, history=history, target=(history[:, 0] - 1 + 1) % E, num_experts=E)
     feats.seq_id[:] = np.arange(n) // 30
-    scores = BoostedTreesPredictor(max_iter=3).fit(feats).scores(feats)
-    assert scores.shape == (n, E) and np.isfinite(scores).all()
+    for trees in (BoostedTreesPredictor(max_iter=3), BoostedTreesFullPredictor(max_iter=3)):
+        scores = trees.fit(feats).scores(feats)
+        assert scores.shape == (n, E) and np.isfinite(scores).all(), trees.name
+
+
+def test_boosted_trees_full_reads_the_history_the_raw_ids_miss():
+    """Layer 3's next expert is set by the token's expert at layer 0, while its experts at layers 2
+    and 3 are noise: only the tree reference over the whole history can see it (issue 23: on the
+    FLAME log a token's path through the earlier layers identifies it, and the raw-id trees sit at
+    the layer's frequency)."""
+    rng = np.random.default_rng(0)
+    n, E = 4000, 8
+    history = np.zeros((n, 5), dtype=np.int16)
+    history[:, :4] = rng.integers(1, E + 1, (n, 4))
+    target = (history[:, 0] - 1) * 3 % E  # a function of layer 0 alone
+    def feats(rows):
+        f = hand_features(layer=[3] * len(rows), history=history[rows], target=target[rows], num_layers=5,
+                          num_experts=E)
+        f.seq_id[:] = np.asarray(rows) // 20
+        return f
+    train, test = feats(np.arange(3000)), feats(np.arange(3000, n))
+    full = top2(BoostedTreesFullPredictor().fit(train).scores(test), test.target)
+    raw = top2(BoostedTreesPredictor().fit(train).scores(test), test.target)
+    assert full > 0.99 and raw < 0.4, (full, raw)  # raw: about 2 / 8 by chance
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +148,14 @@ def test_reference_predictors_for_a_synthetic_trace(synthetic_split):
     meta, train, test = synthetic_split
     predictors = reference_predictors(meta, train)
     names = [p.name for p in predictors]
-    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "oracle", "speculative_gate"]
+    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "boosted_trees_full",
+                     "oracle", "speculative_gate"]
     acc = {}
     for p in predictors:
         scores = p.scores(test)
         assert scores.shape == (len(test), meta.num_experts) and np.isfinite(scores).all(), p.name
         acc[p.name] = top2(scores, test.target)
-    assert acc["boosted_trees"] > acc["frequency"]
+    assert acc["boosted_trees"] > acc["frequency"] and acc["boosted_trees_full"] > acc["frequency"]
     assert acc["oracle"] > max(acc[n] for n in ("frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees"))
     # The speculative gate sees (noisy) logits from the true next layer.
     np.testing.assert_array_equal(SpeculativeGatePredictor().scores(test), test.spec_logits)
@@ -143,20 +167,21 @@ def test_reference_predictors_without_oracle_or_spec_logits(synthetic_split):
     imported = TraceMeta(meta.num_layers, meta.num_experts, meta.top_k, source="import")
     train = dataclasses.replace(train, spec_logits=None)
     names = [p.name for p in reference_predictors(imported, train)]
-    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees"]
+    assert names == ["frequency", "lookup_1", "lookup_2", "lookup_3", "boosted_trees", "boosted_trees_full"]
     with pytest.raises(ValueError, match="spec_logits"):
         SpeculativeGatePredictor().scores(dataclasses.replace(test, spec_logits=None))
 
 
 def test_boosted_trees_is_seeded_and_handles_tiny_splits(synthetic_split):
     _, train, test = synthetic_split
-    a = BoostedTreesPredictor(max_iter=5).fit(train).scores(test)
-    b = BoostedTreesPredictor(max_iter=5).fit(train).scores(test)
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)
-    one_class = dataclasses.replace(train.take(np.arange(50)), target=np.full(50, 3, dtype=np.int16))
-    scores = BoostedTreesPredictor().fit(one_class).scores(test)
-    assert (scores.argmax(axis=1) == 3).all()
+    for trees in (BoostedTreesPredictor, BoostedTreesFullPredictor):
+        a = trees(max_iter=5).fit(train).scores(test)
+        b = trees(max_iter=5).fit(train).scores(test)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)
+        one_class = dataclasses.replace(train.take(np.arange(50)), target=np.full(50, 3, dtype=np.int16))
+        scores = trees().fit(one_class).scores(test)
+        assert (scores.argmax(axis=1) == 3).all()
 
 
 def test_speculative_gate_only_when_the_target_is_the_next_layer():

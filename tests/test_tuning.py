@@ -29,6 +29,7 @@ from routecast.sources.synthetic import generate
 # A few sequences of an 8-layer synthetic router: a trial epoch takes a fraction of a second.
 TINY = {"extract.synthetic.num_sequences": 12, "extract.synthetic.tokens_per_sequence": 48,
         "extract.synthetic.num_layers": 8, "train.threads": 1, "tune.max_train_samples": None,
+        "tune.epochs": 4, "tune.pruner": "median",  # short trials, judged early: what these tests exercise
         "tune.search_space": {"mlp": None}}  # the MLP alone, at its default space
 
 

@@ -378,10 +378,10 @@ class Objective:
 class TuneParams:
     search_space: SearchSpace
     n_trials: int = 20
-    epochs: int = 10
+    epochs: int | None = None  # per trial; None: train.epochs (every trial is full training)
     timeout: float | None = None  # seconds; None: no limit
     sampler: Literal["tpe", "gp", "random"] = "tpe"
-    pruner: Literal["hyperband", "median", "none"] = "median"
+    pruner: Literal["hyperband", "median", "none"] = "none"
     max_train_samples: int | None = None  # subsample train per trial; None: all
     study_name: str = "routecast"
     # A journal file, or a database URL (postgresql://user@host/db, postgresql:///?service=NAME)
@@ -396,7 +396,7 @@ class TuneParams:
 
     def validate(self, key: str) -> None:
         check(self.n_trials >= 1, f"{key}.n_trials", f"must be >= 1, got {self.n_trials}")
-        check(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.epochs is None or self.epochs >= 1, f"{key}.epochs", f"must be >= 1 or null, got {self.epochs}")
         check(self.timeout is None or self.timeout > 0, f"{key}.timeout", f"must be > 0 or null, got {self.timeout}")
         check(self.max_train_samples is None or self.max_train_samples >= 2, f"{key}.max_train_samples",
               f"must be >= 2 or null, got {self.max_train_samples}")

@@ -60,6 +60,7 @@ from routecast.evaluate.scoring import (
 from routecast.predictors.horizons import every_head
 from routecast.predictors.oracle import OraclePredictor
 from routecast.predictors.references import (
+    BoostedTreesFullPredictor,
     BoostedTreesPredictor,
     FrequencyPredictor,
     LookupPredictor,
@@ -373,7 +374,8 @@ def validation_block(scored: dict[str, Scored], val: Features) -> dict[str, Any]
 def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[ReferencePredictor]:
     """Every reference predictor that applies to this trace, fitted on `train`.
 
-    Always: frequency, lookup_1..3. boosted_trees for a weighted trace (it learns the primary);
+    Always: frequency, lookup_1..3. boosted_trees (the raw ids) and boosted_trees_full (every
+    feature the models read) for a weighted trace (they learn the primary);
     set_lookup for an unweighted one (its sets have no primary); token_table when the samples carry
     the token (`features.token`), backing off to set_lookup (or lookup_1). The oracle only for
     synthetic traces (it is rebuilt from `trace_meta.source_params`); the speculative gate only
@@ -382,9 +384,10 @@ def reference_predictors(trace_meta: TraceMeta, train: Features) -> list[Referen
     """
     predictors: list[ReferencePredictor] = [FrequencyPredictor(), *lookup_ladder(3)]
     if trace_meta.weighted:
-        predictors.append(BoostedTreesPredictor())
+        predictors += [BoostedTreesPredictor(), BoostedTreesFullPredictor()]
     else:
-        log.info("boosted_trees skipped: it learns the primary expert, which a trace of unordered sets lacks")
+        log.info("boosted_trees and boosted_trees_full skipped: they learn the primary expert, which a trace of "
+                 "unordered sets lacks")
         predictors.append(SetLookupPredictor())
     if train.token is not None:
         predictors.append(TokenTablePredictor(SetLookupPredictor() if not trace_meta.weighted

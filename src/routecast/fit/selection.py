@@ -1,18 +1,20 @@
-"""Final selection: tune's pick is chosen under full training, never at the trials' short budget.
+"""Final selection: tune's pick is chosen under full training, never at a short trial budget.
 
-A trial trains for `tune.epochs` on a subsample, so a configuration that learns slowly (the
-seed's MLP on a real log climbs for 12 epochs) ranks below one that learns fast and stops
-early (the mixture). After the search, the finalists (the best complete trial of each kind, and
-the baseline's configuration as the search space starts it, even where its trial was pruned) are
-each trained as `train_full` trains: the whole fit part of the train split, `train.epochs` with
-early stopping, the same seed. `tuned` is the finalist with the best validation objective, so
-on validation it is never below the baseline's configuration.
+A trial trains for `tune.epochs`. When that is shorter than full training, or on a subsample, a
+configuration that learns slowly (the seed's MLP on a real log climbs for 12 epochs) ranks below
+one that learns fast and stops early (the mixture). After the search, the finalists (the best
+complete trial of each kind, and the baseline's configuration as the search space starts it, even
+where its trial was pruned) are each trained as `train_full` trains: the whole fit part of the
+train split, `train.epochs` with early stopping, the same seed. `tuned` is the finalist with the
+best validation objective, so on validation it is never below the baseline's configuration.
 
 Each finalist's figures are kept in the study (a user attribute keyed by its configuration, the
 training params, the train split and the code), so a resumed study (more `n_trials`) trains only
 the finalists it has not trained before; its model is kept as `<dir>/<key>.pt`, the file
 train_full would write, so train_full copies the pick (and the baseline, when it is a finalist)
-instead of training it again.
+instead of training it again. With full-length trials (`tune.epochs` null, the default, on the
+whole fit part) each trial is that training already: tune `record`s it as it finishes, and
+selection trains nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from routecast.config.params import ModelParams, Params
 from routecast.data.features import Features
-from routecast.fit.training import fit_predictor, split_train_val
+from routecast.fit.training import TrainResult, fit_predictor, split_train_val
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +86,26 @@ def model_path(directory: str | Path, key: str) -> Path:
     return Path(directory) / f"{key.removeprefix(CACHE_PREFIX)}.pt"
 
 
+def record(key: str, result: TrainResult, value: float, params: Params, fit_meta: Any,
+           store: Callable[[str, dict[str, Any]], None], models: str | Path | None) -> dict[str, Any]:
+    """Keep a configuration trained in full as a finalist: `store` its figures under `key` and save its
+    model under `models` (the file train_full would write). Final selection calls it for what it
+    trains; tune for a trial that trains as train_full does (it is then its own finalist)."""
+    from routecast.predictors.checkpoints import save_trained  # torch: only when something trains
+
+    hit = {"value": value, "best_epoch": int(result.best_epoch)}
+    if models is not None:
+        save_trained(model_path(models, key), result, fit_meta, params.train.for_samples(fit_meta.weighted).target)
+    store(key, hit)
+    return hit
+
+
 def select(params: Params, train: Features, train_digest: str, code: str,
            picks: list[tuple[str, ModelParams, float | None]], cache: dict[str, Any],
            store: Callable[[str, dict[str, Any]], None], score: Callable[[dict[str, float]], float],
            models: str | Path | None = None) -> list[Finalist]:
     """Train each of `picks` in full (or read it from `cache`, `store`-ing what is new, and saving
     its model under `models`); the finalists, best first (by value; the earlier pick on a tie)."""
-    from routecast.predictors.checkpoints import save_trained  # torch: only when something trains
-
     fit, val = split_train_val(train)  # as train_full: all of the fit part, the marked validation sequences
     out, keys = [], set()
     for origin, config, trial_value in picks:
@@ -103,16 +117,12 @@ def select(params: Params, train: Features, train_digest: str, code: str,
         if hit is None:
             result = fit_predictor(config, params.train, fit, val, desc=f"finalist {origin} ({config.kind})")
             kept = next(row for row in result.history if row["epoch"] == result.best_epoch)
-            hit = {"value": score(kept), "best_epoch": int(result.best_epoch)}
-            if models is not None:
-                target = params.train.for_samples(fit.meta.weighted).target
-                save_trained(model_path(models, key), result, fit.meta, target)
-            store(key, hit)
+            hit = record(key, result, score(kept), params, fit.meta, store, models)
         out.append(Finalist(origin, config, trial_value, float(hit["value"]), int(hit["best_epoch"]),
                             cache.get(key) is hit))
         log.info("finalist %s (%s): search %s, full training %.4f at epoch %d%s", origin, config.kind,
                  "—" if trial_value is None else f"{trial_value:.4f}", out[-1].value, out[-1].best_epoch,
-                 " (from the study)" if out[-1].cached else "")
+                 " (trained before: by its trial, or an earlier selection)" if out[-1].cached else "")
     if models is not None:  # keep only this selection's models (others are of other params, splits or code)
         wanted = {model_path(models, key).name for key in keys}
         for stale in Path(models).glob("*.pt"):

@@ -41,9 +41,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from routecast.config.params import ModelParams, Params, SearchSpace, TuneParams
 from routecast.data.features import Features
-from routecast.fit.selection import CACHE_PREFIX, candidates, select
+from routecast.fit.selection import CACHE_PREFIX, cache_key, candidates, record, select
 from routecast.fit.study_storage import WORKER_ATTR, fail_dead_trials, make_storage, redact, worker_record
-from routecast.fit.training import fit_predictor, objective_name, split_train_val
+from routecast.fit.training import TrainResult, fit_predictor, objective_name, split_train_val
 from routecast.pipeline.codegraph import SOURCE, code_digest
 from routecast.predictors import registry
 
@@ -88,13 +88,18 @@ def trial_code_digest(source: Path = SOURCE) -> str:
 def study_fingerprint(params: Params, train_digest: str) -> str:
     """Everything that changes a trial's value; not n_trials or timeout, so a study can grow."""
     tune = params.tune
-    key = {"train": train_digest, "space": tune.search_space.to_plain(), "epochs": tune.epochs,
+    key = {"train": train_digest, "space": tune.search_space.to_plain(), "epochs": trial_epochs(params),
            "objective": objective_label(params),
            "max_train_samples": tune.max_train_samples, "seed": tune.seed,
            # train.epochs is full training's budget, not a trial's (tune.epochs is).
            "train_params": {k: v for k, v in asdict(params.train).items() if k != "epochs"},
            "code": trial_code_digest()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def trial_epochs(params: Params) -> int:
+    """A trial's epoch budget: tune.epochs, or train.epochs when it is null (full training)."""
+    return params.tune.epochs if params.tune.epochs is not None else params.train.epochs
 
 
 def study_name(params: Params, train_digest: str) -> str:
@@ -216,7 +221,10 @@ def objective_value(weights: dict[str, float], row: dict[str, float]) -> float:
     return float(sum(w * row[key] for key, w in weights.items()))
 
 
-def make_objective(params: Params, fit: Features, val: Features) -> Callable[[optuna.Trial], float]:
+def make_objective(params: Params, fit: Features, val: Features,
+                   keep: Callable[[ModelParams, TrainResult, float], None] | None = None,
+                   ) -> Callable[[optuna.Trial], float]:
+    """The trial function; `keep` sees each completed trial's configuration, training and value."""
     weights, label = objective_weights(params), objective_label(params)
 
     def objective(trial: optuna.Trial) -> float:
@@ -235,9 +243,19 @@ def make_objective(params: Params, fit: Features, val: Features) -> Callable[[op
                                desc=f"trial {trial.number} ({config.kind})")
         # the objective at the epoch training keeps (chosen by the main horizon, as train_full chooses)
         kept = next(row for row in result.history if row["epoch"] == result.best_epoch)
-        return objective_value(weights, kept)
+        value = objective_value(weights, kept)
+        if keep is not None:
+            keep(config, result, value)
+        return value
 
     return objective
+
+
+def resolve_params(params: Params, train: Features) -> Params:
+    """The params trials run under: training params for this trace's samples, and tune.epochs
+    null resolved to train.epochs."""
+    return replace(params, train=params.train.for_samples(train.meta.weighted),
+                   tune=replace(params.tune, epochs=trial_epochs(params)))
 
 
 def run_trials(study: optuna.Study, storage: Any, objective: Callable[[optuna.Trial], float], tune: TuneParams,
@@ -293,37 +311,49 @@ def tune(params: Params, train: Features, train_digest: str,
     `on_trial` sees each trial this process finishes (e.g. to log it)."""
     start = time.perf_counter()
     _quiet_optuna()
-    params = replace(params, train=params.train.for_samples(train.meta.weighted))
+    params = resolve_params(params, train)
     fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
     study, storage = open_study(params, train_digest)
     finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    # A trial that trains as train_full does (train.epochs on the whole fit part) is its own finalist:
+    # its figures and model are kept as final selection keeps them, so selection trains it no more.
+    full_length = params.tune.epochs == params.train.epochs and len(fit) == int((~train.is_val).sum())
+    keep = None
+    if params.tune.final_selection and full_length:
+        code = trial_code_digest()
+
+        def keep(config: ModelParams, result: TrainResult, value: float) -> None:
+            record(cache_key(config, params, train_digest, code), result, value, params, fit.meta,
+                   study.set_user_attr, finalists)
     log.info("study %s on %s: %d of %d trials finished; %s sampler, %s pruner, %d train / %d validation samples",
              study.study_name, redact(params.tune.storage), finished, params.tune.n_trials, params.tune.sampler,
              params.tune.pruner, len(fit), len(val))
     if on_trial is not None:  # a resumed study: its earlier trials first, so a log of them is whole
         for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
             on_trial(trial)
-    ran = run_trials(study, storage, make_objective(params, fit, val), params.tune, wait_for_others=True,
+    ran = run_trials(study, storage, make_objective(params, fit, val, keep), params.tune, wait_for_others=True,
                      on_trial=on_trial)
     trials = study.get_trials(deepcopy=True)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no trial completed; see the log above")
     best = study.best_trial
-    chosen, final = config_from_trial(best), None
+    chosen, chosen_value, final = config_from_trial(best), best.value, None
     if params.tune.final_selection:
         weights = objective_weights(params)
         picks = candidates(trials, starting_points(params.tune.search_space), config_from_trial)
         cache = {k: v for k, v in study.user_attrs.items() if k.startswith(CACHE_PREFIX)}
         final = select(params, train, train_digest, trial_code_digest(), picks, cache, study.set_user_attr,
                        lambda row: objective_value(weights, row), finalists)
-        chosen = final[0].config
+        chosen, chosen_value = final[0].config, final[0].value
     importances = param_importances(study, params.tune.seed)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     summary = {
-        "best_value": best.value,
-        "best_trial": best.number,
-        "best_params": chosen.to_plain(),  # the finalists' best (the search's best trial without final selection)
+        # the pick: the finalists' best, its value under full training (without final selection, the search's best)
+        "best_value": chosen_value,
+        "best_params": chosen.to_plain(),
+        "best_trial": best.number,  # the search's best trial, at the trials' budget
+        "best_trial_value": best.value,
         "best_trial_params": config_from_trial(best).to_plain(),
         "finalists": None if final is None else [f.to_plain() for f in final],
         "objective": objective_label(params),
@@ -348,7 +378,7 @@ def tune(params: Params, train: Features, train_digest: str,
     if final is not None:
         log.info("final selection: %s (%s), validation %.4f under full training; the search's best was trial %d",
                  final[0].origin, chosen.kind, final[0].value, best.number)
-    return TuneResult(chosen, best.value, summary, trials, importances)
+    return TuneResult(chosen, chosen_value, summary, trials, importances)
 
 
 def tune_worker(params: Params, train: Features, train_digest: str) -> int:
@@ -358,7 +388,7 @@ def tune_worker(params: Params, train: Features, train_digest: str) -> int:
     configurations in lockstep.
     """
     _quiet_optuna()
-    params = replace(params, train=params.train.for_samples(train.meta.weighted))
+    params = resolve_params(params, train)
     fit, val = split_train_val(train, params.tune.max_train_samples, seed=params.tune.seed)
     seed = derived_seed(params.tune.seed, socket.gethostname(), os.getpid())
     study, storage = open_study(params, train_digest, seed=seed)

@@ -30,6 +30,7 @@ from routecast.sim.names import BOUNDS, SLOTS_COLUMNS, WIDTH_COLUMNS
 PREDICTOR_COLOURS = {
     "baseline": "tab:blue", "tuned": "tab:orange", "frequency": "tab:gray", "lookup_1": "tab:olive",
     "lookup_2": "tab:green", "lookup_3": "tab:cyan", "boosted_trees": "tab:purple", "oracle": "black",
+    "boosted_trees_full": "indigo",
     "speculative_gate": "tab:red", "on_demand": "saddlebrown", "perfect": "deeppink", "belady": "darkorange",
     "clairvoyant": "magenta", "compute_floor": "dimgray",
 }

@@ -228,7 +228,8 @@ def fit(params: MixtureParams, train: TrainParams, fit_split: Features, val: Fea
     module = fit_mixture(config, fit_split, seed=train.seed)
     result = scored_once(module, train, fit_split, val, epochs, time.perf_counter() - start, on_epoch)
     row = result.history[-1]
-    log.info("%s (mixture): val top-2 %.4f, set recall %.4f (%.1fs)", desc, row["val_top2"], row["val_set_recall"],
+    label = desc if "(mixture)" in desc else f"{desc} (mixture)"  # a trial's or finalist's desc names the kind
+    log.info("%s: val top-2 %.4f, set recall %.4f (%.1fs)", label, row["val_top2"], row["val_set_recall"],
              row["seconds"])
     return result
 
