@@ -13,8 +13,12 @@ split, the search space, the per-trial budget, the code a trial runs), so a re-r
 `tune.storage` (a journal file or a database URL: see `routecast.fit.study_storage`, which also
 fails and retries the trials of workers that died).
 
-Each trial reports its validation objective after every epoch, so the pruner (the per-kind median
-by default) can stop a hopeless configuration early.
+A trial trains `tune.epochs` (null, the default: `train.epochs` with early stopping, on the whole
+fit part unless `tune.max_train_samples` subsamples it). Such a full-length trial is the training
+train_full would give, so it is kept as a finalist as it finishes (`routecast.fit.selection`) and
+final selection trains nothing again. Each trial reports its validation objective after every
+epoch, so a pruner (`tune.pruner`: none by default, or the per-kind median, or Hyperband) can stop
+a configuration early; any pruner judges at early epochs, where a slow learner looks worst.
 
 Every process (the `tune` stage and any `--worker`) starts a trial only while the study holds
 fewer than `n_trials` finished (complete or pruned) plus running trials; the stage then waits
