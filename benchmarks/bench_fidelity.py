@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from common import machine, peak_rss_gib, write_result  # noqa: E402
-from conftest import set_params  # noqa: E402
+from conftest import SHARED_TRACES, set_params  # noqa: E402
 from routecast.config.params import ModelParams, Params, load_params  # noqa: E402
 from routecast.data.features import encode_features_file, read_features, write_features  # noqa: E402
 from routecast.data.split import split_features  # noqa: E402
@@ -47,7 +47,7 @@ from routecast.fit.tuning import file_digest, tune  # noqa: E402
 from routecast.predictors.mlp import SEED_BASELINE  # noqa: E402
 from routecast.sources.extract import extract_traces  # noqa: E402
 
-FLAME = ROOT.parent / "shared" / "traces" / "flame-moe-290m" / "prefill-32seqs-2048tokens"
+FLAME = SHARED_TRACES / "flame-moe-290m" / "prefill-32seqs-2048tokens"
 DATA = {
     "default": {},
     "flame": {"extract.source": "import", "extract.logs.format": "flame_csv", "extract.logs.path": str(FLAME),
